@@ -1,1 +1,244 @@
+//! pgtwig's local Postgres-protocol proxy.
+//!
+//! An application keeps one fixed `DATABASE_URL` pointing at the proxy on localhost; the proxy
+//! sends each new session to the *active* database branch (a `tokio::sync::watch` channel the
+//! daemon updates when git switches branches), or to a branch the client names explicitly.
+//!
+//! # What happens to a connection
+//! 1. **Startup.** The first packet is read with its length capped
+//!    ([`ProxyConfig::max_startup_packet`]) and within [`ProxyConfig::startup_timeout`].
+//!    `SSLRequest` is answered `S` and TLS is terminated with [`ProxyConfig::tls`] (a
+//!    self-signed `localhost` certificate from [`load_or_create_tls`]), or `N` without TLS;
+//!    `GSSENCRequest` is answered `N`. Protocol 3.0 is spoken; a client asking for a newer
+//!    minor version (PG18's 3.2) or sending `_pq_.` options gets `NegotiateProtocolVersion`
+//!    down to 3.0 and the options are dropped. Malformed or oversized packets get a FATAL
+//!    `ErrorResponse` (08P01), never a silent close.
+//! 2. **Routing.** [`Router::route`] picks the upstream; [`RouteError`]s become FATAL errors
+//!    (3D000, 57P03, XX000); an unreachable upstream gives 08006 with the address in DETAIL.
+//! 3. **Auth passes through.** The client's startup parameters (user, database,
+//!    application_name, options, ...) are forwarded unchanged except for the pin suffix, and
+//!    the authentication exchange is relayed as is: the proxy never sees passwords in clear
+//!    unless the client sends them so.
+//! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
+//!    `ReadyForQuery` status and to swap `BackendKeyData` for a proxy-made key.
+//!
+//! # Pinning: `dbname=app@branch`
+//! A database name with an `@` suffix pins the session to that branch regardless of the
+//! active one: `psql "host=localhost port=5433 dbname=app@main"` connects to database `app` on
+//! branch `main` (the server sees `database=app`). The last `@` separates; an empty side means
+//! no pin. Pinned sessions are never closed by branch switches.
+//!
+//! # Branch switches
+//! When the active branch changes, new sessions go to the new branch at once. With
+//! [`OnSwitch::CloseIdle`] (the default), an unpinned session on another branch is closed at a
+//! transaction boundary: immediately if it is idle (its last `ReadyForQuery` was `I` and it
+//! has sent nothing since), else right after its next `ReadyForQuery` `I` — a transaction in
+//! progress commits or rolls back first. It gets `FATAL 57P01 terminating connection: pgtwig
+//! switched the active branch from "a" to "b"` and the server gets a Terminate. With
+//! [`OnSwitch::Keep`] sessions stay where they are.
+//!
+//! # Cancel requests
+//! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy
+//! (psql's Ctrl-C, `cancel_token().cancel_query()`) is forwarded to the session's server
+//! with the real key.
 
+#![warn(missing_docs)]
+
+mod cancel;
+mod error;
+mod relay;
+mod router;
+mod scan;
+mod session;
+mod startup;
+mod stream;
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::{sqlstate, PgError};
+pub use router::{Route, RouteError, RouteFuture, Router, UpstreamAddr};
+pub use session::switch_message;
+pub use tls::load_or_create_tls;
+
+/// What happens to existing unpinned sessions on another branch when the active branch changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSwitch {
+    /// Close them at their next transaction boundary with FATAL 57P01 (default).
+    #[default]
+    CloseIdle,
+    /// Leave them on the branch they are on.
+    Keep,
+}
+
+/// Proxy settings.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// TLS for clients that send `SSLRequest`; `None` answers `N` (no TLS).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Behaviour on branch switches.
+    pub on_switch: OnSwitch,
+    /// How long a client may take to finish the startup handshake (default 10 s).
+    pub startup_timeout: Duration,
+    /// Largest accepted startup packet in bytes (default 10 000, like Postgres).
+    pub max_startup_packet: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            tls: None,
+            on_switch: OnSwitch::CloseIdle,
+            startup_timeout: Duration::from_secs(10),
+            max_startup_packet: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("tls", &self.tls.is_some())
+            .field("on_switch", &self.on_switch)
+            .field("startup_timeout", &self.startup_timeout)
+            .field("max_startup_packet", &self.max_startup_packet)
+            .finish()
+    }
+}
+
+/// A live session, for `pgtwig status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Proxy-assigned session id.
+    pub id: u64,
+    /// The branch the session is on.
+    pub branch: String,
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// When the session was routed.
+    pub started: SystemTime,
+    /// The client named the branch (`dbname=app@branch`).
+    pub pinned: bool,
+    /// The last `ReadyForQuery` said `T` or `E` (inside a transaction block).
+    pub in_transaction: bool,
+    /// `user` startup parameter.
+    pub user: Option<String>,
+    /// Database name (pin suffix removed; defaults to the user name like Postgres).
+    pub database: Option<String>,
+    /// `application_name` startup parameter.
+    pub application_name: Option<String>,
+}
+
+pub(crate) struct SessionRecord {
+    branch: String,
+    client_addr: SocketAddr,
+    started: SystemTime,
+    pinned: bool,
+    user: Option<String>,
+    database: Option<String>,
+    application_name: Option<String>,
+    status: Arc<AtomicU8>,
+}
+
+/// Removes a session from the registry when dropped.
+pub(crate) struct Registration<'a> {
+    proxy: &'a Proxy,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.proxy
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The proxy. Create with [`Proxy::new`], run with [`Proxy::serve`].
+pub struct Proxy {
+    config: ProxyConfig,
+    router: Arc<dyn Router>,
+    active: watch::Receiver<String>,
+    cancel: Arc<cancel::CancelMap>,
+    sessions: Mutex<HashMap<u64, SessionRecord>>,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    /// A proxy routing with `router`; `active` carries the active branch's name.
+    pub fn new(
+        config: ProxyConfig,
+        router: Arc<dyn Router>,
+        active: watch::Receiver<String>,
+    ) -> Self {
+        Proxy {
+            config,
+            router,
+            active,
+            cancel: Arc::new(cancel::CancelMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Accepts connections on `listener` forever, one task per connection. Accept errors
+    /// (e.g. out of file descriptors) are logged and retried after a short pause; a bad
+    /// client only ever ends its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(session::run(self.clone(), tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Live sessions (routed and relaying), oldest first.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<SessionInfo> = sessions
+            .iter()
+            .map(|(&id, r)| SessionInfo {
+                id,
+                branch: r.branch.clone(),
+                client_addr: r.client_addr,
+                started: r.started,
+                pinned: r.pinned,
+                in_transaction: matches!(r.status.load(Ordering::Relaxed), b'T' | b'E'),
+                user: r.user.clone(),
+                database: r.database.clone(),
+                application_name: r.application_name.clone(),
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Number of live proxy-made cancel keys (one per session past authentication).
+    pub fn cancel_keys(&self) -> usize {
+        self.cancel.live_keys()
+    }
+
+    pub(crate) fn register_session(&self, record: SessionRecord) -> Registration<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, record);
+        Registration { proxy: self, id }
+    }
+}

@@ -1,0 +1,388 @@
+//! The relay: after startup, bytes flow both ways as they come, in one task per session.
+//!
+//! Both directions are driven by one hand-written future (like tokio's `copy_bidirectional`),
+//! so a session costs one task and no locks. Each direction reads into its own buffer and
+//! writes what it read in one write. Server→client bytes go through [`BackendScanner`] (see
+//! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData` for a proxy-made key;
+//! client→server bytes go through [`FrontendScanner`], which only observes.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
+use crate::error::{sqlstate, PgError};
+use crate::router::UpstreamAddr;
+use crate::scan::{BackendEvents, BackendScanner, FrontendScanner, ProtocolError};
+use crate::stream::{ClientStream, UpstreamStream};
+
+const S2C_BUF: usize = 32 * 1024;
+const C2S_BUF: usize = 16 * 1024;
+/// How long the proxy spends on goodbyes (final error message, Terminate) before dropping.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// `Terminate` ('X').
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// Why a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client closed its connection or sent Terminate.
+    ClientClosed,
+    /// The server closed its connection; everything it sent has been passed on.
+    ServerClosed,
+    /// The session was closed at a transaction boundary because the active branch changed;
+    /// the string is the FATAL message for the client.
+    Switched(String),
+    /// Reading or writing the client failed.
+    ClientError(io::Error),
+    /// Reading or writing the server failed.
+    ServerError(io::Error),
+    /// The client broke the message framing.
+    ClientProtocol(ProtocolError),
+    /// The server broke the message framing.
+    ServerProtocol(ProtocolError),
+}
+
+struct Dir {
+    buf: Box<[u8]>,
+    /// Bytes before this were written to the destination.
+    written: usize,
+    /// Bytes before this may be written.
+    ready: usize,
+    /// Bytes before this were read from the source.
+    end: usize,
+    need_flush: bool,
+    eof: bool,
+}
+
+impl Dir {
+    fn new(size: usize) -> Self {
+        Dir {
+            buf: vec![0; size].into_boxed_slice(),
+            written: 0,
+            ready: 0,
+            end: 0,
+            need_flush: false,
+            eof: false,
+        }
+    }
+
+    /// Writes `written..ready` and flushes. Pending until all of it is out.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while self.written < self.ready {
+            let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.written..self.ready]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        if self.need_flush {
+            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves unwritten bytes to the front so the next read has room.
+    fn compact(&mut self) {
+        if self.written == self.end {
+            self.written = 0;
+            self.ready = 0;
+            self.end = 0;
+        } else if self.written > 0 {
+            self.buf.copy_within(self.written..self.end, 0);
+            self.ready -= self.written;
+            self.end -= self.written;
+            self.written = 0;
+        }
+    }
+}
+
+/// Transaction status byte of the last `ReadyForQuery`, shared with `Proxy::sessions`.
+pub type SharedStatus = Arc<AtomicU8>;
+
+/// Per-session state the server→client events update.
+struct SessionState {
+    status: u8,
+    shared_status: SharedStatus,
+    cancel: Arc<CancelMap>,
+    upstream: UpstreamAddr,
+    keys: Vec<ProxyKey>,
+    close_at_idle: Option<String>,
+    stopped_msg: Option<String>,
+}
+
+struct Events<'a> {
+    st: &'a mut SessionState,
+    fe: &'a mut FrontendScanner,
+}
+
+impl BackendEvents for Events<'_> {
+    fn ready_for_query(&mut self, status: u8) -> bool {
+        self.fe.ready_seen();
+        if status != self.st.status {
+            self.st.status = status;
+            self.st.shared_status.store(status, Ordering::Relaxed);
+        }
+        if status == b'I' && self.fe.quiescent() {
+            if let Some(msg) = self.st.close_at_idle.take() {
+                self.st.stopped_msg = Some(msg);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn backend_key_data(&mut self, body: &mut [u8]) {
+        if body.len() != 8 {
+            // Protocol 3.0 keys are 4 bytes; the proxy never negotiates longer ones.
+            return;
+        }
+        let key = self.st.cancel.register(CancelTarget {
+            addr: self.st.upstream.clone(),
+            pid: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+            secret: body[4..8].to_vec(),
+        });
+        body[..4].copy_from_slice(&key.pid.to_be_bytes());
+        body[4..].copy_from_slice(&key.secret.to_be_bytes());
+        self.st.keys.push(key);
+    }
+}
+
+/// A running session: a future that relays until one side ends.
+pub struct Relay {
+    client: ClientStream,
+    server: UpstreamStream,
+    s2c: Dir,
+    c2s: Dir,
+    be: BackendScanner,
+    fe: FrontendScanner,
+    st: SessionState,
+    close_now: Option<String>,
+}
+
+impl Relay {
+    /// Starts relaying between `client` and `server` (whose startup message was already sent).
+    pub fn new(
+        client: ClientStream,
+        server: UpstreamStream,
+        upstream: UpstreamAddr,
+        cancel: Arc<CancelMap>,
+        shared_status: SharedStatus,
+    ) -> Self {
+        Relay {
+            client,
+            server,
+            s2c: Dir::new(S2C_BUF),
+            c2s: Dir::new(C2S_BUF),
+            be: BackendScanner::default(),
+            fe: FrontendScanner::default(),
+            st: SessionState {
+                status: 0,
+                shared_status,
+                cancel,
+                upstream,
+                keys: Vec::new(),
+                close_at_idle: None,
+                stopped_msg: None,
+            },
+            close_now: None,
+        }
+    }
+
+    /// True when the session is between transactions with nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.st.status == b'I'
+            && self.fe.quiescent()
+            && self.be.at_boundary()
+            && self.s2c.end == self.s2c.ready
+    }
+
+    /// Asks the session to close with a FATAL `message`: right away if idle, else at its
+    /// next `ReadyForQuery` with status `I`.
+    pub fn close_when_idle(&mut self, message: String) {
+        if self.is_idle() {
+            self.close_now = Some(message);
+        } else {
+            self.st.close_at_idle = Some(message);
+        }
+    }
+
+    /// Withdraws a pending [`close_when_idle`](Self::close_when_idle) (the branch became
+    /// active again before the session got idle).
+    pub fn cancel_close(&mut self) {
+        self.st.close_at_idle = None;
+    }
+
+    fn poll_s2c(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let d = &mut self.s2c;
+        loop {
+            if let Err(e) = ready!(d.poll_drain(cx, &mut self.client)) {
+                return Poll::Ready(RelayEnd::ClientError(e));
+            }
+            if let Some(msg) = self.st.stopped_msg.take() {
+                return Poll::Ready(RelayEnd::Switched(msg));
+            }
+            if d.eof {
+                return Poll::Ready(RelayEnd::ServerClosed);
+            }
+            d.compact();
+            let mut rb = ReadBuf::new(&mut d.buf[d.end..]);
+            if let Err(e) = ready!(Pin::new(&mut self.server).poll_read(cx, &mut rb)) {
+                return Poll::Ready(RelayEnd::ServerError(e));
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                d.eof = true;
+                continue;
+            }
+            d.end += n;
+            let mut ev = Events {
+                st: &mut self.st,
+                fe: &mut self.fe,
+            };
+            match self.be.scan(&mut d.buf[d.ready..d.end], &mut ev) {
+                Ok(s) => {
+                    d.ready += s.safe;
+                    if s.stop {
+                        // Nothing after the final ReadyForQuery goes to the client.
+                        d.end = d.ready;
+                    }
+                }
+                Err(e) => return Poll::Ready(RelayEnd::ServerProtocol(e)),
+            }
+            d.need_flush = true;
+        }
+    }
+
+    fn poll_c2s(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let d = &mut self.c2s;
+        loop {
+            if let Err(e) = ready!(d.poll_drain(cx, &mut self.server)) {
+                return Poll::Ready(RelayEnd::ServerError(e));
+            }
+            if d.eof || self.fe.terminated {
+                return Poll::Ready(RelayEnd::ClientClosed);
+            }
+            d.compact();
+            let mut rb = ReadBuf::new(&mut d.buf[d.end..]);
+            if let Err(e) = ready!(Pin::new(&mut self.client).poll_read(cx, &mut rb)) {
+                return Poll::Ready(RelayEnd::ClientError(e));
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                d.eof = true;
+                continue;
+            }
+            match self.fe.observe(&d.buf[d.end..d.end + n]) {
+                // Bytes after a Terminate are dropped.
+                Ok(pass) => d.end += pass,
+                Err(e) => return Poll::Ready(RelayEnd::ClientProtocol(e)),
+            }
+            d.ready = d.end;
+            d.need_flush = true;
+        }
+    }
+
+    /// Says goodbye according to how the relay ended: passes on what is left, sends the
+    /// client a FATAL error where one is due and the server a Terminate where the client
+    /// did not, then closes both. Bounded by a short timeout.
+    pub async fn finish(mut self, end: &RelayEnd) {
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.goodbye(end)).await;
+    }
+
+    async fn goodbye(&mut self, end: &RelayEnd) {
+        let client_msg: Option<PgError> = match end {
+            RelayEnd::Switched(msg) => Some(PgError::fatal(sqlstate::ADMIN_SHUTDOWN, msg.clone())),
+            RelayEnd::ServerClosed if self.be.last_type() == b'E' && self.be.at_boundary() => None,
+            RelayEnd::ServerClosed => Some(
+                PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "the database branch's server closed the connection unexpectedly",
+                )
+                .detail(format!("upstream {}", self.st.upstream)),
+            ),
+            RelayEnd::ServerError(e) => Some(
+                PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "lost the connection to the database branch's server",
+                )
+                .detail(format!("upstream {}: {e}", self.st.upstream)),
+            ),
+            RelayEnd::ServerProtocol(e) => Some(
+                PgError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "protocol error from the server",
+                )
+                .detail(e.to_string()),
+            ),
+            RelayEnd::ClientProtocol(e) => Some(
+                PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "invalid frontend message")
+                    .detail(e.to_string()),
+            ),
+            RelayEnd::ClientClosed => None,
+            RelayEnd::ClientError(e) => {
+                tracing::debug!("client connection failed: {e}");
+                None
+            }
+        };
+        let client_alive = !matches!(end, RelayEnd::ClientClosed | RelayEnd::ClientError(_));
+        let server_alive = !matches!(end, RelayEnd::ServerClosed | RelayEnd::ServerError(_));
+        if server_alive {
+            // Send Terminate unless the client already did (it was forwarded), and only at a
+            // message boundary so the server does not read it as part of another message.
+            if !self.fe.terminated && self.fe.at_boundary() {
+                let _ = self.server.write_all(&TERMINATE).await;
+            }
+            let _ = self.server.shutdown().await;
+        }
+        if client_alive {
+            let s2c = &self.s2c;
+            let pending = &s2c.buf[s2c.written..s2c.ready];
+            if !pending.is_empty() {
+                let _ = self.client.write_all(pending).await;
+            }
+            // A FATAL in the middle of a server message would garble it: only at a boundary.
+            if let Some(err) =
+                client_msg.filter(|_| self.be.at_boundary() || matches!(end, RelayEnd::Switched(_)))
+            {
+                let _ = self.client.write_all(&err.encode()).await;
+            }
+            let _ = self.client.flush().await;
+            let _ = self.client.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for key in self.st.keys.drain(..) {
+            self.st.cancel.remove(key);
+        }
+    }
+}
+
+impl Future for Relay {
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self.get_mut();
+        if let Some(msg) = this.close_now.take() {
+            return Poll::Ready(RelayEnd::Switched(msg));
+        }
+        if let Poll::Ready(end) = this.poll_s2c(cx) {
+            return Poll::Ready(end);
+        }
+        this.poll_c2s(cx)
+    }
+}

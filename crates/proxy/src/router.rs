@@ -1,0 +1,98 @@
+//! The routing interface the daemon implements: which upstream server a new session goes to.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+/// Where a branch's Postgres server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UpstreamAddr {
+    /// Full path of the socket file, e.g. `/tmp/x/.s.PGSQL.5432`.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            UpstreamAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// The answer of a [`Router`]: where a session goes.
+pub struct Route {
+    /// The database branch this session lands on.
+    pub branch: String,
+    /// Where that branch's server listens.
+    pub addr: UpstreamAddr,
+    /// Dropped when the session ends (lets the daemon count sessions and suspend idle servers).
+    pub lease: Box<dyn Any + Send + Sync>,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("branch", &self.branch)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a session could not be routed. Each becomes a FATAL `ErrorResponse` to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// SQLSTATE 3D000, with a hint on how to create the branch.
+    BranchMissing {
+        /// The branch that was asked for.
+        branch: String,
+    },
+    /// SQLSTATE 57P03; `detail` should say where the server log is.
+    StartFailed {
+        /// The branch whose server failed to start.
+        branch: String,
+        /// Shown as the error's DETAIL.
+        detail: String,
+    },
+    /// SQLSTATE XX000.
+    Other(String),
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteError::BranchMissing { branch } => {
+                write!(f, "database branch \"{branch}\" does not exist")
+            }
+            RouteError::StartFailed { branch, detail } => {
+                write!(
+                    f,
+                    "database branch \"{branch}\" could not be started: {detail}"
+                )
+            }
+            RouteError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for RouteError {}
+
+/// Boxed future returned by [`Router::route`].
+pub type RouteFuture<'a> = Pin<Box<dyn Future<Output = Result<Route, RouteError>> + Send + 'a>>;
+
+/// Decides where new sessions go. Implemented by the daemon.
+pub trait Router: Send + Sync + 'static {
+    /// `pinned` is the branch the client named explicitly (`dbname=app@branch`), else `None`
+    /// meaning the active branch. May take a while (it may start a stopped server); many
+    /// concurrent calls are fine.
+    fn route(&self, pinned: Option<&str>) -> RouteFuture<'_>;
+}

@@ -1,0 +1,392 @@
+//! Message-header scanning for the relay, like PgBouncer's sbuf: bytes are relayed as they
+//! come, but the 5-byte headers (type byte + length) are read so the proxy knows where each
+//! message starts. Pure code over byte slices; the I/O lives in `relay.rs`.
+//!
+//! * [`BackendScanner`] (server→client) reports `ReadyForQuery` with its status byte and lets
+//!   the caller rewrite `BackendKeyData` in place. Those two messages are small, so when one is
+//!   split across reads the scanner holds it back (reports a shorter safe prefix) until it is
+//!   complete; every other message passes through as soon as its bytes arrive. An incomplete
+//!   header (< 5 bytes) is held back too.
+//! * [`FrontendScanner`] (client→server) only observes: it counts messages that will be
+//!   answered with a `ReadyForQuery` (Query, Sync, FunctionCall), notices Terminate, and
+//!   knows whether the client is at a message boundary. It never holds bytes back.
+
+use std::fmt;
+
+/// The largest message the backend scanner may hold back: `BackendKeyData` with a 256-byte
+/// protocol 3.2 key.
+pub const MAX_HELD_MESSAGE: usize = 1 + 4 + 4 + 256;
+
+/// The peer broke the message framing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError(pub String);
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Callbacks for the server→client messages the proxy cares about.
+pub trait BackendEvents {
+    /// A `ReadyForQuery` with status `I`, `T` or `E`. Return `true` to stop relaying right
+    /// after this message (the session is being closed at a transaction boundary).
+    fn ready_for_query(&mut self, status: u8) -> bool;
+    /// A `BackendKeyData`; `body` is (pid, secret) and may be rewritten in place (same length).
+    fn backend_key_data(&mut self, body: &mut [u8]);
+}
+
+/// Result of one [`BackendScanner::scan`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// How many bytes from the start of the slice may be sent to the client now.
+    pub safe: usize,
+    /// The events asked to stop after the last safe byte.
+    pub stop: bool,
+}
+
+/// Server→client header scanner.
+#[derive(Debug, Default)]
+pub struct BackendScanner {
+    /// Body bytes of the current message not yet seen.
+    remaining: usize,
+    /// Type byte of the last message whose header was seen.
+    last_type: u8,
+}
+
+impl BackendScanner {
+    /// Type byte of the last message header seen (0 if none).
+    pub fn last_type(&self) -> u8 {
+        self.last_type
+    }
+
+    /// True when the scanned bytes end exactly at a message boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Scans `buf`, which starts right after the last safe byte of the previous call.
+    /// Bytes past `safe` must be kept and passed again (with more appended) next time.
+    pub fn scan<E: BackendEvents>(
+        &mut self,
+        buf: &mut [u8],
+        events: &mut E,
+    ) -> Result<Scanned, ProtocolError> {
+        let mut pos = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = self.remaining.min(buf.len() - pos);
+                pos += n;
+                self.remaining -= n;
+                if self.remaining > 0 {
+                    return Ok(Scanned {
+                        safe: pos,
+                        stop: false,
+                    });
+                }
+            }
+            let rest = &buf[pos..];
+            if rest.len() < 5 {
+                return Ok(Scanned {
+                    safe: pos,
+                    stop: false,
+                });
+            }
+            let ty = rest[0];
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if len < 4 {
+                return Err(ProtocolError(format!(
+                    "server sent message '{}' with invalid length {len}",
+                    ty.escape_ascii()
+                )));
+            }
+            match ty {
+                b'Z' | b'K' => {
+                    let total = 1 + len;
+                    if total > MAX_HELD_MESSAGE
+                        || (ty == b'Z' && len != 5)
+                        || (ty == b'K' && len < 12)
+                    {
+                        return Err(ProtocolError(format!(
+                            "server sent message '{}' with invalid length {len}",
+                            ty as char
+                        )));
+                    }
+                    if rest.len() < total {
+                        // Hold the whole message back until it is complete.
+                        return Ok(Scanned {
+                            safe: pos,
+                            stop: false,
+                        });
+                    }
+                    self.last_type = ty;
+                    let body = &mut buf[pos + 5..pos + total];
+                    pos += total;
+                    if ty == b'Z' {
+                        if events.ready_for_query(body[0]) {
+                            return Ok(Scanned {
+                                safe: pos,
+                                stop: true,
+                            });
+                        }
+                    } else {
+                        events.backend_key_data(body);
+                    }
+                }
+                _ => {
+                    self.last_type = ty;
+                    pos += 5;
+                    self.remaining = len - 4;
+                }
+            }
+        }
+    }
+}
+
+/// Client→server observer.
+#[derive(Debug, Default)]
+pub struct FrontendScanner {
+    hdr: [u8; 5],
+    hdr_len: usize,
+    remaining: usize,
+    /// Query/Sync/FunctionCall messages sent whose `ReadyForQuery` has not been seen yet.
+    pub awaiting_ready: u64,
+    /// An extended-protocol batch (Parse/Bind/...) was started and not yet ended by Sync.
+    pub open_batch: bool,
+    /// The client sent Terminate.
+    pub terminated: bool,
+}
+
+impl FrontendScanner {
+    /// True when the observed bytes end at a message boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.hdr_len == 0 && self.remaining == 0
+    }
+
+    /// Observes bytes sent by the client; returns how many of them belong to messages up to
+    /// and including a Terminate (all of them if there was none).
+    pub fn observe(&mut self, buf: &[u8]) -> Result<usize, ProtocolError> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            if self.terminated {
+                return Ok(pos);
+            }
+            if self.remaining > 0 {
+                let n = self.remaining.min(buf.len() - pos);
+                pos += n;
+                self.remaining -= n;
+                continue;
+            }
+            let n = (5 - self.hdr_len).min(buf.len() - pos);
+            self.hdr[self.hdr_len..self.hdr_len + n].copy_from_slice(&buf[pos..pos + n]);
+            self.hdr_len += n;
+            pos += n;
+            if self.hdr_len < 5 {
+                break;
+            }
+            self.hdr_len = 0;
+            let ty = self.hdr[0];
+            let len =
+                u32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]]) as usize;
+            if len < 4 {
+                return Err(ProtocolError(format!(
+                    "client sent message '{}' with invalid length {len}",
+                    ty.escape_ascii()
+                )));
+            }
+            self.remaining = len - 4;
+            match ty {
+                b'Q' | b'F' => self.awaiting_ready += 1,
+                b'S' => {
+                    self.awaiting_ready += 1;
+                    self.open_batch = false;
+                }
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_batch = true,
+                b'X' => self.terminated = true,
+                _ => {}
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Records a `ReadyForQuery` from the server.
+    pub fn ready_seen(&mut self) {
+        self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+    }
+
+    /// True when nothing the client sent is still waiting for an answer.
+    pub fn quiescent(&self) -> bool {
+        self.awaiting_ready == 0 && !self.open_batch && self.at_boundary() && !self.terminated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Rec {
+        ready: Vec<u8>,
+        keys: Vec<Vec<u8>>,
+        stop_on_idle: bool,
+    }
+
+    impl BackendEvents for Rec {
+        fn ready_for_query(&mut self, status: u8) -> bool {
+            self.ready.push(status);
+            self.stop_on_idle && status == b'I'
+        }
+        fn backend_key_data(&mut self, body: &mut [u8]) {
+            self.keys.push(body.to_vec());
+            body.copy_from_slice(&[0, 0, 0, 9, 0, 0, 0, 8]);
+        }
+    }
+
+    fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![ty];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn stream() -> Vec<u8> {
+        [
+            msg(b'R', &[0, 0, 0, 0]),
+            msg(b'S', b"client_encoding\0UTF8\0"),
+            msg(b'K', &[0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]),
+            msg(b'Z', b"I"),
+            msg(b'T', &[0; 30]),
+            msg(b'D', &[7; 100]),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"T"),
+        ]
+        .concat()
+    }
+
+    /// Feeds `input` in chunks of `chunk` bytes the way the relay does (keeping unsafe tails).
+    fn feed(input: &[u8], chunk: usize, rec: &mut Rec) -> (Vec<u8>, bool) {
+        let mut sc = BackendScanner::default();
+        let mut out = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        for c in input.chunks(chunk) {
+            pending.extend_from_slice(c);
+            let r = sc.scan(&mut pending, rec).unwrap();
+            assert!(pending.len() - r.safe <= MAX_HELD_MESSAGE);
+            out.extend_from_slice(&pending[..r.safe]);
+            pending.drain(..r.safe);
+            if r.stop {
+                return (out, true);
+            }
+        }
+        assert!(pending.is_empty());
+        (out, false)
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_events_and_bytes() {
+        let input = stream();
+        let mut expect = input.clone();
+        let kpos = input.iter().position(|&b| b == b'K').unwrap();
+        expect[kpos + 5..kpos + 13].copy_from_slice(&[0, 0, 0, 9, 0, 0, 0, 8]);
+        for chunk in 1..=input.len() {
+            let mut rec = Rec::default();
+            let (out, stopped) = feed(&input, chunk, &mut rec);
+            assert!(!stopped);
+            assert_eq!(rec.ready, b"IT", "chunk {chunk}");
+            assert_eq!(rec.keys, vec![vec![0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef]]);
+            assert_eq!(out, expect, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn stop_cuts_right_after_ready_for_query() {
+        let mut input = stream();
+        input.extend(msg(b'A', b"notify"));
+        let mut rec = Rec {
+            stop_on_idle: true,
+            ..Default::default()
+        };
+        let (out, stopped) = feed(&input, 7, &mut rec);
+        assert!(stopped);
+        let first_z = input.windows(6).position(|w| w == msg(b'Z', b"I")).unwrap();
+        assert_eq!(out.len(), first_z + 6);
+    }
+
+    #[test]
+    fn rejects_bad_lengths() {
+        let mut sc = BackendScanner::default();
+        let mut rec = Rec::default();
+        assert!(sc.scan(&mut [b'D', 0, 0, 0, 3], &mut rec).is_err());
+        let mut sc = BackendScanner::default();
+        assert!(sc.scan(&mut msg(b'Z', b"II"), &mut rec).is_err());
+        let mut sc = BackendScanner::default();
+        let mut huge = vec![b'K'];
+        huge.extend_from_slice(&100_000u32.to_be_bytes());
+        assert!(sc.scan(&mut huge, &mut rec).is_err());
+    }
+
+    #[test]
+    fn large_messages_pass_without_holding_back() {
+        let mut sc = BackendScanner::default();
+        let mut rec = Rec::default();
+        let big = msg(b'D', &vec![1; 100_000]);
+        let mut part = big[..1000].to_vec();
+        let r = sc.scan(&mut part, &mut rec).unwrap();
+        assert_eq!(r.safe, 1000);
+        assert!(!sc.at_boundary());
+        let mut rest = big[1000..].to_vec();
+        assert_eq!(sc.scan(&mut rest, &mut rec).unwrap().safe, rest.len());
+        assert!(sc.at_boundary());
+        assert_eq!(sc.last_type(), b'D');
+    }
+
+    #[test]
+    fn frontend_counts_syncs_and_terminate_across_splits() {
+        let input = [
+            msg(b'Q', b"select 1\0"),
+            msg(b'P', b"\0select 2\0\0\0"),
+            msg(b'B', &[0; 10]),
+            msg(b'E', &[0; 9]),
+            msg(b'S', b""),
+            msg(b'X', b""),
+            msg(b'Q', b"ignored\0"),
+        ]
+        .concat();
+        let x_end = input.len() - msg(b'Q', b"ignored\0").len();
+        for chunk in 1..=input.len() {
+            let mut fe = FrontendScanner::default();
+            let mut passed = 0;
+            let mut states = Vec::new();
+            for c in input.chunks(chunk) {
+                passed += fe.observe(c).unwrap();
+                states.push(fe.open_batch);
+            }
+            assert_eq!(passed, x_end, "chunk {chunk}");
+            assert_eq!(fe.awaiting_ready, 2);
+            assert!(fe.terminated);
+            assert!(!fe.open_batch);
+            fe.ready_seen();
+            fe.ready_seen();
+            fe.ready_seen();
+            assert_eq!(fe.awaiting_ready, 0);
+        }
+    }
+
+    #[test]
+    fn frontend_quiescence() {
+        let mut fe = FrontendScanner::default();
+        assert!(fe.quiescent());
+        let q = msg(b'Q', b"select 1\0");
+        fe.observe(&q[..3]).unwrap();
+        assert!(!fe.quiescent());
+        fe.observe(&q[3..]).unwrap();
+        assert!(!fe.quiescent());
+        fe.ready_seen();
+        assert!(fe.quiescent());
+        fe.observe(&msg(b'P', b"\0x\0\0\0")).unwrap();
+        assert!(!fe.quiescent(), "open extended batch");
+        assert!(fe.observe(&[b'Q', 0, 0, 0, 1]).is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! One client connection from accept to close: the startup handshake (TLS, cancel, protocol
+//! negotiation), routing, connecting upstream, then the relay with branch-switch handling.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::cancel::forward_cancel;
+use crate::error::{sqlstate, PgError};
+use crate::relay::{Relay, RelayEnd};
+use crate::startup::{check_length, parse_first_packet, plan_startup, FirstPacket, Startup};
+use crate::stream::{connect_upstream, ClientStream};
+use crate::{OnSwitch, Proxy, SessionRecord};
+
+/// What the startup handshake produced.
+enum Handshake {
+    Startup(Startup),
+    Cancel { pid: u32, secret: Vec<u8> },
+}
+
+/// Reads first packets until a StartupMessage or CancelRequest, answering SSLRequest and
+/// GSSENCRequest on the way.
+async fn handshake(proxy: &Proxy, stream: &mut ClientStream) -> Result<Handshake, HandshakeError> {
+    let mut tls_done = false;
+    let mut gss_refused = false;
+    loop {
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await?;
+        let body_len = check_length(len, proxy.config.max_startup_packet)?;
+        let mut body = vec![0u8; body_len];
+        stream.read_exact(&mut body).await?;
+        match parse_first_packet(&body)? {
+            FirstPacket::SslRequest if !tls_done => {
+                tls_done = true;
+                match &proxy.config.tls {
+                    None => stream.write_all(b"N").await?,
+                    Some(cfg) => {
+                        stream.write_all(b"S").await?;
+                        let ClientStream::Plain(tcp) =
+                            std::mem::replace(stream, ClientStream::Closed)
+                        else {
+                            return Err(HandshakeError::Closed);
+                        };
+                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                        let tls = acceptor.accept(tcp).await?;
+                        *stream = ClientStream::Tls(Box::new(tls));
+                    }
+                }
+            }
+            FirstPacket::GssEncRequest if !gss_refused && !tls_done => {
+                gss_refused = true;
+                stream.write_all(b"N").await?;
+            }
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+                return Err(PgError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "unexpected encryption request during startup",
+                )
+                .into())
+            }
+            FirstPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
+            FirstPacket::Startup(s) => return Ok(Handshake::Startup(s)),
+        }
+    }
+}
+
+enum HandshakeError {
+    /// Tell the client, then close.
+    Pg(PgError),
+    /// The client went away or broke TLS: nothing to say.
+    Closed,
+}
+
+impl From<PgError> for HandshakeError {
+    fn from(e: PgError) -> Self {
+        HandshakeError::Pg(e)
+    }
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(_: io::Error) -> Self {
+        HandshakeError::Closed
+    }
+}
+
+async fn send_error(stream: &mut ClientStream, err: &PgError) {
+    let fut = async {
+        stream.write_all(&err.encode()).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), fut).await;
+}
+
+/// Runs one client connection to the end. Never panics on client input; every refusal is an
+/// ErrorResponse.
+pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let mut client = ClientStream::Plain(tcp);
+
+    let hs =
+        tokio::time::timeout(proxy.config.startup_timeout, handshake(&proxy, &mut client)).await;
+    let startup = match hs {
+        Ok(Ok(Handshake::Startup(s))) => s,
+        Ok(Ok(Handshake::Cancel { pid, secret })) => {
+            match proxy.cancel.lookup(pid, &secret) {
+                Some(target) => {
+                    if let Err(e) = forward_cancel(&target).await {
+                        tracing::warn!("forwarding a cancel request to {}: {e}", target.addr);
+                    }
+                }
+                None => tracing::debug!("cancel request for unknown key (pid {pid})"),
+            }
+            return;
+        }
+        Ok(Err(HandshakeError::Pg(e))) => {
+            tracing::debug!("refusing {peer}: {}", e.message);
+            send_error(&mut client, &e).await;
+            return;
+        }
+        Ok(Err(HandshakeError::Closed)) => return,
+        Err(_elapsed) => {
+            let e = PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "timeout waiting for startup packet",
+            );
+            send_error(&mut client, &e).await;
+            return;
+        }
+    };
+
+    let plan = plan_startup(&startup);
+    let pinned = plan.pinned.clone();
+    let route = match proxy.router.route(pinned.as_deref()).await {
+        Ok(r) => r,
+        Err(e) => {
+            send_error(&mut client, &PgError::from(&e)).await;
+            return;
+        }
+    };
+    let mut server = match connect_upstream(&route.addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            let err = PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "could not connect to the server of database branch \"{}\"",
+                    route.branch
+                ),
+            )
+            .detail(format!("connecting to {}: {e}", route.addr));
+            send_error(&mut client, &err).await;
+            return;
+        }
+    };
+    if let Some(nego) = &plan.negotiate {
+        if client.write_all(nego).await.is_err() {
+            return;
+        }
+    }
+    if server.write_all(&plan.upstream_packet).await.is_err() {
+        let err = PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("lost the server of database branch \"{}\"", route.branch),
+        );
+        send_error(&mut client, &err).await;
+        return;
+    }
+
+    let status = Arc::new(AtomicU8::new(0));
+    let record = SessionRecord {
+        branch: route.branch.clone(),
+        client_addr: peer,
+        started: SystemTime::now(),
+        pinned: pinned.is_some(),
+        user: startup.get_str("user"),
+        database: plan_database(&startup),
+        application_name: startup.get_str("application_name"),
+        status: status.clone(),
+    };
+    let _registration = proxy.register_session(record);
+    let mut relay = Relay::new(
+        client,
+        server,
+        route.addr.clone(),
+        proxy.cancel.clone(),
+        status,
+    );
+
+    let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
+    let mut active: watch::Receiver<String> = proxy.active.clone();
+    let mut watching = watch_switch;
+    if watching {
+        let now = active.borrow_and_update().clone();
+        if now != route.branch {
+            // The active branch changed while this session was being routed.
+            relay.close_when_idle(switch_message(&route.branch, &now));
+        }
+    }
+    let end = loop {
+        tokio::select! {
+            biased;
+            end = &mut relay => break end,
+            changed = active.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let now = active.borrow_and_update().clone();
+                if now == route.branch {
+                    relay.cancel_close();
+                } else {
+                    relay.close_when_idle(switch_message(&route.branch, &now));
+                }
+            }
+        }
+    };
+    match &end {
+        RelayEnd::ClientClosed | RelayEnd::ServerClosed | RelayEnd::Switched(_) => {
+            tracing::debug!("session {peer} on {} ended: {end:?}", route.branch)
+        }
+        _ => tracing::info!("session {peer} on {} ended: {end:?}", route.branch),
+    }
+    relay.finish(&end).await;
+    drop(route.lease);
+}
+
+fn plan_database(startup: &Startup) -> Option<String> {
+    let db = startup.get("database").or_else(|| startup.get("user"))?;
+    let db = crate::startup::split_pin(db).map(|(d, _)| d).unwrap_or(db);
+    Some(String::from_utf8_lossy(db).into_owned())
+}
+
+/// The FATAL message a session gets when the active branch moves away from it.
+pub fn switch_message(from: &str, to: &str) -> String {
+    format!("terminating connection: pgtwig switched the active branch from \"{from}\" to \"{to}\"")
+}

@@ -1,0 +1,127 @@
+//! The two ends of a session: the client (plain TCP or TLS over TCP) and the upstream server
+//! (Unix socket or TCP). Enums rather than trait objects so the relay's hot path has no
+//! dynamic dispatch.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::server::TlsStream;
+
+use crate::router::UpstreamAddr;
+
+/// The client side of a session.
+pub enum ClientStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS terminated by the proxy.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Placeholder while the stream is being upgraded to TLS.
+    Closed,
+}
+
+/// The upstream side of a session.
+pub enum UpstreamStream {
+    /// Unix-domain socket.
+    Unix(UnixStream),
+    /// TCP.
+    Tcp(TcpStream),
+}
+
+/// Connects to `addr`, with `TCP_NODELAY` for TCP.
+pub async fn connect_upstream(addr: &UpstreamAddr) -> io::Result<UpstreamStream> {
+    match addr {
+        UpstreamAddr::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+        UpstreamAddr::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            Ok(UpstreamStream::Tcp(s))
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "client stream closed")
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr, $closed:expr) => {
+        match $self.get_mut() {
+            ClientStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ClientStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            ClientStream::Closed => $closed,
+        }
+    };
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf), Poll::Ready(Err(closed())))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf), Poll::Ready(Err(closed())))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx), Poll::Ready(Ok(())))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx), Poll::Ready(Ok(())))
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
