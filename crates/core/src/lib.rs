@@ -1,1 +1,19 @@
+//! pgtwig's project model, shared by every backend and by the CLI.
+//!
+//! - [`config`]: `.pgtwig.toml`, the committed project configuration.
+//! - [`home`]: where state lives (`PGTWIG_HOME`, else the platform data dir), one folder per project.
+//! - [`names`]: database branch names, and how any git branch name maps to one.
+//! - [`fsutil`]: crash-safe files (write, fsync, rename) and the per-project lock.
+//! - [`state`]: `state.json`, the active branch.
+//! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
 
+pub mod config;
+pub mod failpoint;
+pub mod fsutil;
+pub mod home;
+pub mod names;
+pub mod state;
+
+pub use config::{BackendKind, Config, CONFIG_FILE};
+pub use home::ProjectHome;
+pub use names::BranchName;

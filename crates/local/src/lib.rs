@@ -1,1 +1,20 @@
+//! pgtwig's local backend: database branches that are managed PostgreSQL
+//! clusters on this machine, each cloned copy-on-write from its parent.
+//!
+//! - [`pgbin`]: finding server binaries, by major version.
+//! - [`server_user`]: who runs the servers (not root).
+//! - [`cluster`]: initdb, start, stop and status of one cluster.
+//! - [`clone`]: copy-on-write (or full) copies of a directory tree.
+//! - [`backup`]: consistent clones of a running cluster (backup API).
+//! - [`engine`]: branches — create, list, delete, reset, start, stop —
+//!   crash-safe under the project lock.
 
+pub mod backup;
+pub mod clone;
+pub mod cluster;
+pub mod engine;
+pub mod pgbin;
+pub mod server_user;
+
+pub use clone::CloneMethod;
+pub use engine::{Branch, BranchMeta, BranchStatus, CreateReport, Error, LocalBackend};

@@ -1,0 +1,188 @@
+//! `pgtwig branch …`: create, list, delete, reset, start, stop, url.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Subcommand;
+use pgtwig_core::BranchName;
+use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
+use serde_json::json;
+
+use crate::output;
+use crate::project::Project;
+
+#[derive(Subcommand)]
+pub enum BranchCommand {
+    /// Create a branch: a copy-on-write clone of its parent's current state.
+    Create {
+        name: BranchName,
+        /// The branch to derive from (default: the root branch).
+        #[arg(long = "from", value_name = "PARENT")]
+        from: Option<BranchName>,
+    },
+    /// List branches: parent, creation time, running, size, how it was cloned.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a branch and its data (never the root; children keep working).
+    Delete { name: BranchName },
+    /// Re-derive a branch from its parent's current state, under the same name.
+    Reset {
+        name: BranchName,
+        /// Keep the old state as a new branch with this name instead of deleting it.
+        #[arg(long, value_name = "NEW")]
+        keep_old: Option<BranchName>,
+    },
+    /// Start a branch's PostgreSQL server.
+    Start { name: BranchName },
+    /// Stop a branch's PostgreSQL server (fast shutdown).
+    Stop { name: BranchName },
+    /// Print a connection string straight to a branch's server (its Unix socket).
+    Url {
+        name: BranchName,
+        /// Database name in the URL.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+    },
+}
+
+pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    match cmd {
+        BranchCommand::Create { name, from } => {
+            let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
+            let started = Instant::now();
+            let report = backend.create(&name, &parent, None)?;
+            print_built("Created", &report, &parent, started, &backend)?;
+        }
+        BranchCommand::List { json } => return list(&backend, &project, json),
+        BranchCommand::Delete { name } => {
+            backend.delete(&name, &project.config.root_branch)?;
+            println!("Deleted branch \"{name}\"");
+        }
+        BranchCommand::Reset { name, keep_old } => {
+            let started = Instant::now();
+            let report = backend.reset(&name, keep_old.as_ref())?;
+            let parent = report.branch.meta.parent.clone().expect("a reset branch has a parent");
+            print_built("Reset", &report, &parent, started, &backend)?;
+            if let Some(k) = keep_old {
+                println!("Its previous state is kept as branch \"{k}\"");
+            }
+        }
+        BranchCommand::Start { name } => {
+            let started = Instant::now();
+            backend.start(&name)?;
+            println!(
+                "Branch \"{name}\" is running ({})",
+                output::duration(started.elapsed())
+            );
+        }
+        BranchCommand::Stop { name } => {
+            if backend.stop(&name)? {
+                println!("Stopped branch \"{name}\"");
+            } else {
+                println!("Branch \"{name}\" was not running");
+            }
+        }
+        BranchCommand::Url { name, database } => println!("{}", backend.url(&name, &database)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_built(verb: &str, r: &CreateReport, parent: &BranchName, started: Instant, backend: &LocalBackend) -> Result<()> {
+    let how = match r.branch.meta.clone_method {
+        CloneMethod::CopyOnWrite => "copy-on-write clone",
+        _ => "full copy",
+    };
+    let live = if r.parent_was_running { " of the running parent" } else { "" };
+    println!(
+        "{verb} branch \"{}\" from \"{parent}\": {how}{live}, {} files, {} ({})",
+        r.branch.name,
+        r.files,
+        output::size(r.bytes),
+        output::duration(started.elapsed())
+    );
+    if let Some(reason) = &r.fallback_reason {
+        println!(
+            "note: the file system under {} cannot clone files copy-on-write ({reason}), so the data was copied in full. \
+             Put PGTWIG_HOME on XFS (reflink=1), btrfs or APFS for instant, space-free branches.",
+            backend.home().dir().display()
+        );
+    }
+    Ok(())
+}
+
+fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<ExitCode> {
+    let branches = backend.list()?;
+    let problems: Vec<&String> = branches.iter().filter_map(|b| b.problem.as_ref()).collect();
+    if as_json {
+        let items: Vec<_> = branches
+            .iter()
+            .map(|b| {
+                let m = b.meta.as_ref();
+                json!({
+                    "name": b.name,
+                    "parent": m.and_then(|m| m.parent.clone()),
+                    "parent_exists": m.and_then(|m| m.parent.as_ref()).map(|p| backend.exists(p)),
+                    "root": b.name == project.config.root_branch,
+                    "created": m.map(|m| m.created.clone()),
+                    "running": b.running,
+                    "size_bytes": b.size,
+                    "clone_method": m.map(|m| m.clone_method),
+                    "pg_major": m.map(|m| m.pg_major),
+                    "git_branch": m.and_then(|m| m.git_branch.clone()),
+                    "problem": b.problem,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        let mut rows = vec![vec![
+            "NAME".to_string(),
+            "PARENT".into(),
+            "CREATED".into(),
+            "STATE".into(),
+            "SIZE".into(),
+            "CLONE".into(),
+        ]];
+        for b in &branches {
+            let name = if b.name == project.config.root_branch {
+                format!("{} (root)", b.name)
+            } else {
+                b.name.to_string()
+            };
+            let (parent, created, method) = match &b.meta {
+                Some(m) => (
+                    match &m.parent {
+                        Some(p) if backend.exists(p) => p.to_string(),
+                        Some(p) => format!("{p} (deleted)"),
+                        None => "-".into(),
+                    },
+                    m.created.clone(),
+                    m.clone_method.describe().to_string(),
+                ),
+                None => ("?".into(), "?".into(), "metadata unreadable".into()),
+            };
+            rows.push(vec![
+                name,
+                parent,
+                created,
+                if b.running { "running" } else { "stopped" }.into(),
+                output::size(b.size),
+                method,
+            ]);
+        }
+        output::table(&rows);
+    }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,46 @@
+//! Finding the project the command is about: `.pgtwig.toml` from the
+//! working directory upwards, and its state folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use pgtwig_core::{home, BackendKind, Config, ProjectHome};
+use pgtwig_local::LocalBackend;
+
+pub struct Project {
+    pub config: Config,
+    /// The folder holding `.pgtwig.toml` (the repository's work tree).
+    pub root: PathBuf,
+    pub home: ProjectHome,
+}
+
+impl Project {
+    pub fn discover() -> Result<Project> {
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        let (config, root) = Config::discover(&cwd)?;
+        Project::at(config, root)
+    }
+
+    pub fn at(config: Config, root: PathBuf) -> Result<Project> {
+        let state_home = home::pgtwig_home().map_err(anyhow::Error::msg)?;
+        let home = ProjectHome::new(&state_home, &config.project);
+        Ok(Project { config, root, home })
+    }
+
+    /// The local backend for this project (the only one so far).
+    pub fn local(&self, create: bool) -> Result<LocalBackend> {
+        match self.config.backend {
+            BackendKind::Local => Ok(LocalBackend::open(self.home.clone(), create)?),
+            BackendKind::Neon => anyhow::bail!(
+                "backend \"neon\" in {} is not available in this version of pgtwig; use backend = \"local\"",
+                self.root.join(pgtwig_core::CONFIG_FILE).display()
+            ),
+        }
+    }
+}
+
+/// The top of the git work tree containing `start`: the nearest folder with
+/// a `.git` entry (a folder, or a file for worktrees and submodules).
+pub fn git_toplevel(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find(|d| d.join(".git").exists()).map(Path::to_path_buf)
+}

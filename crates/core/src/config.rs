@@ -1,0 +1,144 @@
+//! `.pgtwig.toml`: the project configuration, committed with the code.
+//!
+//! Unknown keys and bad values are errors that name the key, the line and
+//! what is allowed (serde's `deny_unknown_fields` plus toml's positions).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::BranchName;
+
+/// File name looked up from the working directory upwards, like `.git`.
+pub const CONFIG_FILE: &str = ".pgtwig.toml";
+
+/// Which system holds the database branches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Managed PostgreSQL clusters on this machine, cloned copy-on-write.
+    #[default]
+    Local,
+    /// Neon branches through Neon's API.
+    Neon,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Project name: the state folder's name. Defaults to the repository's folder name.
+    pub project: BranchName,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// The branch every other branch derives from, directly or not.
+    #[serde(default = "default_root")]
+    pub root_branch: BranchName,
+}
+
+fn default_root() -> BranchName {
+    BranchName::parse("main").expect("valid")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no {CONFIG_FILE} found in {start} or any parent directory; run `pgtwig init` in your git repository first"
+    )]
+    NotFound { start: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn new(project: BranchName) -> Config {
+        Config {
+            project,
+            backend: BackendKind::Local,
+            root_branch: default_root(),
+        }
+    }
+
+    /// Parse configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Find `.pgtwig.toml` in `start` or the nearest ancestor; returns the
+    /// config and the directory holding it (the project's working tree).
+    pub fn discover(start: &Path) -> Result<(Config, PathBuf), ConfigError> {
+        let mut dir = Some(start);
+        while let Some(d) = dir {
+            let candidate = d.join(CONFIG_FILE);
+            if candidate.is_file() {
+                return Ok((Config::load(&candidate)?, d.to_path_buf()));
+            }
+            dir = d.parent();
+        }
+        Err(ConfigError::NotFound {
+            start: start.to_path_buf(),
+        })
+    }
+
+    /// The text `pgtwig init` writes: the settings with a comment each.
+    pub fn to_commented_toml(&self) -> String {
+        let backend = match self.backend {
+            BackendKind::Local => "local",
+            BackendKind::Neon => "neon",
+        };
+        format!(
+            "# pgtwig: a database branch for every git branch. Commit this file.\n\
+             # Docs: https://github.com/pgtwig/pgtwig#configuration\n\
+             \n\
+             # Names the folder holding this project's branches (under PGTWIG_HOME).\n\
+             project = \"{}\"\n\
+             # \"local\": PostgreSQL clusters on this machine, cloned copy-on-write.\n\
+             backend = \"{backend}\"\n\
+             # The branch every other branch derives from (production data, or an import of it).\n\
+             root_branch = \"{}\"\n",
+            self.project, self.root_branch
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_config_reads_back() {
+        let c = Config::new(BranchName::parse("shop").unwrap());
+        let back = Config::parse(&c.to_commented_toml(), Path::new("x")).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse("project = \"a\"\nbackedn = \"local\"\n", Path::new(".pgtwig.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backedn") && e.contains("line 2") && e.contains("backend"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_allowed() {
+        let e = Config::parse("project = \"a\"\nbackend = \"oracle\"\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("oracle") && e.contains("local") && e.contains("neon"), "{e}");
+        let e = Config::parse("project = \"My App\"\n", Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("uppercase"), "{e}");
+    }
+}

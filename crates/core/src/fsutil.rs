@@ -1,0 +1,142 @@
+//! Crash-safe file helpers and the per-project lock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` so that a crash leaves either the old or the new
+/// content, never a mix: write a sibling temp file, fsync it, rename it over
+/// `path`, then fsync the directory so the rename itself is durable.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// Fsync a directory, making renames and creations inside it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// An exclusive lock on one project's state. The CLI, the git hook and the
+/// daemon all take it before changing branches, so they never interleave.
+/// Released when dropped (or when the process dies: it is an OS file lock,
+/// `flock` on Unix, so a killed hook never leaves it held).
+#[derive(Debug)]
+pub struct ProjectLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl ProjectLock {
+    /// Block until the lock at `path` is ours.
+    pub fn acquire(path: &Path) -> io::Result<ProjectLock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        file.lock()?;
+        Ok(ProjectLock {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Take the lock only if nobody holds it.
+    pub fn try_acquire(path: &Path) -> io::Result<Option<ProjectLock>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ProjectLock {
+                file,
+                path: path.to_path_buf(),
+            })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ProjectLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// Total logical size in bytes of the files under `dir` (like `du
+/// --apparent-size`). Copy-on-write clones share blocks, so this is the size
+/// a full copy would take, not what the clone costs.
+pub fn dir_size(dir: &Path) -> io::Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            // Files can vanish under a running server; size is advisory.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_content_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("meta.json")]);
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let held = ProjectLock::acquire(&p).unwrap();
+        assert!(ProjectLock::try_acquire(&p).unwrap().is_none());
+        drop(held);
+        assert!(ProjectLock::try_acquire(&p).unwrap().is_some());
+    }
+}

@@ -1,0 +1,345 @@
+//! One managed PostgreSQL cluster: create it, start it, stop it, ask it.
+//!
+//! pgtwig runs `postgres` itself rather than through `pg_ctl`: pg_ctl polls
+//! readiness every 100 ms, which alone would eat a third of the cold-start
+//! budget. Readiness is read the same way pg_ctl reads it, from line 8 of
+//! `postmaster.pid` ("ready"), polled every few milliseconds.
+//!
+//! Servers listen only on a Unix socket in a private runtime folder (see
+//! [`socket_dir_for`]), never on TCP: the proxy is the way in.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::pgbin::PgInstall;
+use crate::server_user::ServerUser;
+
+/// The superuser every managed cluster is created with.
+pub const SUPERUSER: &str = "postgres";
+/// Every branch listens on its own socket folder, so all can use one port
+/// number; the socket file is `<dir>/.s.PGSQL.5432`.
+pub const PORT: u16 = 5432;
+
+/// Settings appended to `postgresql.conf` by `pgtwig init`. Small, because
+/// a laptop runs many branches; WAL kept so a live clone finds the WAL it
+/// needs (see `crate::backup`).
+const MANAGED_SETTINGS: &str = "
+# --- pgtwig managed cluster ---
+# Reached only through its Unix socket (folder given at start) and the pgtwig proxy.
+listen_addresses = ''
+shared_buffers = 64MB
+max_connections = 100
+# Live clones replay WAL from the backup start: keep enough of it.
+wal_keep_size = 256MB
+max_wal_size = 1GB
+# A branch must start fast and stay small.
+max_wal_senders = 2
+dynamic_shared_memory_type = posix
+log_line_prefix = '%m [%p] %q%u@%d '
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{program} failed ({status}):\n{output}")]
+    Command {
+        program: String,
+        status: String,
+        output: String,
+    },
+    #[error("the server for {data_dir} did not start: {why}\n--- last lines of {log} ---\n{tail}")]
+    StartFailed {
+        data_dir: PathBuf,
+        log: PathBuf,
+        why: String,
+        tail: String,
+    },
+    #[error("the server for {data_dir} (pid {pid}) did not stop within {secs} s; see {log}")]
+    StopTimeout {
+        data_dir: PathBuf,
+        pid: i32,
+        secs: u64,
+        log: PathBuf,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
+/// Run `initdb` for a new cluster in `data_dir` (which must not exist).
+pub fn initdb(pg: &PgInstall, user: &ServerUser, data_dir: &Path, log: &Path) -> Result<(), ClusterError> {
+    fs::create_dir(data_dir).map_err(io_err(format!("creating {}", data_dir.display())))?;
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io_err("setting mode"))?;
+    user.own(data_dir).map_err(io_err(format!("giving {} to {}", data_dir.display(), user.name)))?;
+    let out = user
+        .command(&pg.bin("initdb"))
+        .arg("-D")
+        .arg(data_dir)
+        .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"])
+        .env_remove("PGDATA")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("running {}", pg.bin("initdb").display())))?;
+    let _ = fs::write(log, [&out.stdout[..], &out.stderr[..]].concat());
+    if !out.status.success() {
+        return Err(ClusterError::Command {
+            program: "initdb".into(),
+            status: out.status.to_string(),
+            output: String::from_utf8_lossy(&[&out.stdout[..], &out.stderr[..]].concat()).into_owned(),
+        });
+    }
+    let conf = data_dir.join("postgresql.conf");
+    let mut text = fs::read_to_string(&conf).map_err(io_err("reading postgresql.conf"))?;
+    text.push_str(MANAGED_SETTINGS);
+    fs::write(&conf, text).map_err(io_err("writing postgresql.conf"))?;
+    Ok(())
+}
+
+/// What `postmaster.pid` says about a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Stopped,
+    /// A live postmaster; `ready` once it accepts connections.
+    Running { pid: i32, socket_dir: PathBuf, port: u16, ready: bool },
+}
+
+impl Status {
+    pub fn is_running(&self) -> bool {
+        matches!(self, Status::Running { .. })
+    }
+}
+
+/// Read `postmaster.pid` (lines: pid, data dir, start time, port, socket
+/// dir, listen address, shmem key, status) and check the pid is alive.
+pub fn status(data_dir: &Path) -> Status {
+    let Ok(text) = fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return Status::Stopped;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(pid) = lines.first().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        // Being written right now by a starting postmaster.
+        return Status::Running {
+            pid: 0,
+            socket_dir: PathBuf::new(),
+            port: PORT,
+            ready: false,
+        };
+    };
+    if !process_alive(pid) {
+        return Status::Stopped;
+    }
+    Status::Running {
+        pid,
+        port: lines.get(3).and_then(|l| l.trim().parse().ok()).unwrap_or(PORT),
+        socket_dir: PathBuf::from(lines.get(4).map(|l| l.trim()).unwrap_or("")),
+        ready: lines.get(7).is_some_and(|l| l.trim() == "ready"),
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    match kill(Pid::from_raw(pid), None) {
+        Ok(()) => !is_zombie(pid),
+        Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
+}
+
+/// A zombie postmaster (exited, not yet reaped by its parent) is stopped.
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Start the cluster and wait until it accepts connections.
+pub fn start(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+    socket_dir: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), ClusterError> {
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("opening {}", log.display())))?;
+    let log_err = log_file.try_clone().map_err(io_err("duplicating log handle"))?;
+    let log_pos = log_file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = user.command(&pg.bin("postgres"));
+    cmd.arg("-D")
+        .arg(data_dir)
+        .arg("-k")
+        .arg(socket_dir)
+        .args(["-p", &PORT.to_string(), "-c", "listen_addresses="]);
+    // Crash recovery (every first start of a live clone) begins by fsyncing
+    // each file of the data directory, over a second for a small cluster.
+    // One syncfs does the same job; the clone was flushed when made anyway.
+    if cfg!(target_os = "linux") && pg.major >= 14 {
+        cmd.args(["-c", "recovery_init_sync_method=syncfs"]);
+    }
+    let mut child = cmd
+        .env_remove("PGDATA")
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        // Its own process group: a Ctrl-C meant for pgtwig must not stop branches.
+        .process_group(0)
+        .spawn()
+        .map_err(io_err(format!("running {}", pg.bin("postgres").display())))?;
+    let child_pid = child.id() as i32;
+    let deadline = Instant::now() + timeout;
+    let fail = |why: String| ClusterError::StartFailed {
+        data_dir: data_dir.to_path_buf(),
+        log: log.to_path_buf(),
+        why,
+        tail: log_tail(log, log_pos),
+    };
+    let mut delay = Duration::from_millis(2);
+    loop {
+        if let Ok(Some(exit)) = child.try_wait() {
+            return Err(fail(format!("postgres exited ({exit})")));
+        }
+        if let Status::Running { pid, ready: true, .. } = status(data_dir) {
+            if pid == child_pid {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(child_pid), Signal::SIGQUIT);
+            return Err(fail(format!("not ready after {} s", timeout.as_secs())));
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(20));
+    }
+    // Reap it when it exits, so a long-lived caller (the daemon) collects no zombies.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+/// Stop the cluster with a fast shutdown (sessions are ended, the server
+/// checkpoints and exits cleanly) and wait for it to be gone.
+pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), ClusterError> {
+    let Status::Running { pid, .. } = status(data_dir) else {
+        return Ok(());
+    };
+    if pid == 0 {
+        // Starting: give it a moment to write its pid, then retry once.
+        std::thread::sleep(Duration::from_millis(200));
+        return match status(data_dir) {
+            Status::Running { pid, .. } if pid != 0 => stop(data_dir, log, timeout),
+            _ => Ok(()),
+        };
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid) && data_dir.join("postmaster.pid").exists() {
+        if Instant::now() > deadline {
+            return Err(ClusterError::StopTimeout {
+                data_dir: data_dir.to_path_buf(),
+                pid,
+                secs: timeout.as_secs(),
+                log: log.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The postmaster removes its pid file last; wait for the process too.
+    while process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// The last lines the server wrote since `from` (for error messages).
+pub fn log_tail(log: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = from.min(len).max(len.saturating_sub(4096));
+        let _ = f.seek(SeekFrom::Start(start));
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// The private folder holding a branch's socket. Kept short and outside the
+/// state folder because a socket path is limited to ~107 bytes: under
+/// `$XDG_RUNTIME_DIR/pgtwig` (when pgtwig and the server are the same
+/// user) or `/tmp/pgtwig-<uid>`, named by a hash of the branch folder.
+pub fn socket_dir_for(user: &ServerUser, branch_dir: &Path) -> Result<PathBuf, ClusterError> {
+    let base = match std::env::var_os("XDG_RUNTIME_DIR").filter(|_| !user.switch) {
+        Some(x) if !x.is_empty() && Path::new(&x).is_dir() => PathBuf::from(x).join("pgtwig"),
+        _ => PathBuf::from(format!("/tmp/pgtwig-{}", user.uid)),
+    };
+    private_dir(user, &base)?;
+    let hash = pgtwig_core::names::short_hash(&branch_dir.to_string_lossy());
+    let dir = base.join(hash);
+    private_dir(user, &dir)?;
+    Ok(dir)
+}
+
+/// Create `dir` (0700, the server user's) or check an existing one is
+/// exactly that: a folder someone else made could let them intercept
+/// connections.
+fn private_dir(user: &ServerUser, dir: &Path) -> Result<(), ClusterError> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("setting mode"))?;
+            user.own(dir).map_err(io_err(format!("giving {} to {}", dir.display(), user.name)))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+            if !meta.is_dir() || meta.uid() != user.uid || meta.mode() & 0o077 != 0 {
+                return Err(ClusterError::Io {
+                    what: format!(
+                        "socket folder {} must be a folder owned by {} with mode 0700; remove it and retry",
+                        dir.display(),
+                        user.name
+                    ),
+                    source: io::Error::from(io::ErrorKind::PermissionDenied),
+                });
+            }
+        }
+        Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+    }
+    Ok(())
+}
+
+/// The WAL file holding the REDO point of the last checkpoint of a stopped
+/// cluster (`pg_controldata`'s "Latest checkpoint's REDO WAL file"): a clone
+/// of a stopped cluster needs WAL from there on, nothing older.
+pub fn redo_wal_file(pg: &PgInstall, data_dir: &Path) -> Result<String, ClusterError> {
+    let out = std::process::Command::new(pg.bin("pg_controldata"))
+        .arg(data_dir)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", pg.bin("pg_controldata").display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Latest checkpoint's REDO WAL file:"))
+        .map(|f| f.trim().to_string())
+        .filter(|_| out.status.success())
+        .ok_or_else(|| ClusterError::Command {
+            program: "pg_controldata".into(),
+            status: out.status.to_string(),
+            output: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+        })
+}

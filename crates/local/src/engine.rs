@@ -1,0 +1,633 @@
+//! Branches of one project on this machine.
+//!
+//! A branch is a folder `branches/<name>/` holding `branch.json` (its
+//! metadata), `data/` (a PostgreSQL data directory) and `server.log`. The
+//! folder's name is the branch's name, so a single rename publishes,
+//! renames or removes a branch atomically.
+//!
+//! Crash safety: every change runs under the project lock. A new branch is
+//! built in `tmp/` and renamed into `branches/` only when complete, after
+//! its files are flushed. Whatever is in `tmp/` when the lock is next taken
+//! was left by a command that died, and is cleaned up (or, for a reset cut
+//! short after moving the old branch aside, moved back).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use pgtwig_core::fsutil::{self, ProjectLock};
+use pgtwig_core::{failpoint, BranchName, ProjectHome};
+use serde::{Deserialize, Serialize};
+
+use crate::backup::{self, BackupSession};
+use crate::clone::{CloneMethod, Cloner, Visit};
+use crate::cluster::{self, Status};
+use crate::pgbin::{self, PgInstall};
+use crate::server_user::ServerUser;
+
+const META_FILE: &str = "branch.json";
+
+/// What `branch.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchMeta {
+    /// The branch this one was derived from; None for the root.
+    pub parent: Option<BranchName>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub clone_method: CloneMethod,
+    /// PostgreSQL major version of the data directory.
+    pub pg_major: u32,
+    /// The git branch this branch was made for, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_branch: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Branch {
+    pub name: BranchName,
+    pub meta: BranchMeta,
+    pub dir: PathBuf,
+}
+
+impl Branch {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+}
+
+/// A branch and how it is doing right now.
+#[derive(Debug, Clone)]
+pub struct BranchStatus {
+    pub name: BranchName,
+    /// None when its metadata cannot be read (see `problem`).
+    pub meta: Option<BranchMeta>,
+    pub running: bool,
+    /// Logical size of the data directory in bytes.
+    pub size: u64,
+    pub problem: Option<String>,
+}
+
+/// The outcome of building a branch, for the user.
+#[derive(Debug, Clone)]
+pub struct CreateReport {
+    pub branch: Branch,
+    /// The parent was running and was cloned through the backup API.
+    pub parent_was_running: bool,
+    /// Why copy-on-write was not possible, when it was not.
+    pub fallback_reason: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pgtwig has no state for this project in {dir}; run `pgtwig init` in the repository")]
+    NotInitialized { dir: PathBuf },
+    #[error("branch \"{name}\" does not exist{}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`",
+        if .known.is_empty() { String::new() } else { format!(" (branches: {})", .known.join(", ")) })]
+    NotFound { name: BranchName, known: Vec<String> },
+    #[error("branch \"{name}\" already exists; pick another name, or `pgtwig branch reset {name}` to re-derive it from its parent")]
+    Exists { name: BranchName },
+    #[error("\"{name}\" is the project's root branch and cannot be {action}; every other branch derives from it")]
+    IsRoot { name: BranchName, action: &'static str },
+    #[error("branch \"{name}\" has no parent to reset from{}", .why)]
+    NoParent { name: BranchName, why: String },
+    #[error("metadata of branch \"{name}\" ({path}) is missing or corrupt: {why}. Its data was not touched; restore the file, or remove the branch with `pgtwig branch delete {name}`")]
+    CorruptMeta { name: BranchName, path: PathBuf, why: String },
+    #[error("branch \"{name}\" could not be started: {source}")]
+    StartFailed { name: BranchName, #[source] source: cluster::ClusterError },
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
+    #[error(transparent)]
+    PgBin(#[from] pgbin::PgBinError),
+    #[error(transparent)]
+    ServerUser(#[from] crate::server_user::ServerUserError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// How long a server may take to start (crash recovery after a clone of a
+/// busy parent replays WAL) or to stop (a checkpoint).
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The local backend for one project.
+pub struct LocalBackend {
+    home: ProjectHome,
+    user: ServerUser,
+}
+
+impl LocalBackend {
+    /// Open a project's state; `create` makes its folders when missing
+    /// (`pgtwig init`), otherwise a missing folder is [`Error::NotInitialized`].
+    pub fn open(home: ProjectHome, create: bool) -> Result<LocalBackend> {
+        let user = ServerUser::resolve(home.dir())?;
+        if !home.branches_dir().is_dir() {
+            if !create {
+                return Err(Error::NotInitialized {
+                    dir: home.dir().to_path_buf(),
+                });
+            }
+            fs::create_dir_all(home.branches_dir()).map_err(io_err(format!("creating {}", home.dir().display())))?;
+        }
+        fs::create_dir_all(home.tmp_dir()).map_err(io_err(format!("creating {}", home.tmp_dir().display())))?;
+        user.check_reachable(&home.branches_dir())?;
+        Ok(LocalBackend { home, user })
+    }
+
+    pub fn home(&self) -> &ProjectHome {
+        &self.home
+    }
+    pub fn server_user(&self) -> &ServerUser {
+        &self.user
+    }
+
+    /// Take the project lock and clean what interrupted commands left.
+    pub fn lock(&self) -> Result<ProjectLock> {
+        let lock = ProjectLock::acquire(&self.home.lock_path())
+            .map_err(io_err(format!("locking {}", self.home.lock_path().display())))?;
+        self.recover_interrupted()?;
+        Ok(lock)
+    }
+
+    /// Clean `tmp/` (call with the lock held). Returns what was done.
+    fn recover_interrupted(&self) -> Result<Vec<String>> {
+        let tmp = self.home.tmp_dir();
+        let mut done = Vec::new();
+        let entries = fs::read_dir(&tmp).map_err(io_err(format!("reading {}", tmp.display())))?;
+        let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        for name in &names {
+            let path = tmp.join(name);
+            if !path.exists() || name.ends_with(".keep") {
+                continue;
+            }
+            if let Some(branch) = name.strip_prefix("old-") {
+                // A reset moved the old branch aside and died.
+                let target = self.home.branches_dir().join(branch);
+                let keep_file = tmp.join(format!("{name}.keep"));
+                let keep_as = fs::read_to_string(&keep_file).ok().map(|k| k.trim().to_string());
+                if !target.exists() {
+                    fs::rename(&path, &target).map_err(io_err("restoring a branch"))?;
+                    done.push(format!("restored branch \"{branch}\" after an interrupted reset"));
+                } else if let Some(k) = keep_as.filter(|k| !self.home.branches_dir().join(k).exists()) {
+                    fs::rename(&path, self.home.branches_dir().join(&k)).map_err(io_err("keeping the old branch"))?;
+                    done.push(format!("finished an interrupted reset: old \"{branch}\" kept as \"{k}\""));
+                } else {
+                    remove_tree(&path)?;
+                }
+                let _ = fs::remove_file(&keep_file);
+                continue;
+            }
+            remove_tree(&path)?;
+            done.push(format!("removed {name}, left by an interrupted command"));
+        }
+        for name in names.iter().filter(|n| n.ends_with(".keep")) {
+            let _ = fs::remove_file(tmp.join(name));
+        }
+        if !done.is_empty() {
+            fsutil::sync_dir(&self.home.branches_dir()).ok();
+            for line in &done {
+                tracing::warn!("{line}");
+            }
+        }
+        Ok(done)
+    }
+
+    fn branch_dir(&self, name: &BranchName) -> PathBuf {
+        self.home.branch_dir(name)
+    }
+
+    pub fn exists(&self, name: &BranchName) -> bool {
+        self.branch_dir(name).is_dir()
+    }
+
+    /// Names of all branches, sorted.
+    pub fn names(&self) -> Result<Vec<BranchName>> {
+        let dir = self.home.branches_dir();
+        let mut names: Vec<BranchName> = fs::read_dir(&dir)
+            .map_err(io_err(format!("reading {}", dir.display())))?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| BranchName::parse(&e.file_name().to_string_lossy()).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn not_found(&self, name: &BranchName) -> Error {
+        Error::NotFound {
+            name: name.clone(),
+            known: self.names().unwrap_or_default().iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    /// A branch with its metadata.
+    pub fn get(&self, name: &BranchName) -> Result<Branch> {
+        let dir = self.branch_dir(name);
+        if !dir.is_dir() {
+            return Err(self.not_found(name));
+        }
+        let path = dir.join(META_FILE);
+        let corrupt = |why: String| Error::CorruptMeta {
+            name: name.clone(),
+            path: path.clone(),
+            why,
+        };
+        let text = fs::read_to_string(&path).map_err(|e| corrupt(e.to_string()))?;
+        let meta: BranchMeta = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Branch {
+            name: name.clone(),
+            meta,
+            dir,
+        })
+    }
+
+    pub fn status_of(&self, name: &BranchName) -> Result<BranchStatus> {
+        let dir = self.branch_dir(name);
+        if !dir.is_dir() {
+            return Err(self.not_found(name));
+        }
+        let (meta, problem) = match self.get(name) {
+            Ok(b) => (Some(b.meta), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let data = dir.join("data");
+        Ok(BranchStatus {
+            name: name.clone(),
+            meta,
+            running: cluster::status(&data).is_running(),
+            size: fsutil::dir_size(&data).unwrap_or(0),
+            problem,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<BranchStatus>> {
+        self.names()?.iter().map(|n| self.status_of(n)).collect()
+    }
+
+    /// Where a branch's server listens (its socket folder; port 5432).
+    pub fn socket_dir(&self, name: &BranchName) -> Result<PathBuf> {
+        Ok(cluster::socket_dir_for(&self.user, &self.branch_dir(name))?)
+    }
+
+    /// A libpq connection string straight to the branch's socket.
+    pub fn url(&self, name: &BranchName, database: &str) -> Result<String> {
+        self.get(name)?;
+        let sock = self.socket_dir(name)?;
+        Ok(format!(
+            "postgresql://{}@/{}?host={}",
+            cluster::SUPERUSER,
+            database,
+            sock.display()
+        ))
+    }
+
+    fn install_for(&self, branch: &Branch) -> Result<PgInstall> {
+        let major = pgbin::data_dir_major(&branch.data_dir()).unwrap_or(branch.meta.pg_major);
+        Ok(pgbin::for_major(major)?)
+    }
+
+    /// Start a branch's server if it is not running; returns its socket folder.
+    pub fn start(&self, name: &BranchName) -> Result<PathBuf> {
+        let _lock = self.lock()?;
+        self.start_locked(name)
+    }
+
+    fn start_locked(&self, name: &BranchName) -> Result<PathBuf> {
+        let branch = self.get(name)?;
+        let sock = self.socket_dir(name)?;
+        if let Status::Running { ready: true, .. } = cluster::status(&branch.data_dir()) {
+            return Ok(sock);
+        }
+        let pg = self.install_for(&branch)?;
+        cluster::start(&pg, &self.user, &branch.data_dir(), &sock, &branch.log_path(), START_TIMEOUT).map_err(
+            |source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            },
+        )?;
+        Ok(sock)
+    }
+
+    /// Stop a branch's server (fast shutdown). Returns whether it was running.
+    pub fn stop(&self, name: &BranchName) -> Result<bool> {
+        let _lock = self.lock()?;
+        self.stop_locked(name)
+    }
+
+    fn stop_locked(&self, name: &BranchName) -> Result<bool> {
+        let dir = self.branch_dir(name);
+        if !dir.is_dir() {
+            return Err(self.not_found(name));
+        }
+        let data = dir.join("data");
+        let was = cluster::status(&data).is_running();
+        cluster::stop(&data, &dir.join("server.log"), STOP_TIMEOUT)?;
+        Ok(was)
+    }
+
+    /// Create the root branch with `initdb`.
+    pub fn create_root(&self, name: &BranchName, git_branch: Option<String>) -> Result<Branch> {
+        let _lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        let pg = pgbin::newest()?;
+        let build = self.new_build_dir(name)?;
+        cluster::initdb(&pg, &self.user, &build.join("data"), &build.join("server.log"))?;
+        let meta = BranchMeta {
+            parent: None,
+            created: now_rfc3339(),
+            clone_method: CloneMethod::Initdb,
+            pg_major: pg.major,
+            git_branch,
+        };
+        self.publish(name, &build, &meta)
+    }
+
+    /// Create `name` as a copy-on-write clone of `parent`.
+    pub fn create(&self, name: &BranchName, parent: &BranchName, git_branch: Option<String>) -> Result<CreateReport> {
+        let _lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        let parent_branch = self.get(parent)?;
+        let build = self.new_build_dir(name)?;
+        let mut report = self.build_clone(&parent_branch, &build)?;
+        let meta = BranchMeta {
+            parent: Some(parent.clone()),
+            created: now_rfc3339(),
+            clone_method: report.0,
+            pg_major: parent_branch.meta.pg_major,
+            git_branch,
+        };
+        failpoint::hit("create.before_publish");
+        let branch = self.publish(name, &build, &meta)?;
+        failpoint::hit("create.after_publish");
+        Ok(CreateReport {
+            branch,
+            parent_was_running: report.1,
+            fallback_reason: report.2.take(),
+            files: report.3,
+            bytes: report.4,
+        })
+    }
+
+    /// Re-derive `name` from its parent's current state, under the same
+    /// name. The old branch is removed, or kept as `keep_old`. A running
+    /// branch is stopped for the swap and started again after.
+    pub fn reset(&self, name: &BranchName, keep_old: Option<&BranchName>) -> Result<CreateReport> {
+        let _lock = self.lock()?;
+        let old = self.get(name)?;
+        let parent = match &old.meta.parent {
+            None => {
+                return Err(Error::NoParent {
+                    name: name.clone(),
+                    why: " (it is the root branch; refresh its data with an import instead)".into(),
+                })
+            }
+            Some(p) if !self.exists(p) => {
+                return Err(Error::NoParent {
+                    name: name.clone(),
+                    why: format!(
+                        " (its parent \"{p}\" was deleted); delete it and create it again with `--from <another branch>`"
+                    ),
+                })
+            }
+            Some(p) => self.get(p)?,
+        };
+        if let Some(k) = keep_old {
+            if self.exists(k) {
+                return Err(Error::Exists { name: k.clone() });
+            }
+        }
+        let build = self.new_build_dir(name)?;
+        let (method, parent_running, fallback, files, bytes) = self.build_clone(&parent, &build)?;
+        let meta = BranchMeta {
+            parent: Some(parent.name.clone()),
+            created: now_rfc3339(),
+            clone_method: method,
+            pg_major: parent.meta.pg_major,
+            git_branch: old.meta.git_branch.clone(),
+        };
+        write_meta(&build, &meta)?;
+        sync_tree(&build)?;
+        let was_running = self.stop_locked(name)?;
+        // Swap: old aside, new in, old removed (or kept). An interruption
+        // anywhere here is finished or undone by recover_interrupted().
+        let tmp = self.home.tmp_dir();
+        let aside = tmp.join(format!("old-{name}"));
+        if let Some(k) = keep_old {
+            fsutil::write_atomic(&tmp.join(format!("old-{name}.keep")), k.as_str().as_bytes())
+                .map_err(io_err("recording the reset"))?;
+        }
+        fs::rename(&old.dir, &aside).map_err(io_err("moving the old branch aside"))?;
+        failpoint::hit("reset.old_moved_aside");
+        fs::rename(&build, &old.dir).map_err(io_err("publishing the reset branch"))?;
+        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+        match keep_old {
+            Some(k) => {
+                fs::rename(&aside, self.branch_dir(k)).map_err(io_err("keeping the old branch"))?;
+                fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+            }
+            None => remove_tree(&aside)?,
+        }
+        let _ = fs::remove_file(tmp.join(format!("old-{name}.keep")));
+        let branch = self.get(name)?;
+        if was_running {
+            self.start_locked(name)?;
+        }
+        Ok(CreateReport {
+            branch,
+            parent_was_running: parent_running,
+            fallback_reason: fallback,
+            files,
+            bytes,
+        })
+    }
+
+    /// Delete a branch and its data. Its children are untouched: clones
+    /// share no files with their parent.
+    pub fn delete(&self, name: &BranchName, root: &BranchName) -> Result<()> {
+        let _lock = self.lock()?;
+        if name == root {
+            return Err(Error::IsRoot {
+                name: name.clone(),
+                action: "deleted",
+            });
+        }
+        let dir = self.branch_dir(name);
+        if !dir.is_dir() {
+            return Err(self.not_found(name));
+        }
+        self.stop_locked(name)?;
+        let doomed = self.home.tmp_dir().join(format!("delete-{name}-{}", std::process::id()));
+        fs::rename(&dir, &doomed).map_err(io_err(format!("removing {}", dir.display())))?;
+        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+        remove_tree(&doomed)
+    }
+
+    /// A fresh, empty folder in `tmp/` to build a branch in.
+    fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
+        let dir = self.home.tmp_dir().join(format!("new-{name}-{}", std::process::id()));
+        if dir.exists() {
+            remove_tree(&dir)?;
+        }
+        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        self.user.own(&dir).map_err(io_err("giving the build folder to the server user"))?;
+        Ok(dir)
+    }
+
+    /// Write metadata, flush everything, and rename the build into place.
+    fn publish(&self, name: &BranchName, build: &Path, meta: &BranchMeta) -> Result<Branch> {
+        write_meta(build, meta)?;
+        sync_tree(build)?;
+        let dir = self.branch_dir(name);
+        fs::rename(build, &dir).map_err(io_err(format!("publishing {}", dir.display())))?;
+        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+        Ok(Branch {
+            name: name.clone(),
+            meta: meta.clone(),
+            dir,
+        })
+    }
+
+    /// Clone `parent`'s data directory into `build/data`: through the backup
+    /// API when it runs, directly when it is stopped.
+    /// Returns (method, parent_was_running, fallback_reason, files, bytes).
+    #[allow(clippy::type_complexity)]
+    fn build_clone(&self, parent: &Branch, build: &Path) -> Result<(CloneMethod, bool, Option<String>, u64, u64)> {
+        let src = parent.data_dir();
+        let dst = build.join("data");
+        let pg = self.install_for(parent)?;
+        let mut cloner = Cloner::new(&self.user);
+        let status = cluster::status(&src);
+        let running = status.is_running();
+        let first_wal = if let Status::Running { socket_dir, .. } = status {
+            cloner.tolerate_vanishing = true;
+            let session = BackupSession::begin(&socket_dir, pg.major, "pgtwig branch clone")?;
+            failpoint::hit("create.in_backup");
+            cloner
+                .clone_tree(&src, &dst, &backup::live_exclusion)
+                .map_err(io_err(format!("cloning {}", src.display())))?;
+            cloner
+                .clone_file(&src.join("global/pg_control"), &dst.join("global/pg_control"))
+                .map_err(io_err("cloning pg_control"))?;
+            failpoint::hit("create.before_backup_stop");
+            let end = session.finish()?;
+            write_private(&self.user, &dst.join("backup_label"), &end.backup_label)?;
+            if let Some(map) = &end.tablespace_map {
+                write_private(&self.user, &dst.join("tablespace_map"), map)?;
+            }
+            backup::start_wal_file(&end.backup_label)
+                .ok_or_else(|| Error::Other(format!("unexpected backup_label from the parent:\n{}", end.backup_label)))?
+        } else {
+            let redo = cluster::redo_wal_file(&pg, &src)?;
+            cloner
+                .clone_tree(&src, &dst, &|rel, is_dir| {
+                    if is_dir && rel == Path::new("pg_wal") {
+                        Visit::EmptyDir
+                    } else {
+                        backup::stopped_exclusion(rel, is_dir)
+                    }
+                })
+                .map_err(io_err(format!("cloning {}", src.display())))?;
+            redo
+        };
+        // WAL last: for a live parent it now holds the backup's end.
+        let wal_src = src.join("pg_wal");
+        let wal_dst = dst.join("pg_wal");
+        let archive_status = wal_dst.join("archive_status");
+        if !archive_status.exists() {
+            cloner
+                .make_dir(&wal_src.join("archive_status"), &archive_status)
+                .map_err(io_err("creating pg_wal/archive_status"))?;
+        }
+        let mut wal: Vec<String> = fs::read_dir(&wal_src)
+            .map_err(io_err(format!("reading {}", wal_src.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| backup::wal_needed(n, &first_wal))
+            .collect();
+        wal.sort();
+        for name in &wal {
+            cloner
+                .clone_file(&wal_src.join(name), &wal_dst.join(name))
+                .map_err(io_err(format!("cloning WAL {name}")))?;
+        }
+        if !wal_dst.join(&first_wal).exists() {
+            return Err(Error::Other(format!(
+                "WAL file {first_wal} that the clone needs was already recycled by the parent \"{}\" \
+                 (it writes WAL faster than wal_keep_size keeps it); nothing was created, try again",
+                parent.name
+            )));
+        }
+        let method = cloner.method();
+        Ok((method, running, cloner.fallback_reason.take(), cloner.files, cloner.bytes))
+    }
+}
+
+fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
+    let mut json = serde_json::to_vec_pretty(meta).map_err(|e| Error::Other(e.to_string()))?;
+    json.push(b'\n');
+    fsutil::write_atomic(&dir.join(META_FILE), &json).map_err(io_err("writing branch metadata"))
+}
+
+fn write_private(user: &ServerUser, path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("setting mode"))?;
+    user.own(path).map_err(io_err("changing owner"))
+}
+
+/// Flush a finished build to disk before it is published, so a power cut
+/// cannot leave a visible branch with missing data: one `syncfs` of its
+/// file system on Linux, `sync` elsewhere.
+fn sync_tree(dir: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let f = fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+        nix::unistd::syncfs(&f).map_err(|e| Error::Io {
+            what: "flushing the new branch".into(),
+            source: e.into(),
+        })?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        nix::unistd::sync();
+    }
+    Ok(())
+}
+
+fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io {
+            what: format!("removing {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}

@@ -1,0 +1,156 @@
+//! Who runs the PostgreSQL servers.
+//!
+//! `initdb` and `postgres` refuse to run as root. When pgtwig itself runs as
+//! root (CI, containers, sudo), it runs the server binaries as an
+//! unprivileged user instead, and makes that user own the branch folders:
+//! `PGTWIG_SERVER_USER` if set, else the owner of the state folder when that
+//! is not root, else `postgres` (which every PostgreSQL package creates).
+//! Run as anyone else, servers run as that same user and nothing changes.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use nix::unistd::{Gid, Uid, User};
+
+pub const SERVER_USER_ENV: &str = "PGTWIG_SERVER_USER";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// True when pgtwig must switch to this user for server commands.
+    pub switch: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerUserError {
+    #[error(
+        "pgtwig is running as root and PostgreSQL refuses to run as root, but no unprivileged user to run it as was \
+         found ({0}); create the `postgres` user (installing the postgresql package does), set {SERVER_USER_ENV} to \
+         an existing user, or run pgtwig as a normal user"
+    )]
+    NoUser(String),
+    #[error(
+        "the PostgreSQL servers run as user `{user}` (pgtwig is running as root), but `{user}` cannot enter {dir}; \
+         set PGTWIG_HOME to a folder it can reach (e.g. /var/lib/pgtwig), or run pgtwig as a normal user"
+    )]
+    Unreachable { user: String, dir: String },
+}
+
+impl ServerUser {
+    /// Decide who runs servers whose state lives under `home`.
+    pub fn resolve(home: &Path) -> Result<ServerUser, ServerUserError> {
+        let euid = Uid::effective();
+        if !euid.is_root() {
+            let me = User::from_uid(euid).ok().flatten();
+            return Ok(ServerUser {
+                name: me.map(|u| u.name).unwrap_or_else(|| euid.to_string()),
+                uid: euid.as_raw(),
+                gid: Gid::effective().as_raw(),
+                switch: false,
+            });
+        }
+        let lookup = |name: &str| -> Result<Option<User>, ServerUserError> {
+            User::from_name(name).map_err(|e| ServerUserError::NoUser(format!("looking up `{name}`: {e}")))
+        };
+        let user = if let Ok(name) = std::env::var(SERVER_USER_ENV) {
+            match lookup(&name)? {
+                Some(u) if !u.uid.is_root() => u,
+                Some(_) => return Err(ServerUserError::NoUser(format!("{SERVER_USER_ENV}={name} is root"))),
+                None => return Err(ServerUserError::NoUser(format!("{SERVER_USER_ENV}={name} does not exist"))),
+            }
+        } else if let Some(owner) = nearest_existing(home)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| Uid::from_raw(m.uid()))
+            .filter(|uid| !uid.is_root())
+            .and_then(|uid| User::from_uid(uid).ok().flatten())
+        {
+            owner
+        } else {
+            lookup("postgres")?.ok_or_else(|| ServerUserError::NoUser("no `postgres` user".into()))?
+        };
+        Ok(ServerUser {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            switch: true,
+        })
+    }
+
+    /// A command that runs as this user.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        if self.switch {
+            cmd.uid(self.uid).gid(self.gid);
+            // Servers must not inherit root's idea of home or user.
+            cmd.env("USER", &self.name).env("LOGNAME", &self.name);
+            if let Ok(Some(u)) = User::from_uid(Uid::from_raw(self.uid)) {
+                cmd.env("HOME", u.dir);
+            }
+            // initdb and postgres look at their working directory; root's may be unreadable.
+            cmd.current_dir("/");
+        }
+        cmd
+    }
+
+    /// Give `path` (not following symlinks) to this user when switching.
+    pub fn own(&self, path: &Path) -> std::io::Result<()> {
+        if self.switch {
+            std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
+        }
+        Ok(())
+    }
+
+    /// Check the user can traverse every ancestor of `dir` (which may not exist yet).
+    pub fn check_reachable(&self, dir: &Path) -> Result<(), ServerUserError> {
+        if !self.switch {
+            return Ok(());
+        }
+        let groups = user_groups(self);
+        let mut cur = Some(dir);
+        while let Some(p) = cur {
+            if let Ok(meta) = std::fs::metadata(p) {
+                let mode = meta.mode();
+                let ok = if meta.uid() == self.uid {
+                    mode & 0o100 != 0
+                } else if groups.contains(&meta.gid()) {
+                    mode & 0o010 != 0
+                } else {
+                    mode & 0o001 != 0
+                };
+                if !ok {
+                    return Err(ServerUserError::Unreachable {
+                        user: self.name.clone(),
+                        dir: p.display().to_string(),
+                    });
+                }
+            }
+            cur = p.parent();
+        }
+        Ok(())
+    }
+}
+
+fn user_groups(user: &ServerUser) -> Vec<u32> {
+    let mut groups = vec![user.gid];
+    if let Ok(cname) = std::ffi::CString::new(user.name.clone()) {
+        if let Ok(list) = nix::unistd::getgrouplist(&cname, Gid::from_raw(user.gid)) {
+            groups.extend(list.into_iter().map(|g| g.as_raw()));
+        }
+    }
+    groups
+}
+
+fn nearest_existing(p: &Path) -> Option<&Path> {
+    let mut cur = Some(p);
+    while let Some(c) = cur {
+        if c.exists() {
+            return Some(c);
+        }
+        cur = c.parent();
+    }
+    None
+}

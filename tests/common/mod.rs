@@ -1,0 +1,192 @@
+//! Shared helpers for end-to-end tests: a real git repository, a private
+//! PGTWIG_HOME, the real `pgtwig` binary, real PostgreSQL servers (stopped
+//! when the test ends) and psql.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pgtwig");
+
+pub struct TestEnv {
+    _tmp: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub home: PathBuf,
+}
+
+/// Where the state goes: the plain file system, or one that can reflink.
+pub enum Fs {
+    Plain,
+    Reflink,
+}
+
+impl TestEnv {
+    /// A git repository and a state folder under a fresh temp folder.
+    /// Returns None (after printing why) when `Fs::Reflink` is asked for and
+    /// no copy-on-write file system is available.
+    pub fn new(fs: Fs) -> Option<TestEnv> {
+        let base = match fs {
+            Fs::Plain => std::env::temp_dir(),
+            Fs::Reflink => match reflink_dir() {
+                Some(d) => d,
+                None => {
+                    eprintln!(
+                        "SKIPPED: no copy-on-write file system (set PGTWIG_TEST_REFLINK_DIR to a folder on XFS with \
+                         reflink=1, btrfs or APFS; .ci/run prepares one)"
+                    );
+                    return None;
+                }
+            },
+        };
+        let tmp = tempfile::Builder::new().prefix("pgtwig-test-").tempdir_in(base).unwrap();
+        // The servers may run as another user (tests run as root in CI): let them in.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let repo = tmp.path().join("shop");
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&repo).unwrap();
+        let out = Command::new("git").args(["init", "-q", "-b", "main"]).current_dir(&repo).output().unwrap();
+        assert!(out.status.success(), "git init: {out:?}");
+        Some(TestEnv { _tmp: tmp, repo, home })
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .current_dir(&self.repo)
+            .env("PGTWIG_HOME", &self.home)
+            .env_remove("PGTWIG_FAILPOINT")
+            .env_remove("PGTWIG_LOG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "pgtwig {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "pgtwig {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn init(&self) -> String {
+        self.ok(&["init"])
+    }
+
+    pub fn project_dir(&self) -> PathBuf {
+        self.home.join("shop")
+    }
+
+    pub fn url(&self, branch: &str) -> String {
+        self.ok(&["branch", "url", branch]).trim().to_string()
+    }
+
+    /// Run SQL with psql against a branch; returns unaligned output.
+    pub fn psql(&self, branch: &str, sql: &str) -> String {
+        psql(&self.url(branch), sql)
+    }
+
+    pub fn list_json(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["branch", "list", "--json"])).unwrap()
+    }
+
+    pub fn branch_json(&self, name: &str) -> serde_json::Value {
+        self.list_json()
+            .into_iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("branch {name} not listed"))
+    }
+
+    pub fn tmp_entries(&self) -> Vec<String> {
+        match std::fs::read_dir(self.project_dir().join("tmp")) {
+            Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => vec![],
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    /// Stop every server this test started (immediate shutdown: SIGQUIT).
+    fn drop(&mut self) {
+        let mut pids = vec![];
+        for dir in [self.project_dir().join("branches"), self.project_dir().join("tmp")] {
+            let Ok(rd) = std::fs::read_dir(dir) else { continue };
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path().join("data/postmaster.pid")) {
+                    if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGQUIT);
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for pid in pids {
+            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A folder on a copy-on-write file system, if there is one.
+pub fn reflink_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PGTWIG_TEST_REFLINK_DIR").map(PathBuf::from)?;
+    let a = dir.join(format!("probe-{}", std::process::id()));
+    let b = dir.join(format!("probe-{}.c", std::process::id()));
+    std::fs::write(&a, b"x").ok()?;
+    let ok = Command::new("cp").arg("--reflink=always").arg(&a).arg(&b).status().map(|s| s.success()).unwrap_or(false);
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    if ok {
+        Some(dir)
+    } else {
+        eprintln!("PGTWIG_TEST_REFLINK_DIR={} cannot reflink", dir.display());
+        None
+    }
+}
+
+/// Wait until `f` is true or panic after `secs`.
+pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
