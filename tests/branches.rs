@@ -10,9 +10,15 @@ fn init_creates_config_root_branch_and_state() {
     let env = TestEnv::new(Fs::Plain).unwrap();
     let out = env.init();
     assert!(out.contains("Created root branch \"main\""), "{out}");
-    assert!(out.contains(env.project_dir().to_str().unwrap()), "init says where state lives: {out}");
+    assert!(
+        out.contains(env.project_dir().to_str().unwrap()),
+        "init says where state lives: {out}"
+    );
     let config = std::fs::read_to_string(env.repo.join(".pgtwig.toml")).unwrap();
-    assert!(config.contains("project = \"shop\"") && config.contains("backend = \"local\""), "{config}");
+    assert!(
+        config.contains("project = \"shop\"") && config.contains("backend = \"local\""),
+        "{config}"
+    );
     let main = env.branch_json("main");
     assert_eq!(main["root"], true);
     assert_eq!(main["clone_method"], "initdb");
@@ -50,8 +56,20 @@ fn branches_are_isolated_and_survive_their_parent() {
     // Writes on each side are invisible on the other.
     env.psql("dev", "insert into items values (2, 'from dev')");
     env.psql("main", "insert into items values (3, 'from main later')");
-    assert_eq!(env.psql("dev", "select string_agg(id::text, ',' order by id) from items"), "1,2");
-    assert_eq!(env.psql("main", "select string_agg(id::text, ',' order by id) from items"), "1,3");
+    assert_eq!(
+        env.psql(
+            "dev",
+            "select string_agg(id::text, ',' order by id) from items"
+        ),
+        "1,2"
+    );
+    assert_eq!(
+        env.psql(
+            "main",
+            "select string_agg(id::text, ',' order by id) from items"
+        ),
+        "1,3"
+    );
 
     // A branch of a branch, from a stopped parent this time.
     let out = env.ok(&["branch", "stop", "dev"]);
@@ -59,7 +77,13 @@ fn branches_are_isolated_and_survive_their_parent() {
     let out = env.ok(&["branch", "create", "dev-child", "--from", "dev"]);
     assert!(!out.contains("running parent"), "{out}");
     env.ok(&["branch", "start", "dev-child"]);
-    assert_eq!(env.psql("dev-child", "select string_agg(id::text, ',' order by id) from items"), "1,2");
+    assert_eq!(
+        env.psql(
+            "dev-child",
+            "select string_agg(id::text, ',' order by id) from items"
+        ),
+        "1,2"
+    );
 
     // Deleting the parent leaves the child working.
     env.ok(&["branch", "delete", "dev"]);
@@ -83,25 +107,44 @@ fn reset_rederives_from_parent_and_can_keep_the_old_state() {
     let env = TestEnv::new(Fs::Plain).unwrap();
     env.init();
     env.ok(&["branch", "start", "main"]);
-    env.psql("main", "create table t(v text); insert into t values ('v1')");
+    env.psql(
+        "main",
+        "create table t(v text); insert into t values ('v1')",
+    );
     env.ok(&["branch", "create", "shared"]);
     env.ok(&["branch", "start", "shared"]);
     env.psql("shared", "insert into t values ('drift')");
     env.psql("main", "insert into t values ('v2')");
 
     let out = env.ok(&["branch", "reset", "shared", "--keep-old", "shared-before"]);
-    assert!(out.contains("Reset branch \"shared\" from \"main\""), "{out}");
+    assert!(
+        out.contains("Reset branch \"shared\" from \"main\""),
+        "{out}"
+    );
     // Running before the reset, running after it, with the parent's current data.
     assert_eq!(env.branch_json("shared")["running"], true);
-    assert_eq!(env.psql("shared", "select string_agg(v, ',' order by v) from t"), "v1,v2");
+    assert_eq!(
+        env.psql("shared", "select string_agg(v, ',' order by v) from t"),
+        "v1,v2"
+    );
     env.ok(&["branch", "start", "shared-before"]);
-    assert_eq!(env.psql("shared-before", "select string_agg(v, ',' order by v) from t"), "drift,v1");
+    assert_eq!(
+        env.psql(
+            "shared-before",
+            "select string_agg(v, ',' order by v) from t"
+        ),
+        "drift,v1"
+    );
 
     // Without --keep-old the old state is gone.
     env.psql("shared", "insert into t values ('x')");
     env.ok(&["branch", "reset", "shared"]);
     assert_eq!(env.psql("shared", "select count(*) from t"), "2");
-    let names: Vec<String> = env.list_json().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = env
+        .list_json()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, vec!["main", "shared", "shared-before"]);
     assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
 
@@ -112,10 +155,15 @@ fn reset_rederives_from_parent_and_can_keep_the_old_state() {
 
 #[test]
 fn copy_on_write_path_is_taken_on_a_reflink_file_system() {
-    let Some(env) = TestEnv::new(Fs::Reflink) else { return };
+    let Some(env) = TestEnv::new(Fs::Reflink) else {
+        return;
+    };
     env.init();
     env.ok(&["branch", "start", "main"]);
-    env.psql("main", "create table big as select g, repeat('x', 500) pad from generate_series(1, 50000) g");
+    env.psql(
+        "main",
+        "create table big as select g, repeat('x', 500) pad from generate_series(1, 50000) g",
+    );
     let out = env.ok(&["branch", "create", "cow"]);
     assert!(out.contains("copy-on-write clone"), "{out}");
     assert!(!out.contains("note:"), "{out}");
@@ -137,11 +185,16 @@ fn full_copy_fallback_on_a_plain_file_system_says_so() {
     env.init();
     let out = env.ok(&["branch", "create", "copy"]);
     if out.contains("copy-on-write clone") {
-        eprintln!("SKIPPED: the temp folder's file system can reflink, so there is no fallback to see");
+        eprintln!(
+            "SKIPPED: the temp folder's file system can reflink, so there is no fallback to see"
+        );
         return;
     }
     assert!(out.contains("full copy"), "{out}");
-    assert!(out.contains("note: the file system") && out.contains("copied in full"), "{out}");
+    assert!(
+        out.contains("note: the file system") && out.contains("copied in full"),
+        "{out}"
+    );
     assert_eq!(env.branch_json("copy")["clone_method"], "full-copy");
     env.ok(&["branch", "start", "copy"]);
     assert_eq!(env.psql("copy", "select 1"), "1");

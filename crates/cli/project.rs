@@ -42,5 +42,8 @@ impl Project {
 /// The top of the git work tree containing `start`: the nearest folder with
 /// a `.git` entry (a folder, or a file for worktrees and submodules).
 pub fn git_toplevel(start: &Path) -> Option<PathBuf> {
-    start.ancestors().find(|d| d.join(".git").exists()).map(Path::to_path_buf)
+    start
+        .ancestors()
+        .find(|d| d.join(".git").exists())
+        .map(Path::to_path_buf)
 }

@@ -40,15 +40,26 @@ impl TestEnv {
                 }
             },
         };
-        let tmp = tempfile::Builder::new().prefix("pgtwig-test-").tempdir_in(base).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("pgtwig-test-")
+            .tempdir_in(base)
+            .unwrap();
         // The servers may run as another user (tests run as root in CI): let them in.
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let repo = tmp.path().join("shop");
         let home = tmp.path().join("home");
         std::fs::create_dir(&repo).unwrap();
-        let out = Command::new("git").args(["init", "-q", "-b", "main"]).current_dir(&repo).output().unwrap();
+        let out = Command::new("git")
+            .args(["init", "-q", "-b", "main"])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "git init: {out:?}");
-        Some(TestEnv { _tmp: tmp, repo, home })
+        Some(TestEnv {
+            _tmp: tmp,
+            repo,
+            home,
+        })
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -118,7 +129,10 @@ impl TestEnv {
 
     pub fn tmp_entries(&self) -> Vec<String> {
         match std::fs::read_dir(self.project_dir().join("tmp")) {
-            Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
             Err(_) => vec![],
         }
     }
@@ -128,12 +142,24 @@ impl Drop for TestEnv {
     /// Stop every server this test started (immediate shutdown: SIGQUIT).
     fn drop(&mut self) {
         let mut pids = vec![];
-        for dir in [self.project_dir().join("branches"), self.project_dir().join("tmp")] {
-            let Ok(rd) = std::fs::read_dir(dir) else { continue };
+        for dir in [
+            self.project_dir().join("branches"),
+            self.project_dir().join("tmp"),
+        ] {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
             for e in rd.flatten() {
                 if let Ok(text) = std::fs::read_to_string(e.path().join("data/postmaster.pid")) {
-                    if let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGQUIT);
+                    if let Some(pid) = text
+                        .lines()
+                        .next()
+                        .and_then(|l| l.trim().parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGQUIT,
+                        );
                         pids.push(pid);
                     }
                 }
@@ -141,7 +167,9 @@ impl Drop for TestEnv {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for pid in pids {
-            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -167,7 +195,13 @@ pub fn reflink_dir() -> Option<PathBuf> {
     let a = dir.join(format!("probe-{}", std::process::id()));
     let b = dir.join(format!("probe-{}.c", std::process::id()));
     std::fs::write(&a, b"x").ok()?;
-    let ok = Command::new("cp").arg("--reflink=always").arg(&a).arg(&b).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(&a)
+        .arg(&b)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
     if ok {

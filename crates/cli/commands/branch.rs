@@ -66,7 +66,12 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         BranchCommand::Reset { name, keep_old } => {
             let started = Instant::now();
             let report = backend.reset(&name, keep_old.as_ref())?;
-            let parent = report.branch.meta.parent.clone().expect("a reset branch has a parent");
+            let parent = report
+                .branch
+                .meta
+                .parent
+                .clone()
+                .expect("a reset branch has a parent");
             print_built("Reset", &report, &parent, started, &backend)?;
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
@@ -92,12 +97,22 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_built(verb: &str, r: &CreateReport, parent: &BranchName, started: Instant, backend: &LocalBackend) -> Result<()> {
+fn print_built(
+    verb: &str,
+    r: &CreateReport,
+    parent: &BranchName,
+    started: Instant,
+    backend: &LocalBackend,
+) -> Result<()> {
     let how = match r.branch.meta.clone_method {
         CloneMethod::CopyOnWrite => "copy-on-write clone",
         _ => "full copy",
     };
-    let live = if r.parent_was_running { " of the running parent" } else { "" };
+    let live = if r.parent_was_running {
+        " of the running parent"
+    } else {
+        ""
+    };
     println!(
         "{verb} branch \"{}\" from \"{parent}\": {how}{live}, {} files, {} ({})",
         r.branch.name,

@@ -23,7 +23,10 @@ pub struct InitArgs {
 pub fn run(args: InitArgs) -> Result<ExitCode> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let Some(top) = git_toplevel(&cwd) else {
-        bail!("{} is not inside a git repository; run `git init` first (pgtwig follows git branches)", cwd.display());
+        bail!(
+            "{} is not inside a git repository; run `git init` first (pgtwig follows git branches)",
+            cwd.display()
+        );
     };
     let config_path = top.join(CONFIG_FILE);
     let config = if config_path.exists() {
@@ -33,7 +36,11 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     } else {
         let project = match args.name {
             Some(n) => n,
-            None => names::from_git(&top.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+            None => names::from_git(
+                &top.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
         };
         let mut c = Config::new(project);
         if let Some(root) = args.root {
@@ -61,12 +68,17 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     }
     let state_path = project.home.state_path();
     if !state_path.exists() {
-        ProjectState { active: root.clone() }
-            .save(&state_path)
-            .with_context(|| format!("cannot write {}", state_path.display()))?;
+        ProjectState {
+            active: root.clone(),
+        }
+        .save(&state_path)
+        .with_context(|| format!("cannot write {}", state_path.display()))?;
     }
     println!("State lives in {}", project.home.dir().display());
-    println!("Connect straight to it: psql \"{}\"", backend.url(root, "postgres")?);
+    println!(
+        "Connect straight to it: psql \"{}\"",
+        backend.url(root, "postgres")?
+    );
     if backend.server_user().switch {
         println!(
             "(running as root: PostgreSQL servers run as user `{}`)",

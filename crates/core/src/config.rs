@@ -46,7 +46,10 @@ pub enum ConfigError {
     )]
     NotFound { start: PathBuf },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not valid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -126,10 +129,16 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let e = Config::parse("project = \"a\"\nbackedn = \"local\"\n", Path::new(".pgtwig.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("backedn") && e.contains("line 2") && e.contains("backend"), "{e}");
+        let e = Config::parse(
+            "project = \"a\"\nbackedn = \"local\"\n",
+            Path::new(".pgtwig.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("backedn") && e.contains("line 2") && e.contains("backend"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -137,8 +146,13 @@ mod tests {
         let e = Config::parse("project = \"a\"\nbackend = \"oracle\"\n", Path::new("c"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("oracle") && e.contains("local") && e.contains("neon"), "{e}");
-        let e = Config::parse("project = \"My App\"\n", Path::new("c")).unwrap_err().to_string();
+        assert!(
+            e.contains("oracle") && e.contains("local") && e.contains("neon"),
+            "{e}"
+        );
+        let e = Config::parse("project = \"My App\"\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1") && e.contains("uppercase"), "{e}");
     }
 }

@@ -31,9 +31,11 @@ pub fn pgtwig_home() -> Result<PathBuf, String> {
     if nix::unistd::geteuid().is_root() {
         return Ok(PathBuf::from("/var/lib/pgtwig"));
     }
-    dirs::data_dir()
-        .map(|d| d.join("pgtwig"))
-        .ok_or_else(|| format!("cannot find your data directory; set {HOME_ENV} to where pgtwig should keep its state"))
+    dirs::data_dir().map(|d| d.join("pgtwig")).ok_or_else(|| {
+        format!(
+            "cannot find your data directory; set {HOME_ENV} to where pgtwig should keep its state"
+        )
+    })
 }
 
 /// One project's state folder and the paths inside it.

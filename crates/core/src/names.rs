@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 pub const MAX_LEN: usize = 63;
 
 /// A validated database branch name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct BranchName(String);
 
@@ -168,7 +170,10 @@ pub fn from_git(git_branch: &str) -> BranchName {
 /// branch (made by hand: adopted), `Some(Some(g))` when it was made for git
 /// branch `g`. A readable name held for a different git branch is not
 /// shared: the new git branch gets the readable name plus a hash of itself.
-pub fn unique_for_git(git_branch: &str, holder: impl Fn(&BranchName) -> Option<Option<String>>) -> BranchName {
+pub fn unique_for_git(
+    git_branch: &str,
+    holder: impl Fn(&BranchName) -> Option<Option<String>>,
+) -> BranchName {
     let readable = from_git(git_branch);
     match holder(&readable) {
         None | Some(None) => readable,
@@ -204,7 +209,10 @@ mod tests {
     #[test]
     fn invalid_names_are_refused_with_a_suggestion() {
         let e = BranchName::parse("feature/login").unwrap_err().to_string();
-        assert!(e.contains("'/'") && e.contains("did you mean \"feature-login\""), "{e}");
+        assert!(
+            e.contains("'/'") && e.contains("did you mean \"feature-login\""),
+            "{e}"
+        );
         let e = BranchName::parse("Main").unwrap_err().to_string();
         assert!(e.contains("uppercase") && e.contains("\"main\""), "{e}");
         assert_eq!(BranchName::parse(""), Err(NameError::Empty));
@@ -212,7 +220,10 @@ mod tests {
         assert!(BranchName::parse(".hidden").is_err());
         assert!(BranchName::parse("a b").is_err());
         assert!(BranchName::parse("..").is_err());
-        assert!(matches!(BranchName::parse(&"a".repeat(64)), Err(NameError::TooLong { len: 64, .. })));
+        assert!(matches!(
+            BranchName::parse(&"a".repeat(64)),
+            Err(NameError::TooLong { len: 64, .. })
+        ));
     }
 
     #[test]
@@ -227,7 +238,17 @@ mod tests {
 
     #[test]
     fn every_git_name_maps_to_a_valid_name() {
-        for g in ["a", "feature/x", "ü", "a..b", "@", "x.", "_a", &"long/".repeat(40), "x\ty"] {
+        for g in [
+            "a",
+            "feature/x",
+            "ü",
+            "a..b",
+            "@",
+            "x.",
+            "_a",
+            &"long/".repeat(40),
+            "x\ty",
+        ] {
             let n = from_git(g);
             assert_eq!(BranchName::parse(n.as_str()).unwrap(), n, "for {g:?}");
         }
@@ -245,10 +266,22 @@ mod tests {
     fn collisions_get_a_hash_and_owners_keep_their_name() {
         let held_by_other = |_: &BranchName| Some(Some("feature-login".to_string()));
         let n = unique_for_git("feature/login", held_by_other);
-        assert!(n.as_str().starts_with("feature-login-") && n.as_str().len() == "feature-login-".len() + 6);
+        assert!(
+            n.as_str().starts_with("feature-login-")
+                && n.as_str().len() == "feature-login-".len() + 6
+        );
         let held_by_self = |_: &BranchName| Some(Some("feature/login".to_string()));
-        assert_eq!(unique_for_git("feature/login", held_by_self).as_str(), "feature-login");
-        assert_eq!(unique_for_git("feature/login", |_| None).as_str(), "feature-login");
-        assert_eq!(unique_for_git("feature/login", |_| Some(None)).as_str(), "feature-login");
+        assert_eq!(
+            unique_for_git("feature/login", held_by_self).as_str(),
+            "feature-login"
+        );
+        assert_eq!(
+            unique_for_git("feature/login", |_| None).as_str(),
+            "feature-login"
+        );
+        assert_eq!(
+            unique_for_git("feature/login", |_| Some(None)).as_str(),
+            "feature-login"
+        );
     }
 }

@@ -16,7 +16,8 @@ pub struct ProjectState {
 
 impl ProjectState {
     pub fn load(path: &Path) -> Result<ProjectState, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| {
             format!(
                 "{} is corrupt ({e}); set the active branch again with `pgtwig use <branch>`",

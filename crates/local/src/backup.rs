@@ -24,9 +24,15 @@ use crate::cluster::{PORT, SUPERUSER};
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("cannot connect to the running parent through {socket_dir}: {source}")]
-    Connect { socket_dir: PathBuf, source: postgres::Error },
+    Connect {
+        socket_dir: PathBuf,
+        source: postgres::Error,
+    },
     #[error("{step} on the parent failed: {source}")]
-    Sql { step: &'static str, source: postgres::Error },
+    Sql {
+        step: &'static str,
+        source: postgres::Error,
+    },
 }
 
 /// An open backup on a running cluster. Dropping it without [`finish`]
@@ -79,10 +85,13 @@ impl BackupSession {
         } else {
             "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, true)"
         };
-        let row = self.client.query_one(sql, &[]).map_err(|source| BackupError::Sql {
-            step: "stopping the backup",
-            source,
-        })?;
+        let row = self
+            .client
+            .query_one(sql, &[])
+            .map_err(|source| BackupError::Sql {
+                step: "stopping the backup",
+                source,
+            })?;
         let backup_label: String = row.get(0);
         let map: Option<String> = row.get(1);
         Ok(BackupEnd {
@@ -122,16 +131,27 @@ pub fn live_exclusion(rel: &Path, is_dir: bool) -> crate::clone::Visit {
     if is_dir {
         return match s.as_ref() {
             // Runtime state rebuilt at start, or WAL handled separately.
-            "pg_wal" | "pg_dynshmem" | "pg_notify" | "pg_serial" | "pg_snapshots" | "pg_stat_tmp" | "pg_subtrans"
-            | "pg_replslot" => Visit::EmptyDir,
-            _ if rel.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pgsql_tmp")) => Visit::EmptyDir,
+            "pg_wal" | "pg_dynshmem" | "pg_notify" | "pg_serial" | "pg_snapshots"
+            | "pg_stat_tmp" | "pg_subtrans" | "pg_replslot" => Visit::EmptyDir,
+            _ if rel
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pgsql_tmp")) =>
+            {
+                Visit::EmptyDir
+            }
             _ => Visit::Clone,
         };
     }
-    let name = rel.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     match (s.as_ref(), name.as_ref()) {
-        ("postmaster.pid" | "postmaster.opts" | "backup_label" | "tablespace_map" | "current_logfiles"
-        | "backup_label.old", _) => Visit::Skip,
+        (
+            "postmaster.pid" | "postmaster.opts" | "backup_label" | "tablespace_map"
+            | "current_logfiles" | "backup_label.old",
+            _,
+        ) => Visit::Skip,
         // Cloned last, after every data file.
         ("global/pg_control", _) => Visit::Skip,
         (_, "pg_internal.init") => Visit::Skip,
@@ -159,7 +179,10 @@ mod tests {
     #[test]
     fn reads_the_start_wal_file() {
         let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\n";
-        assert_eq!(start_wal_file(label).as_deref(), Some("000000010000000000000002"));
+        assert_eq!(
+            start_wal_file(label).as_deref(),
+            Some("000000010000000000000002")
+        );
         assert_eq!(start_wal_file("nothing"), None);
     }
 

@@ -89,7 +89,9 @@ impl<'a> Cloner<'a> {
     pub fn clone_file(&mut self, src: &Path, dst: &Path) -> io::Result<bool> {
         let meta = match fs::symlink_metadata(src) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => {
+                return Ok(false)
+            }
             Err(e) => return Err(with_path(e, "reading", src)),
         };
         let result = match self.method {
@@ -110,15 +112,24 @@ impl<'a> Cloner<'a> {
         };
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing && !src.exists() => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && self.tolerate_vanishing
+                    && !src.exists() =>
+            {
                 let _ = fs::remove_file(dst);
                 return Ok(false);
             }
             Err(e) => return Err(with_path(e, "cloning", src)),
         }
-        fs::set_permissions(dst, fs::Permissions::from_mode(meta.permissions().mode() & 0o7777))
-            .map_err(|e| with_path(e, "setting mode of", dst))?;
-        self.user.own(dst).map_err(|e| with_path(e, "changing owner of", dst))?;
+        fs::set_permissions(
+            dst,
+            fs::Permissions::from_mode(meta.permissions().mode() & 0o7777),
+        )
+        .map_err(|e| with_path(e, "setting mode of", dst))?;
+        self.user
+            .own(dst)
+            .map_err(|e| with_path(e, "changing owner of", dst))?;
         self.files += 1;
         self.bytes += meta.len();
         Ok(true)
@@ -126,24 +137,41 @@ impl<'a> Cloner<'a> {
 
     /// Create `dst` as a directory with `src`'s mode, owned by the server user.
     pub fn make_dir(&self, src: &Path, dst: &Path) -> io::Result<()> {
-        let mode = fs::metadata(src).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o700);
+        let mode = fs::metadata(src)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o700);
         fs::create_dir(dst).map_err(|e| with_path(e, "creating", dst))?;
         fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-        self.user.own(dst).map_err(|e| with_path(e, "changing owner of", dst))
+        self.user
+            .own(dst)
+            .map_err(|e| with_path(e, "changing owner of", dst))
     }
 
     /// Clone the tree under `src` into `dst` (which must not exist).
     /// `visit(relative_path, is_dir)` chooses what to leave out.
-    pub fn clone_tree(&mut self, src: &Path, dst: &Path, visit: &dyn Fn(&Path, bool) -> Visit) -> io::Result<()> {
+    pub fn clone_tree(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        visit: &dyn Fn(&Path, bool) -> Visit,
+    ) -> io::Result<()> {
         self.make_dir(src, dst)?;
         self.walk(src, dst, Path::new(""), visit)
     }
 
-    fn walk(&mut self, src_root: &Path, dst_root: &Path, rel: &Path, visit: &dyn Fn(&Path, bool) -> Visit) -> io::Result<()> {
+    fn walk(
+        &mut self,
+        src_root: &Path,
+        dst_root: &Path,
+        rel: &Path,
+        visit: &dyn Fn(&Path, bool) -> Visit,
+    ) -> io::Result<()> {
         let dir = src_root.join(rel);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => {
+                return Ok(())
+            }
             Err(e) => return Err(with_path(e, "reading", &dir)),
         };
         for entry in entries {
@@ -151,7 +179,9 @@ impl<'a> Cloner<'a> {
             let rel_child = rel.join(entry.file_name());
             let ft = match entry.file_type() {
                 Ok(ft) => ft,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
             let src = src_root.join(&rel_child);
@@ -169,7 +199,8 @@ impl<'a> Cloner<'a> {
                 self.walk(src_root, dst_root, &rel_child, visit)?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&src)?;
-                std::os::unix::fs::symlink(&target, &dst).map_err(|e| with_path(e, "creating", &dst))?;
+                std::os::unix::fs::symlink(&target, &dst)
+                    .map_err(|e| with_path(e, "creating", &dst))?;
                 self.user.own(&dst)?;
             } else if ft.is_file() {
                 self.clone_file(&src, &dst)?;
@@ -195,7 +226,10 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 /// small file pair, then removes them).
 pub fn supports_reflink(dir: &Path) -> bool {
     let a = dir.join(format!(".pgtwig-reflink-probe-{}", std::process::id()));
-    let b = dir.join(format!(".pgtwig-reflink-probe-{}.clone", std::process::id()));
+    let b = dir.join(format!(
+        ".pgtwig-reflink-probe-{}.clone",
+        std::process::id()
+    ));
     let ok = fs::write(&a, b"probe").is_ok() && reflink_copy::reflink(&a, &b).is_ok();
     let _ = fs::remove_file(&a);
     let _ = fs::remove_file(&b);
@@ -228,22 +262,45 @@ mod tests {
         std::os::unix::fs::symlink("base", src.join("link")).unwrap();
         let user = me();
         let mut c = Cloner::new(&user);
-        c.clone_tree(&src, &d.path().join("dst"), &|rel, _| match rel.to_str().unwrap() {
-            "postmaster.pid" => Visit::Skip,
-            "pg_wal" => Visit::EmptyDir,
-            _ => Visit::Clone,
-        })
+        c.clone_tree(
+            &src,
+            &d.path().join("dst"),
+            &|rel, _| match rel.to_str().unwrap() {
+                "postmaster.pid" => Visit::Skip,
+                "pg_wal" => Visit::EmptyDir,
+                _ => Visit::Clone,
+            },
+        )
         .unwrap();
         let dst = d.path().join("dst");
-        assert_eq!(fs::read(dst.join("base/1/123")).unwrap(), vec![7u8; 100_000]);
-        assert_eq!(fs::metadata(dst.join("base/1/123")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::read(dst.join("base/1/123")).unwrap(),
+            vec![7u8; 100_000]
+        );
+        assert_eq!(
+            fs::metadata(dst.join("base/1/123"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         assert!(!dst.join("postmaster.pid").exists());
-        assert!(dst.join("pg_wal").is_dir() && fs::read_dir(dst.join("pg_wal")).unwrap().next().is_none());
+        assert!(
+            dst.join("pg_wal").is_dir()
+                && fs::read_dir(dst.join("pg_wal")).unwrap().next().is_none()
+        );
         assert_eq!(fs::read_link(dst.join("link")).unwrap(), Path::new("base"));
         assert_eq!(c.files, 1);
         // Writing the clone never changes the source.
         fs::write(dst.join("base/1/123"), b"changed").unwrap();
-        assert_eq!(fs::read(src.join("base/1/123")).unwrap(), vec![7u8; 100_000]);
-        assert_eq!(c.method() == CloneMethod::CopyOnWrite, supports_reflink(d.path()));
+        assert_eq!(
+            fs::read(src.join("base/1/123")).unwrap(),
+            vec![7u8; 100_000]
+        );
+        assert_eq!(
+            c.method() == CloneMethod::CopyOnWrite,
+            supports_reflink(d.path())
+        );
     }
 }

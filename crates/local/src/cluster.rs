@@ -78,15 +78,32 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
 }
 
 /// Run `initdb` for a new cluster in `data_dir` (which must not exist).
-pub fn initdb(pg: &PgInstall, user: &ServerUser, data_dir: &Path, log: &Path) -> Result<(), ClusterError> {
+pub fn initdb(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+    log: &Path,
+) -> Result<(), ClusterError> {
     fs::create_dir(data_dir).map_err(io_err(format!("creating {}", data_dir.display())))?;
-    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io_err("setting mode"))?;
-    user.own(data_dir).map_err(io_err(format!("giving {} to {}", data_dir.display(), user.name)))?;
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+        .map_err(io_err("setting mode"))?;
+    user.own(data_dir).map_err(io_err(format!(
+        "giving {} to {}",
+        data_dir.display(),
+        user.name
+    )))?;
     let out = user
         .command(&pg.bin("initdb"))
         .arg("-D")
         .arg(data_dir)
-        .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"])
+        .args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ])
         .env_remove("PGDATA")
         .stdin(Stdio::null())
         .output()
@@ -96,7 +113,8 @@ pub fn initdb(pg: &PgInstall, user: &ServerUser, data_dir: &Path, log: &Path) ->
         return Err(ClusterError::Command {
             program: "initdb".into(),
             status: out.status.to_string(),
-            output: String::from_utf8_lossy(&[&out.stdout[..], &out.stderr[..]].concat()).into_owned(),
+            output: String::from_utf8_lossy(&[&out.stdout[..], &out.stderr[..]].concat())
+                .into_owned(),
         });
     }
     let conf = data_dir.join("postgresql.conf");
@@ -111,7 +129,12 @@ pub fn initdb(pg: &PgInstall, user: &ServerUser, data_dir: &Path, log: &Path) ->
 pub enum Status {
     Stopped,
     /// A live postmaster; `ready` once it accepts connections.
-    Running { pid: i32, socket_dir: PathBuf, port: u16, ready: bool },
+    Running {
+        pid: i32,
+        socket_dir: PathBuf,
+        port: u16,
+        ready: bool,
+    },
 }
 
 impl Status {
@@ -141,7 +164,10 @@ pub fn status(data_dir: &Path) -> Status {
     }
     Status::Running {
         pid,
-        port: lines.get(3).and_then(|l| l.trim().parse().ok()).unwrap_or(PORT),
+        port: lines
+            .get(3)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(PORT),
         socket_dir: PathBuf::from(lines.get(4).map(|l| l.trim()).unwrap_or("")),
         ready: lines.get(7).is_some_and(|l| l.trim() == "ready"),
     }
@@ -177,14 +203,17 @@ pub fn start(
         .append(true)
         .open(log)
         .map_err(io_err(format!("opening {}", log.display())))?;
-    let log_err = log_file.try_clone().map_err(io_err("duplicating log handle"))?;
+    let log_err = log_file
+        .try_clone()
+        .map_err(io_err("duplicating log handle"))?;
     let log_pos = log_file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = user.command(&pg.bin("postgres"));
-    cmd.arg("-D")
-        .arg(data_dir)
-        .arg("-k")
-        .arg(socket_dir)
-        .args(["-p", &PORT.to_string(), "-c", "listen_addresses="]);
+    cmd.arg("-D").arg(data_dir).arg("-k").arg(socket_dir).args([
+        "-p",
+        &PORT.to_string(),
+        "-c",
+        "listen_addresses=",
+    ]);
     // Crash recovery (every first start of a live clone) begins by fsyncing
     // each file of the data directory, over a second for a small cluster.
     // One syncfs does the same job; the clone was flushed when made anyway.
@@ -213,7 +242,10 @@ pub fn start(
         if let Ok(Some(exit)) = child.try_wait() {
             return Err(fail(format!("postgres exited ({exit})")));
         }
-        if let Status::Running { pid, ready: true, .. } = status(data_dir) {
+        if let Status::Running {
+            pid, ready: true, ..
+        } = status(data_dir)
+        {
             if pid == child_pid {
                 break;
             }
@@ -302,11 +334,14 @@ fn private_dir(user: &ServerUser, dir: &Path) -> Result<(), ClusterError> {
     use std::os::unix::fs::MetadataExt;
     match fs::create_dir(dir) {
         Ok(()) => {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("setting mode"))?;
-            user.own(dir).map_err(io_err(format!("giving {} to {}", dir.display(), user.name)))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("setting mode"))?;
+            user.own(dir)
+                .map_err(io_err(format!("giving {} to {}", dir.display(), user.name)))?;
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let meta = fs::symlink_metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+            let meta =
+                fs::symlink_metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
             if !meta.is_dir() || meta.uid() != user.uid || meta.mode() & 0o077 != 0 {
                 return Err(ClusterError::Io {
                     what: format!(
@@ -331,7 +366,10 @@ pub fn redo_wal_file(pg: &PgInstall, data_dir: &Path) -> Result<String, ClusterE
         .arg(data_dir)
         .env("LC_ALL", "C")
         .output()
-        .map_err(io_err(format!("running {}", pg.bin("pg_controldata").display())))?;
+        .map_err(io_err(format!(
+            "running {}",
+            pg.bin("pg_controldata").display()
+        )))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("Latest checkpoint's REDO WAL file:"))

@@ -90,17 +90,31 @@ pub enum Error {
     NotInitialized { dir: PathBuf },
     #[error("branch \"{name}\" does not exist{}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`",
         if .known.is_empty() { String::new() } else { format!(" (branches: {})", .known.join(", ")) })]
-    NotFound { name: BranchName, known: Vec<String> },
+    NotFound {
+        name: BranchName,
+        known: Vec<String>,
+    },
     #[error("branch \"{name}\" already exists; pick another name, or `pgtwig branch reset {name}` to re-derive it from its parent")]
     Exists { name: BranchName },
     #[error("\"{name}\" is the project's root branch and cannot be {action}; every other branch derives from it")]
-    IsRoot { name: BranchName, action: &'static str },
+    IsRoot {
+        name: BranchName,
+        action: &'static str,
+    },
     #[error("branch \"{name}\" has no parent to reset from{}", .why)]
     NoParent { name: BranchName, why: String },
     #[error("metadata of branch \"{name}\" ({path}) is missing or corrupt: {why}. Its data was not touched; restore the file, or remove the branch with `pgtwig branch delete {name}`")]
-    CorruptMeta { name: BranchName, path: PathBuf, why: String },
+    CorruptMeta {
+        name: BranchName,
+        path: PathBuf,
+        why: String,
+    },
     #[error("branch \"{name}\" could not be started: {source}")]
-    StartFailed { name: BranchName, #[source] source: cluster::ClusterError },
+    StartFailed {
+        name: BranchName,
+        #[source]
+        source: cluster::ClusterError,
+    },
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
@@ -144,11 +158,22 @@ impl LocalBackend {
                     dir: home.dir().to_path_buf(),
                 });
             }
-            fs::create_dir_all(home.branches_dir()).map_err(io_err(format!("creating {}", home.dir().display())))?;
+            fs::create_dir_all(home.branches_dir())
+                .map_err(io_err(format!("creating {}", home.dir().display())))?;
         }
-        fs::create_dir_all(home.tmp_dir()).map_err(io_err(format!("creating {}", home.tmp_dir().display())))?;
+        fs::create_dir_all(home.tmp_dir())
+            .map_err(io_err(format!("creating {}", home.tmp_dir().display())))?;
         user.check_reachable(&home.branches_dir())?;
-        Ok(LocalBackend { home, user })
+        let backend = LocalBackend { home, user };
+        // Finish or undo what a killed command left, so that even read-only
+        // commands never show a half-made or half-reset branch. If another
+        // command holds the lock it is mid-change; leave its work alone.
+        if let Some(_lock) = ProjectLock::try_acquire(&backend.home.lock_path()).map_err(io_err(
+            format!("locking {}", backend.home.lock_path().display()),
+        ))? {
+            backend.recover_interrupted()?;
+        }
+        Ok(backend)
     }
 
     pub fn home(&self) -> &ProjectHome {
@@ -160,8 +185,10 @@ impl LocalBackend {
 
     /// Take the project lock and clean what interrupted commands left.
     pub fn lock(&self) -> Result<ProjectLock> {
-        let lock = ProjectLock::acquire(&self.home.lock_path())
-            .map_err(io_err(format!("locking {}", self.home.lock_path().display())))?;
+        let lock = ProjectLock::acquire(&self.home.lock_path()).map_err(io_err(format!(
+            "locking {}",
+            self.home.lock_path().display()
+        )))?;
         self.recover_interrupted()?;
         Ok(lock)
     }
@@ -171,7 +198,10 @@ impl LocalBackend {
         let tmp = self.home.tmp_dir();
         let mut done = Vec::new();
         let entries = fs::read_dir(&tmp).map_err(io_err(format!("reading {}", tmp.display())))?;
-        let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         for name in &names {
             let path = tmp.join(name);
@@ -182,13 +212,22 @@ impl LocalBackend {
                 // A reset moved the old branch aside and died.
                 let target = self.home.branches_dir().join(branch);
                 let keep_file = tmp.join(format!("{name}.keep"));
-                let keep_as = fs::read_to_string(&keep_file).ok().map(|k| k.trim().to_string());
+                let keep_as = fs::read_to_string(&keep_file)
+                    .ok()
+                    .map(|k| k.trim().to_string());
                 if !target.exists() {
                     fs::rename(&path, &target).map_err(io_err("restoring a branch"))?;
-                    done.push(format!("restored branch \"{branch}\" after an interrupted reset"));
-                } else if let Some(k) = keep_as.filter(|k| !self.home.branches_dir().join(k).exists()) {
-                    fs::rename(&path, self.home.branches_dir().join(&k)).map_err(io_err("keeping the old branch"))?;
-                    done.push(format!("finished an interrupted reset: old \"{branch}\" kept as \"{k}\""));
+                    done.push(format!(
+                        "restored branch \"{branch}\" after an interrupted reset"
+                    ));
+                } else if let Some(k) =
+                    keep_as.filter(|k| !self.home.branches_dir().join(k).exists())
+                {
+                    fs::rename(&path, self.home.branches_dir().join(&k))
+                        .map_err(io_err("keeping the old branch"))?;
+                    done.push(format!(
+                        "finished an interrupted reset: old \"{branch}\" kept as \"{k}\""
+                    ));
                 } else {
                     remove_tree(&path)?;
                 }
@@ -234,7 +273,12 @@ impl LocalBackend {
     fn not_found(&self, name: &BranchName) -> Error {
         Error::NotFound {
             name: name.clone(),
-            known: self.names().unwrap_or_default().iter().map(|n| n.to_string()).collect(),
+            known: self
+                .names()
+                .unwrap_or_default()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
         }
     }
 
@@ -317,12 +361,18 @@ impl LocalBackend {
             return Ok(sock);
         }
         let pg = self.install_for(&branch)?;
-        cluster::start(&pg, &self.user, &branch.data_dir(), &sock, &branch.log_path(), START_TIMEOUT).map_err(
-            |source| Error::StartFailed {
-                name: name.clone(),
-                source,
-            },
-        )?;
+        cluster::start(
+            &pg,
+            &self.user,
+            &branch.data_dir(),
+            &sock,
+            &branch.log_path(),
+            START_TIMEOUT,
+        )
+        .map_err(|source| Error::StartFailed {
+            name: name.clone(),
+            source,
+        })?;
         Ok(sock)
     }
 
@@ -351,7 +401,12 @@ impl LocalBackend {
         }
         let pg = pgbin::newest()?;
         let build = self.new_build_dir(name)?;
-        cluster::initdb(&pg, &self.user, &build.join("data"), &build.join("server.log"))?;
+        cluster::initdb(
+            &pg,
+            &self.user,
+            &build.join("data"),
+            &build.join("server.log"),
+        )?;
         let meta = BranchMeta {
             parent: None,
             created: now_rfc3339(),
@@ -363,7 +418,12 @@ impl LocalBackend {
     }
 
     /// Create `name` as a copy-on-write clone of `parent`.
-    pub fn create(&self, name: &BranchName, parent: &BranchName, git_branch: Option<String>) -> Result<CreateReport> {
+    pub fn create(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+    ) -> Result<CreateReport> {
         let _lock = self.lock()?;
         if self.exists(name) {
             return Err(Error::Exists { name: name.clone() });
@@ -478,7 +538,10 @@ impl LocalBackend {
             return Err(self.not_found(name));
         }
         self.stop_locked(name)?;
-        let doomed = self.home.tmp_dir().join(format!("delete-{name}-{}", std::process::id()));
+        let doomed = self
+            .home
+            .tmp_dir()
+            .join(format!("delete-{name}-{}", std::process::id()));
         fs::rename(&dir, &doomed).map_err(io_err(format!("removing {}", dir.display())))?;
         fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
         remove_tree(&doomed)
@@ -486,12 +549,17 @@ impl LocalBackend {
 
     /// A fresh, empty folder in `tmp/` to build a branch in.
     fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
-        let dir = self.home.tmp_dir().join(format!("new-{name}-{}", std::process::id()));
+        let dir = self
+            .home
+            .tmp_dir()
+            .join(format!("new-{name}-{}", std::process::id()));
         if dir.exists() {
             remove_tree(&dir)?;
         }
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        self.user.own(&dir).map_err(io_err("giving the build folder to the server user"))?;
+        self.user
+            .own(&dir)
+            .map_err(io_err("giving the build folder to the server user"))?;
         Ok(dir)
     }
 
@@ -513,7 +581,11 @@ impl LocalBackend {
     /// API when it runs, directly when it is stopped.
     /// Returns (method, parent_was_running, fallback_reason, files, bytes).
     #[allow(clippy::type_complexity)]
-    fn build_clone(&self, parent: &Branch, build: &Path) -> Result<(CloneMethod, bool, Option<String>, u64, u64)> {
+    fn build_clone(
+        &self,
+        parent: &Branch,
+        build: &Path,
+    ) -> Result<(CloneMethod, bool, Option<String>, u64, u64)> {
         let src = parent.data_dir();
         let dst = build.join("data");
         let pg = self.install_for(parent)?;
@@ -528,7 +600,10 @@ impl LocalBackend {
                 .clone_tree(&src, &dst, &backup::live_exclusion)
                 .map_err(io_err(format!("cloning {}", src.display())))?;
             cloner
-                .clone_file(&src.join("global/pg_control"), &dst.join("global/pg_control"))
+                .clone_file(
+                    &src.join("global/pg_control"),
+                    &dst.join("global/pg_control"),
+                )
                 .map_err(io_err("cloning pg_control"))?;
             failpoint::hit("create.before_backup_stop");
             let end = session.finish()?;
@@ -536,8 +611,12 @@ impl LocalBackend {
             if let Some(map) = &end.tablespace_map {
                 write_private(&self.user, &dst.join("tablespace_map"), map)?;
             }
-            backup::start_wal_file(&end.backup_label)
-                .ok_or_else(|| Error::Other(format!("unexpected backup_label from the parent:\n{}", end.backup_label)))?
+            backup::start_wal_file(&end.backup_label).ok_or_else(|| {
+                Error::Other(format!(
+                    "unexpected backup_label from the parent:\n{}",
+                    end.backup_label
+                ))
+            })?
         } else {
             let redo = cluster::redo_wal_file(&pg, &src)?;
             cloner
@@ -580,7 +659,13 @@ impl LocalBackend {
             )));
         }
         let method = cloner.method();
-        Ok((method, running, cloner.fallback_reason.take(), cloner.files, cloner.bytes))
+        Ok((
+            method,
+            running,
+            cloner.fallback_reason.take(),
+            cloner.files,
+            cloner.bytes,
+        ))
     }
 }
 

@@ -40,7 +40,9 @@ pub enum PgBinError {
         if .found_unsupported.is_empty() { String::new() } else { format!(". Found only unsupported versions: {}", .found_unsupported.join(", ")) }
     )]
     NotFound { found_unsupported: Vec<String> },
-    #[error("{PG_BIN_ENV}={dir} does not hold a usable PostgreSQL {SUPPORTED:?} installation: {why}")]
+    #[error(
+        "{PG_BIN_ENV}={dir} does not hold a usable PostgreSQL {SUPPORTED:?} installation: {why}"
+    )]
     BadOverride { dir: PathBuf, why: String },
     #[error(
         "this branch's data directory is PostgreSQL {major}, but no PostgreSQL {major} server binaries were found \
@@ -106,7 +108,9 @@ fn candidate_dirs() -> Vec<PathBuf> {
         ("/opt/homebrew/Cellar", ""),
     ];
     for (parent, sub) in globs {
-        let Ok(entries) = std::fs::read_dir(parent) else { continue };
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let relevant = match parent {
@@ -137,7 +141,10 @@ fn candidate_dirs() -> Vec<PathBuf> {
 pub fn discover_all() -> Result<Vec<PgInstall>, PgBinError> {
     if let Some(dir) = std::env::var_os(PG_BIN_ENV).filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
-        let install = probe(&dir).map_err(|why| PgBinError::BadOverride { dir: dir.clone(), why })?;
+        let install = probe(&dir).map_err(|why| PgBinError::BadOverride {
+            dir: dir.clone(),
+            why,
+        })?;
         if !SUPPORTED.contains(&install.major) {
             return Err(PgBinError::BadOverride {
                 dir,
@@ -157,7 +164,11 @@ pub fn discover_all() -> Result<Vec<PgInstall>, PgBinError> {
             if SUPPORTED.contains(&install.major) {
                 found.push(install);
             } else {
-                unsupported.push(format!("{} in {}", install.version, install.bindir.display()));
+                unsupported.push(format!(
+                    "{} in {}",
+                    install.version,
+                    install.bindir.display()
+                ));
             }
         }
     }
@@ -179,7 +190,11 @@ pub fn newest() -> Result<PgInstall, PgBinError> {
 /// The installation for an existing cluster of major version `major`.
 pub fn for_major(major: u32) -> Result<PgInstall, PgBinError> {
     let all = discover_all()?;
-    let found = all.iter().map(|i| i.version.clone()).collect::<Vec<_>>().join(", ");
+    let found = all
+        .iter()
+        .map(|i| i.version.clone())
+        .collect::<Vec<_>>()
+        .join(", ");
     all.into_iter()
         .find(|i| i.major == major)
         .ok_or(PgBinError::MissingMajor { major, found })
@@ -188,9 +203,12 @@ pub fn for_major(major: u32) -> Result<PgInstall, PgBinError> {
 /// The major version a data directory was made with (its `PG_VERSION`).
 pub fn data_dir_major(data_dir: &Path) -> std::io::Result<u32> {
     let text = std::fs::read_to_string(data_dir.join("PG_VERSION"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("PG_VERSION holds {text:?}")))
+    text.trim().parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("PG_VERSION holds {text:?}"),
+        )
+    })
 }
 
 #[cfg(test)]

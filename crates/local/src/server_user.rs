@@ -54,13 +54,22 @@ impl ServerUser {
             });
         }
         let lookup = |name: &str| -> Result<Option<User>, ServerUserError> {
-            User::from_name(name).map_err(|e| ServerUserError::NoUser(format!("looking up `{name}`: {e}")))
+            User::from_name(name)
+                .map_err(|e| ServerUserError::NoUser(format!("looking up `{name}`: {e}")))
         };
         let user = if let Ok(name) = std::env::var(SERVER_USER_ENV) {
             match lookup(&name)? {
                 Some(u) if !u.uid.is_root() => u,
-                Some(_) => return Err(ServerUserError::NoUser(format!("{SERVER_USER_ENV}={name} is root"))),
-                None => return Err(ServerUserError::NoUser(format!("{SERVER_USER_ENV}={name} does not exist"))),
+                Some(_) => {
+                    return Err(ServerUserError::NoUser(format!(
+                        "{SERVER_USER_ENV}={name} is root"
+                    )))
+                }
+                None => {
+                    return Err(ServerUserError::NoUser(format!(
+                        "{SERVER_USER_ENV}={name} does not exist"
+                    )))
+                }
             }
         } else if let Some(owner) = nearest_existing(home)
             .and_then(|p| std::fs::metadata(p).ok())
@@ -70,7 +79,8 @@ impl ServerUser {
         {
             owner
         } else {
-            lookup("postgres")?.ok_or_else(|| ServerUserError::NoUser("no `postgres` user".into()))?
+            lookup("postgres")?
+                .ok_or_else(|| ServerUserError::NoUser("no `postgres` user".into()))?
         };
         Ok(ServerUser {
             name: user.name,
