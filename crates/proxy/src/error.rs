@@ -122,7 +122,6 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut fields = body.fields();
-        use postgres_protocol::message::backend::ErrorField;
         while let Some(f) = fallible_next(&mut fields) {
             out.push((
                 f.type_(),
