@@ -26,22 +26,40 @@ enum Command {
     /// Create, list, delete, reset, start and stop database branches.
     #[command(subcommand)]
     Branch(commands::branch::BranchCommand),
+    /// Run the proxy: the app's fixed DATABASE_URL reaches the active branch.
+    Up(commands::daemon::UpArgs),
+    /// Stop the proxy (and the branches' servers, unless --keep-running).
+    Down(commands::daemon::DownArgs),
+    /// Make a branch the active one: new proxy connections go to it.
+    Use(commands::daemon::UseArgs),
+    /// Show the active branch, the proxy and its sessions.
+    Status(commands::daemon::StatusArgs),
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon reports what it does; other commands only warn.
+    let default_level = if matches!(cli.command, Command::Up(_)) {
+        "info,tokio_postgres=warn"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PGTWIG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(args) => commands::init::run(args),
         Command::Branch(cmd) => commands::branch::run(cmd),
+        Command::Up(args) => commands::daemon::up(args),
+        Command::Down(args) => commands::daemon::down(args),
+        Command::Use(args) => commands::daemon::use_branch(args),
+        Command::Status(args) => commands::daemon::status(args),
     };
     match result {
         Ok(code) => code,

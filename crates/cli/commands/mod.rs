@@ -1,2 +1,3 @@
 pub mod branch;
+pub mod daemon;
 pub mod init;

@@ -33,6 +33,67 @@ pub struct Config {
     /// The branch every other branch derives from, directly or not.
     #[serde(default = "default_root")]
     pub root_branch: BranchName,
+    /// The local proxy (`pgtwig up`).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+}
+
+/// What happens to open sessions when the active branch changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnSwitch {
+    /// Close a session at its next transaction boundary (FATAL 57P01).
+    #[default]
+    CloseIdle,
+    /// Leave sessions on the branch they are on.
+    Keep,
+}
+
+/// `[proxy]` in `.pgtwig.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address the proxy listens on. Anything but loopback is warned about.
+    pub listen: std::net::SocketAddr,
+    /// Stop a branch's server after this long without sessions; "0" never.
+    #[serde(with = "duration_text")]
+    pub suspend_timeout: std::time::Duration,
+    pub on_switch: OnSwitch,
+    /// Answer SSLRequest with TLS (a certificate made locally on first use).
+    pub tls: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
+            suspend_timeout: std::time::Duration::from_secs(15 * 60),
+            on_switch: OnSwitch::CloseIdle,
+            tls: true,
+        }
+    }
+}
+
+/// Durations written the way people write them: "15m", "90s", "1h 30m", "0".
+mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "0" {
+            return Ok(Duration::ZERO);
+        }
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration \"{text}\" ({e}); write e.g. \"15m\", \"90s\", \"1h\" or \"0\" for never"
+            ))
+        })
+    }
 }
 
 fn default_root() -> BranchName {
@@ -60,6 +121,7 @@ impl Config {
             project,
             backend: BackendKind::Local,
             root_branch: default_root(),
+            proxy: ProxyConfig::default(),
         }
     }
 
@@ -110,8 +172,16 @@ impl Config {
              # \"local\": PostgreSQL clusters on this machine, cloned copy-on-write.\n\
              backend = \"{backend}\"\n\
              # The branch every other branch derives from (production data, or an import of it).\n\
-             root_branch = \"{}\"\n",
-            self.project, self.root_branch
+             root_branch = \"{}\"\n\
+             \n\
+             [proxy]\n\
+             # Where the app's fixed DATABASE_URL points: postgres://postgres@localhost:5432/postgres\n\
+             listen = \"{}\"\n\
+             # Stop a branch's server after this long without sessions (\"0\" = never).\n\
+             suspend_timeout = \"15m\"\n\
+             # On a branch switch: \"close-idle\" ends sessions at their next transaction boundary; \"keep\" leaves them.\n\
+             on_switch = \"close-idle\"\n",
+            self.project, self.root_branch, self.proxy.listen
         )
     }
 }
@@ -139,6 +209,26 @@ mod tests {
             e.contains("backedn") && e.contains("line 2") && e.contains("backend"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn proxy_section_parses_durations_and_modes() {
+        let c = Config::parse(
+            "project = \"a\"\n[proxy]\nlisten = \"127.0.0.1:6000\"\nsuspend_timeout = \"0\"\non_switch = \"keep\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.listen.port(), 6000);
+        assert_eq!(c.proxy.suspend_timeout, std::time::Duration::ZERO);
+        assert_eq!(c.proxy.on_switch, OnSwitch::Keep);
+        let e = Config::parse("project = \"a\"\n[proxy]\nsuspend_timeout = \"soon\"\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("15m"), "{e}");
+        let e = Config::parse("project = \"a\"\n[proxy]\non_switch = \"close\"\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("close-idle") && e.contains("keep"), "{e}");
     }
 
     #[test]

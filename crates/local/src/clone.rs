@@ -122,11 +122,7 @@ impl<'a> Cloner<'a> {
             }
             Err(e) => return Err(with_path(e, "cloning", src)),
         }
-        fs::set_permissions(
-            dst,
-            fs::Permissions::from_mode(meta.permissions().mode() & 0o7777),
-        )
-        .map_err(|e| with_path(e, "setting mode of", dst))?;
+        // Both reflink_copy::reflink and fs::copy carry the source's mode over.
         self.user
             .own(dst)
             .map_err(|e| with_path(e, "changing owner of", dst))?;

@@ -316,15 +316,22 @@ pub fn log_tail(log: &Path, from: u64) -> String {
 /// `$XDG_RUNTIME_DIR/pgtwig` (when pgtwig and the server are the same
 /// user) or `/tmp/pgtwig-<uid>`, named by a hash of the branch folder.
 pub fn socket_dir_for(user: &ServerUser, branch_dir: &Path) -> Result<PathBuf, ClusterError> {
+    let base = runtime_base(user)?;
+    let hash = pgtwig_core::names::short_hash(&branch_dir.to_string_lossy());
+    let dir = base.join(hash);
+    private_dir(user, &dir)?;
+    Ok(dir)
+}
+
+/// The private runtime folder for sockets (branch servers, the daemon's
+/// control socket), created 0700 for the server user when missing.
+pub fn runtime_base(user: &ServerUser) -> Result<PathBuf, ClusterError> {
     let base = match std::env::var_os("XDG_RUNTIME_DIR").filter(|_| !user.switch) {
         Some(x) if !x.is_empty() && Path::new(&x).is_dir() => PathBuf::from(x).join("pgtwig"),
         _ => PathBuf::from(format!("/tmp/pgtwig-{}", user.uid)),
     };
     private_dir(user, &base)?;
-    let hash = pgtwig_core::names::short_hash(&branch_dir.to_string_lossy());
-    let dir = base.join(hash);
-    private_dir(user, &dir)?;
-    Ok(dir)
+    Ok(base)
 }
 
 /// Create `dir` (0700, the server user's) or check an existing one is

@@ -331,6 +331,25 @@ impl LocalBackend {
         Ok(cluster::socket_dir_for(&self.user, &self.branch_dir(name))?)
     }
 
+    /// The socket file of a branch whose server is up and accepting
+    /// connections, read from its `postmaster.pid` (no lock, no process).
+    pub fn ready_socket(&self, name: &BranchName) -> Option<PathBuf> {
+        match cluster::status(&self.branch_dir(name).join("data")) {
+            Status::Running {
+                ready: true,
+                socket_dir,
+                port,
+                ..
+            } => Some(socket_dir.join(format!(".s.PGSQL.{port}"))),
+            _ => None,
+        }
+    }
+
+    /// Where a branch's server writes its log.
+    pub fn log_path(&self, name: &BranchName) -> PathBuf {
+        self.branch_dir(name).join("server.log")
+    }
+
     /// A libpq connection string straight to the branch's socket.
     pub fn url(&self, name: &BranchName, database: &str) -> Result<String> {
         self.get(name)?;
@@ -566,7 +585,9 @@ impl LocalBackend {
     /// Write metadata, flush everything, and rename the build into place.
     fn publish(&self, name: &BranchName, build: &Path, meta: &BranchMeta) -> Result<Branch> {
         write_meta(build, meta)?;
+        let t0 = std::time::Instant::now();
         sync_tree(build)?;
+        tracing::debug!("flushed the new branch in {:?}", t0.elapsed());
         let dir = self.branch_dir(name);
         fs::rename(build, &dir).map_err(io_err(format!("publishing {}", dir.display())))?;
         fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
@@ -586,9 +607,11 @@ impl LocalBackend {
         parent: &Branch,
         build: &Path,
     ) -> Result<(CloneMethod, bool, Option<String>, u64, u64)> {
+        let t0 = std::time::Instant::now();
         let src = parent.data_dir();
         let dst = build.join("data");
         let pg = self.install_for(parent)?;
+        tracing::debug!("found server binaries in {:?}", t0.elapsed());
         let mut cloner = Cloner::new(&self.user);
         let status = cluster::status(&src);
         let running = status.is_running();
@@ -630,6 +653,7 @@ impl LocalBackend {
                 .map_err(io_err(format!("cloning {}", src.display())))?;
             redo
         };
+        tracing::debug!("cloned data files in {:?}", t0.elapsed());
         // WAL last: for a live parent it now holds the backup's end.
         let wal_src = src.join("pg_wal");
         let wal_dst = dst.join("pg_wal");

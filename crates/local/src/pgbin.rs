@@ -57,10 +57,17 @@ pub enum PgBinError {
 /// /usr/lib/postgresql/15/bin/postgres`) resolves to the real bindir, which
 /// holds the other programs pgtwig needs too.
 pub fn probe(dir: &Path) -> Result<PgInstall, String> {
-    let dir = &std::fs::canonicalize(dir.join("postgres"))
+    probe_bindir(&real_bindir(dir))
+}
+
+fn real_bindir(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir.join("postgres"))
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| dir.to_path_buf());
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+fn probe_bindir(dir: &Path) -> Result<PgInstall, String> {
     for tool in ["initdb", "postgres", "pg_controldata"] {
         if !dir.join(tool).is_file() {
             return Err(format!("no `{tool}` in {}", dir.display()));
@@ -157,10 +164,13 @@ pub fn discover_all() -> Result<Vec<PgInstall>, PgBinError> {
     let mut unsupported = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for dir in candidate_dirs() {
-        if let Ok(install) = probe(&dir) {
-            if !seen.insert(install.bindir.clone()) {
-                continue;
-            }
+        // Resolve symlinked programs first so each installation runs
+        // `postgres --version` once (it costs a process start).
+        let dir = real_bindir(&dir);
+        if !dir.join("postgres").is_file() || !seen.insert(dir.clone()) {
+            continue;
+        }
+        if let Ok(install) = probe_bindir(&dir) {
             if SUPPORTED.contains(&install.major) {
                 found.push(install);
             } else {

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Proxy overhead benchmark: pgbench side by side against
+#   direct Unix socket, direct TCP, pgtwig-proxy (current-thread and 2-worker runtimes;
+#   TCP in, Unix socket to the server) and PgBouncer (session pooling, same shape).
+# Usage: bench/proxy.sh            (DURATION=10 SCALE=10 by default)
+# Needs PostgreSQL 15 binaries, pgbench, psql and pgbouncer. Runs the servers as `postgres`
+# when invoked as root.
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+SCALE=${SCALE:-10}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+free_port() {
+  python3 -c 'import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p != 5432: print(p); break'
+}
+
+if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); else AS=(); fi
+
+echo "building fixed_route (release)..." >&2
+(cd "$ROOT" && cargo build -q --release -p pgtwig-proxy --example fixed_route)
+PROXY_BIN=$TARGET_DIR/release/examples/fixed_route
+
+WORK=$(mktemp -d /tmp/pgtwig-bench.XXXXXX)
+chmod 755 "$WORK"
+[ "$(id -u)" = 0 ] && chown postgres: "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PGPORT=$(free_port)
+SOCK=$WORK/s
+"${AS[@]}" mkdir "$SOCK"
+"${AS[@]}" "$PGBIN/initdb" -A trust -U postgres -N -D "$WORK/data" >/dev/null
+"${AS[@]}" "$PGBIN/postgres" -D "$WORK/data" -k "$SOCK" -p "$PGPORT" \
+  -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=128MB \
+  >"$WORK/pg.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do pg_isready -q -h "$SOCK" -p "$PGPORT" && break; sleep 0.1; done
+echo "initialising pgbench scale $SCALE..." >&2
+pgbench -q -i -s "$SCALE" -h "$SOCK" -p "$PGPORT" -U postgres postgres >/dev/null 2>&1
+
+PROXY_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
+PIDS+=($!)
+PROXY_MT_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_MT_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime multi --workers 2 2>"$WORK/proxy-mt.log" &
+PIDS+=($!)
+
+BOUNCER_PORT=$(free_port)
+cat >"$WORK/pgbouncer.ini" <<INI
+[databases]
+postgres = host=$SOCK port=$PGPORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 50
+logfile = $WORK/pgbouncer.log
+INI
+echo '"postgres" ""' >"$WORK/userlist.txt"
+[ "$(id -u)" = 0 ] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+"${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
+PIDS+=($!)
+sleep 0.5
+for port in $PROXY_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
+done
+
+TARGETS=(
+  "direct unix|-h $SOCK -p $PGPORT"
+  "direct tcp|-h 127.0.0.1 -p $PGPORT"
+  "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
+  "pgtwig-proxy (2 workers)|-h 127.0.0.1 -p $PROXY_MT_PORT"
+  "pgbouncer (session)|-h 127.0.0.1 -p $BOUNCER_PORT"
+)
+MODES=(
+  "-S -c 8 -j 2"
+  "-S -c 1"
+  "-S -C -c 8 -j 2"
+)
+
+printf '%-32s %-18s %10s %12s %9s\n' target mode tps "lat avg ms" "vs tcp"
+for mode in "${MODES[@]}"; do
+  base=""
+  for t in "${TARGETS[@]}"; do
+    name=${t%%|*}; conn=${t#*|}
+    # shellcheck disable=SC2086
+    out=$(pgbench $mode -T "$DURATION" $conn -U postgres postgres 2>&1) || { echo "$out" >&2; exit 1; }
+    tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
+    lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
+    [ "$name" = "direct tcp" ] && base=$tps
+    ratio=$( [ -n "$base" ] && awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}' || echo "-")
+    printf '%-32s %-18s %10.0f %12s %9s\n' "$name" "$mode" "$tps" "$lat" "$ratio"
+  done
+done

@@ -1,0 +1,284 @@
+//! `pgtwig up / down / use / status`: the daemon and the active branch.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pgtwig_core::fsutil::ProjectLock;
+use pgtwig_core::state::ProjectState;
+use pgtwig_core::BranchName;
+use pgtwig_daemon::control::{self, ClientError, Request, Response};
+use pgtwig_daemon::DaemonPaths;
+use serde_json::json;
+
+use crate::project::Project;
+
+const DETACHED_ENV: &str = "PGTWIG_DETACHED";
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Port to listen on (overrides `listen` in .pgtwig.toml; same address).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on, e.g. 127.0.0.1:5432 (overrides .pgtwig.toml).
+    #[arg(long, conflicts_with = "port")]
+    listen: Option<SocketAddr>,
+    /// Run in the background; logs go to the project's daemon.log.
+    #[arg(long, short)]
+    detach: bool,
+}
+
+pub fn up(args: UpArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let mut settings = project.config.proxy.clone();
+    if let Some(port) = args.port {
+        settings.listen.set_port(port);
+    }
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    let paths = DaemonPaths::for_backend(&backend)?;
+    if args.detach {
+        return detach(&paths, &args);
+    }
+    let detached = std::env::var_os(DETACHED_ENV).is_some();
+    pgtwig_daemon::run(backend, settings, |status| {
+        if !detached {
+            println!(
+                "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL=postgres://postgres@{}/postgres",
+                status.listen, status.active, status.listen
+            );
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Start `pgtwig up` again in its own session, logging to daemon.log, and
+/// return once it answers on its control socket.
+fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
+    if let Ok(Response::Ok { pid }) = control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT) {
+        bail!("a pgtwig daemon is already running for this project (pid {pid}); stop it with `pgtwig down`");
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .with_context(|| format!("cannot open {}", paths.log.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("up");
+    if let Some(p) = args.port {
+        cmd.args(["--port", &p.to_string()]);
+    }
+    if let Some(l) = args.listen {
+        cmd.args(["--listen", &l.to_string()]);
+    }
+    cmd.env(DETACHED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
+    // terminal so closing the shell does not stop it.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&paths.log).unwrap_or_default();
+            let tail = text.get(log_start as usize..).unwrap_or("").trim();
+            bail!("the daemon exited ({status}):\n{tail}");
+        }
+        if let Ok(Response::Ok { pid }) = control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT) {
+            if let Ok(Response::Status(s)) = control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT) {
+                println!(
+                    "pgtwig daemon running (pid {pid}) on {} → branch \"{}\"; logs: {}",
+                    s.listen,
+                    s.active,
+                    paths.log.display()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon did not come up within 60 s; see {}", paths.log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Args)]
+pub struct DownArgs {
+    /// Leave the branches' servers running (default: stop them too).
+    #[arg(long)]
+    keep_running: bool,
+}
+
+pub fn down(args: DownArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let paths = DaemonPaths::for_backend(&backend)?;
+    let req = Request::Shutdown {
+        stop_branches: !args.keep_running,
+    };
+    match control::request(&paths.control, &req, Duration::from_secs(120)) {
+        Ok(_) => {
+            // Gone when its lock is free.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while ProjectLock::try_acquire(&paths.lock)?.is_none() {
+                if Instant::now() > deadline {
+                    bail!("the daemon did not exit within 120 s; see {}", paths.log.display());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!("pgtwig daemon stopped");
+        }
+        Err(ClientError::NotRunning) => {
+            println!("pgtwig daemon is not running");
+            if !args.keep_running {
+                for name in backend.names()? {
+                    if backend.ready_socket(&name).is_some() {
+                        backend.stop(&name)?;
+                        println!("Stopped branch \"{name}\"");
+                    }
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct UseArgs {
+    /// The branch new proxy connections should go to.
+    branch: BranchName,
+}
+
+pub fn use_branch(args: UseArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let (old, new) = set_active(&project, &backend, &args.branch)?;
+    if old.as_ref() == Some(&new) {
+        println!("Branch \"{new}\" is already the active branch");
+    } else {
+        println!(
+            "Active branch: \"{new}\"{}",
+            old.map(|o| format!(" (was \"{o}\")")).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Make `branch` active: write state.json under the project lock, then tell
+/// a running daemon and wait for its answer, so that when this returns new
+/// proxy connections already go to `branch`.
+pub fn set_active(
+    project: &Project,
+    backend: &pgtwig_local::LocalBackend,
+    branch: &BranchName,
+) -> Result<(Option<BranchName>, BranchName)> {
+    backend.get(branch)?;
+    let path = project.home.state_path();
+    let old = {
+        let _lock = backend.lock()?;
+        let old = ProjectState::load(&path).ok().map(|s| s.active);
+        ProjectState { active: branch.clone() }
+            .save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        old
+    };
+    let paths = DaemonPaths::for_backend(backend)?;
+    match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {
+        Ok(_) | Err(ClientError::NotRunning) => {}
+        Err(e) => bail!("the active branch is now \"{branch}\", but the daemon did not take it: {e}"),
+    }
+    Ok((old, branch.clone()))
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let paths = DaemonPaths::for_backend(&backend)?;
+    let active = ProjectState::load(&project.home.state_path()).map(|s| s.active.to_string());
+    let daemon = match control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT) {
+        Ok(Response::Status(s)) => Some(s),
+        Ok(_) | Err(ClientError::NotRunning) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let running: Vec<String> = backend
+        .names()?
+        .into_iter()
+        .filter(|n| backend.ready_socket(n).is_some())
+        .map(|n| n.to_string())
+        .collect();
+    if args.json {
+        let out = json!({
+            "project": project.config.project,
+            "active": active.as_ref().ok(),
+            "daemon": daemon,
+            "running": running,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &active {
+        Ok(a) => println!("Active branch: {a}"),
+        Err(e) => println!("Active branch: unknown ({e})"),
+    }
+    match &daemon {
+        Some(d) => println!(
+            "Proxy: listening on {} (pid {}), on switch: {}, suspend after: {}",
+            d.listen,
+            d.pid,
+            d.on_switch,
+            if d.suspend_timeout_secs == 0 {
+                "never".to_string()
+            } else {
+                format!("{} s idle", d.suspend_timeout_secs)
+            }
+        ),
+        None => println!("Proxy: not running (start it with `pgtwig up`)"),
+    }
+    if running.is_empty() {
+        println!("Running branches: none");
+    } else {
+        println!("Running branches:");
+        for b in &running {
+            let sessions: Vec<_> = daemon
+                .iter()
+                .flat_map(|d| d.sessions.iter())
+                .filter(|s| &s.branch == b)
+                .collect();
+            println!("  {b}: {} session(s) through the proxy", sessions.len());
+            for s in sessions {
+                println!(
+                    "    {} user={} db={} app={}{}{} ({} s)",
+                    s.client,
+                    s.user.as_deref().unwrap_or("?"),
+                    s.database.as_deref().unwrap_or("?"),
+                    s.application_name.as_deref().unwrap_or(""),
+                    if s.pinned { " pinned" } else { "" },
+                    if s.in_transaction { " in transaction" } else { "" },
+                    s.seconds
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,258 @@
+//! pgtwig's daemon: one per project. It runs the proxy on the configured
+//! address, routes new sessions to the active branch (woken on demand),
+//! suspends idle branches, and answers `pgtwig use / status / down` on a
+//! control socket.
+//!
+//! - [`router`]: active/pinned branch → upstream socket; wake on connect.
+//! - [`suspend`]: scale to zero after `suspend_timeout` without sessions.
+//! - [`control`]: the control socket protocol, server side here, client side
+//!   for the CLI.
+//! - [`port`]: binding the proxy port with a useful error.
+
+pub mod control;
+pub mod port;
+pub mod router;
+pub mod suspend;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use pgtwig_core::config::{OnSwitch, ProxyConfig as ProxySettings};
+use pgtwig_core::fsutil::ProjectLock;
+use pgtwig_core::state::ProjectState;
+use pgtwig_local::LocalBackend;
+use pgtwig_proxy::{Proxy, ProxyConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+
+use control::{DaemonStatus, Request, Response, SessionStatus};
+use router::{Activity, LocalRouter};
+
+/// Paths of a project's daemon files.
+pub struct DaemonPaths {
+    /// Held (flock) for the daemon's whole life: one daemon per project.
+    pub lock: PathBuf,
+    pub pid: PathBuf,
+    pub log: PathBuf,
+    pub control: PathBuf,
+}
+
+impl DaemonPaths {
+    pub fn for_backend(backend: &LocalBackend) -> Result<DaemonPaths> {
+        let dir = backend.home().dir();
+        let base = pgtwig_local::cluster::runtime_base(backend.server_user())?;
+        Ok(DaemonPaths {
+            lock: dir.join("daemon.lock"),
+            pid: dir.join("daemon.pid"),
+            log: dir.join("daemon.log"),
+            control: control::socket_path(&base, dir),
+        })
+    }
+}
+
+/// Run the daemon until Ctrl-C, SIGTERM or `pgtwig down`. `on_ready` is
+/// called once it listens (the CLI prints where).
+pub fn run(backend: LocalBackend, settings: ProxySettings, on_ready: impl FnOnce(&DaemonStatus)) -> Result<()> {
+    let paths = DaemonPaths::for_backend(&backend)?;
+    let Some(_daemon_lock) = ProjectLock::try_acquire(&paths.lock)? else {
+        let pid = std::fs::read_to_string(&paths.pid).unwrap_or_default();
+        anyhow::bail!(
+            "a pgtwig daemon is already running for this project (pid {}); stop it with `pgtwig down`",
+            pid.trim()
+        );
+    };
+    std::fs::write(&paths.pid, format!("{}\n", std::process::id()))?;
+    let state = ProjectState::load(&backend.home().state_path()).map_err(anyhow::Error::msg)?;
+    let listener = port::bind(settings.listen)?;
+    if !settings.listen.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {} (not loopback): other machines can reach your branches through pgtwig",
+            settings.listen
+        );
+    }
+    let proxy_config = ProxyConfig {
+        tls: if settings.tls {
+            Some(pgtwig_proxy::load_or_create_tls(&backend.home().dir().join("tls")).context("preparing TLS")?)
+        } else {
+            None
+        },
+        on_switch: match settings.on_switch {
+            OnSwitch::CloseIdle => pgtwig_proxy::OnSwitch::CloseIdle,
+            OnSwitch::Keep => pgtwig_proxy::OnSwitch::Keep,
+        },
+        ..ProxyConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("pgtwig-daemon")
+        .build()?;
+    let result = runtime.block_on(serve(backend, settings, proxy_config, state, listener, &paths, on_ready));
+    let _ = std::fs::remove_file(&paths.control);
+    let _ = std::fs::remove_file(&paths.pid);
+    // Sessions still open end here; servers keep running unless asked.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(
+    backend: LocalBackend,
+    settings: ProxySettings,
+    proxy_config: ProxyConfig,
+    state: ProjectState,
+    listener: std::net::TcpListener,
+    paths: &DaemonPaths,
+    on_ready: impl FnOnce(&DaemonStatus),
+) -> Result<()> {
+    let backend = Arc::new(backend);
+    let (active_tx, active_rx) = watch::channel(state.active.to_string());
+    let activity = Arc::new(Activity::default());
+    for name in backend.names()? {
+        if backend.ready_socket(&name).is_some() {
+            activity.track(name.as_str());
+        }
+    }
+    let router = LocalRouter {
+        backend: backend.clone(),
+        active: active_rx.clone(),
+        activity: activity.clone(),
+    };
+    let proxy = Arc::new(Proxy::new(proxy_config, Arc::new(router), active_rx.clone()));
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
+    tokio::spawn(proxy.clone().serve(listener));
+    tokio::spawn(suspend::run(backend.clone(), activity.clone(), settings.suspend_timeout));
+
+    let _ = std::fs::remove_file(&paths.control);
+    let control = UnixListener::bind(&paths.control)
+        .with_context(|| format!("cannot create the control socket {}", paths.control.display()))?;
+    let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
+    let ctx = Arc::new(ControlCtx {
+        backend: backend.clone(),
+        proxy: proxy.clone(),
+        active_tx,
+        listen: local,
+        settings: settings.clone(),
+        stop_tx,
+    });
+    tokio::spawn(control_loop(control, ctx.clone()));
+
+    on_ready(&ctx.status());
+    tracing::info!("proxy listening on {local}, routing to branch \"{}\"", state.active);
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop_branches = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = sigterm.recv() => false,
+        s = stop_rx.recv() => s.unwrap_or(false),
+    };
+    if stop_branches {
+        let b = backend.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for name in b.names()? {
+                if b.ready_socket(&name).is_some() {
+                    b.stop(&name)?;
+                }
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+struct ControlCtx {
+    backend: Arc<LocalBackend>,
+    proxy: Arc<Proxy>,
+    active_tx: watch::Sender<String>,
+    listen: SocketAddr,
+    settings: ProxySettings,
+    stop_tx: mpsc::Sender<bool>,
+}
+
+impl ControlCtx {
+    fn status(&self) -> DaemonStatus {
+        let now = SystemTime::now();
+        DaemonStatus {
+            pid: std::process::id(),
+            listen: self.listen.to_string(),
+            active: self.active_tx.borrow().clone(),
+            tls: self.settings.tls,
+            on_switch: match self.settings.on_switch {
+                OnSwitch::CloseIdle => "close-idle".into(),
+                OnSwitch::Keep => "keep".into(),
+            },
+            suspend_timeout_secs: self.settings.suspend_timeout.as_secs(),
+            sessions: self
+                .proxy
+                .sessions()
+                .into_iter()
+                .map(|s| SessionStatus {
+                    branch: s.branch,
+                    client: s.client_addr.to_string(),
+                    user: s.user,
+                    database: s.database,
+                    application_name: s.application_name,
+                    pinned: s.pinned,
+                    in_transaction: s.in_transaction,
+                    seconds: now.duration_since(s.started).unwrap_or_default().as_secs(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Ping => Response::Ok { pid: std::process::id() },
+            Request::Status => Response::Status(self.status()),
+            Request::ActiveChanged => match ProjectState::load(&self.backend.home().state_path()) {
+                Ok(state) => {
+                    let new = state.active.to_string();
+                    let old = self.active_tx.send_replace(new.clone());
+                    if old != new {
+                        tracing::info!("active branch: \"{old}\" → \"{new}\"");
+                    }
+                    Response::Ok { pid: std::process::id() }
+                }
+                Err(message) => Response::Error { message },
+            },
+            Request::Shutdown { stop_branches } => {
+                let _ = self.stop_tx.send(stop_branches).await;
+                Response::Ok { pid: std::process::id() }
+            }
+        }
+    }
+}
+
+async fn control_loop(listener: UnixListener, ctx: Arc<ControlCtx>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(64 * 1024));
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let response = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => ctx.handle(req).await,
+                Err(e) => Response::Error {
+                    message: format!("bad request: {e}"),
+                },
+            };
+            let mut out = serde_json::to_string(&response).unwrap_or_default();
+            out.push('\n');
+            let _ = write.write_all(out.as_bytes()).await;
+        });
+    }
+}

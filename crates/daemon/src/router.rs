@@ -1,0 +1,166 @@
+//! Routing proxy sessions to local branches: the active branch (or the one
+//! a client pins), started on the first connection, with each session
+//! counted so idle branches can be suspended.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use pgtwig_core::BranchName;
+use pgtwig_local::LocalBackend;
+use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr};
+use tokio::sync::watch;
+
+/// Sessions and last use per branch, shared by the router (which counts)
+/// and the suspender (which stops what nobody uses).
+#[derive(Default)]
+pub struct Activity {
+    branches: Mutex<HashMap<String, BranchActivity>>,
+    /// One async lock per branch: held while a branch starts, stops, or a
+    /// session is being routed to it, so 50 concurrent first connections
+    /// start one server, and a suspend never races a new session.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BranchActivity {
+    pub sessions: usize,
+    pub last_seen: Instant,
+}
+
+impl Activity {
+    pub fn gate(&self, branch: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(branch.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Start tracking a running branch (no sessions yet) if it is not tracked.
+    pub fn track(&self, branch: &str) {
+        self.branches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(branch.to_string())
+            .or_insert(BranchActivity {
+                sessions: 0,
+                last_seen: Instant::now(),
+            });
+    }
+
+    pub fn forget(&self, branch: &str) {
+        self.branches.lock().unwrap_or_else(|e| e.into_inner()).remove(branch);
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, BranchActivity)> {
+        self.branches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    fn lease(self: &Arc<Self>, branch: &str) -> SessionLease {
+        let mut map = self.branches.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(branch.to_string()).or_insert(BranchActivity {
+            sessions: 0,
+            last_seen: Instant::now(),
+        });
+        entry.sessions += 1;
+        entry.last_seen = Instant::now();
+        SessionLease {
+            activity: self.clone(),
+            branch: branch.to_string(),
+        }
+    }
+}
+
+/// Held by the proxy for the life of one session.
+struct SessionLease {
+    activity: Arc<Activity>,
+    branch: String,
+}
+
+impl Drop for SessionLease {
+    fn drop(&mut self) {
+        let mut map = self.activity.branches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = map.get_mut(&self.branch) {
+            a.sessions = a.sessions.saturating_sub(1);
+            a.last_seen = Instant::now();
+        }
+    }
+}
+
+pub struct LocalRouter {
+    pub backend: Arc<LocalBackend>,
+    pub active: watch::Receiver<String>,
+    pub activity: Arc<Activity>,
+}
+
+impl LocalRouter {
+    async fn route_to(&self, branch: String) -> Result<Route, RouteError> {
+        let name = BranchName::parse(&branch).map_err(|_| RouteError::BranchMissing { branch: branch.clone() })?;
+        if !self.backend.exists(&name) {
+            return Err(RouteError::BranchMissing { branch });
+        }
+        let gate = self.activity.gate(&branch);
+        let _held = gate.lock().await;
+        let socket = match self.backend.ready_socket(&name) {
+            Some(s) => s,
+            None => self.start(&name).await?,
+        };
+        let lease = self.activity.lease(&branch);
+        Ok(Route {
+            branch,
+            addr: UpstreamAddr::Unix(socket),
+            lease: Box::new(lease),
+        })
+    }
+
+    async fn start(&self, name: &BranchName) -> Result<PathBuf, RouteError> {
+        let backend = self.backend.clone();
+        let owned = name.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || backend.start(&owned))
+            .await
+            .map_err(|e| RouteError::Other(format!("starting branch \"{name}\": {e}")))?;
+        match result {
+            Ok(dir) => {
+                tracing::info!("started branch \"{name}\" in {:?}", started.elapsed());
+                Ok(dir.join(format!(".s.PGSQL.{}", pgtwig_local::cluster::PORT)))
+            }
+            Err(pgtwig_local::Error::NotFound { .. }) => Err(RouteError::BranchMissing {
+                branch: name.to_string(),
+            }),
+            Err(e) => {
+                tracing::error!("branch \"{name}\" failed to start: {e}");
+                Err(RouteError::StartFailed {
+                    branch: name.to_string(),
+                    detail: format!(
+                        "{}; its server log is {}",
+                        first_line(&e.to_string()),
+                        self.backend.log_path(name).display()
+                    ),
+                })
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+impl Router for LocalRouter {
+    fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
+        let branch = match pinned {
+            Some(p) => p.to_string(),
+            None => self.active.borrow().clone(),
+        };
+        Box::pin(self.route_to(branch))
+    }
+}
