@@ -49,9 +49,15 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     let detached = std::env::var_os(DETACHED_ENV).is_some();
     pgtwig_daemon::run(backend, settings, |status| {
         if !detached {
-            println!(
+            // Not println!: whoever started us may have stopped reading
+            // stdout, and a daemon must not die of EPIPE.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stdout(),
                 "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL=postgres://postgres@{}/postgres",
-                status.listen, status.active, status.listen
+                status.listen,
+                status.active,
+                status.listen
             );
         }
     })?;
@@ -61,7 +67,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
 /// Start `pgtwig up` again in its own session, logging to daemon.log, and
 /// return once it answers on its control socket.
 fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
-    if let Ok(Response::Ok { pid }) = control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT) {
+    if let Ok(Response::Ok { pid }) =
+        control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT)
+    {
         bail!("a pgtwig daemon is already running for this project (pid {pid}); stop it with `pgtwig down`");
     }
     let log = std::fs::OpenOptions::new()
@@ -98,8 +106,12 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
             let tail = text.get(log_start as usize..).unwrap_or("").trim();
             bail!("the daemon exited ({status}):\n{tail}");
         }
-        if let Ok(Response::Ok { pid }) = control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT) {
-            if let Ok(Response::Status(s)) = control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT) {
+        if let Ok(Response::Ok { pid }) =
+            control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT)
+        {
+            if let Ok(Response::Status(s)) =
+                control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT)
+            {
                 println!(
                     "pgtwig daemon running (pid {pid}) on {} → branch \"{}\"; logs: {}",
                     s.listen,
@@ -110,7 +122,10 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() > deadline {
-            bail!("the daemon did not come up within 60 s; see {}", paths.log.display());
+            bail!(
+                "the daemon did not come up within 60 s; see {}",
+                paths.log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -136,7 +151,10 @@ pub fn down(args: DownArgs) -> Result<ExitCode> {
             let deadline = Instant::now() + Duration::from_secs(120);
             while ProjectLock::try_acquire(&paths.lock)?.is_none() {
                 if Instant::now() > deadline {
-                    bail!("the daemon did not exit within 120 s; see {}", paths.log.display());
+                    bail!(
+                        "the daemon did not exit within 120 s; see {}",
+                        paths.log.display()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -192,15 +210,19 @@ pub fn set_active(
     let old = {
         let _lock = backend.lock()?;
         let old = ProjectState::load(&path).ok().map(|s| s.active);
-        ProjectState { active: branch.clone() }
-            .save(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        ProjectState {
+            active: branch.clone(),
+        }
+        .save(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
         old
     };
     let paths = DaemonPaths::for_backend(backend)?;
     match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {
         Ok(_) | Err(ClientError::NotRunning) => {}
-        Err(e) => bail!("the active branch is now \"{branch}\", but the daemon did not take it: {e}"),
+        Err(e) => {
+            bail!("the active branch is now \"{branch}\", but the daemon did not take it: {e}")
+        }
     }
     Ok((old, branch.clone()))
 }
@@ -274,7 +296,11 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                     s.database.as_deref().unwrap_or("?"),
                     s.application_name.as_deref().unwrap_or(""),
                     if s.pinned { " pinned" } else { "" },
-                    if s.in_transaction { " in transaction" } else { "" },
+                    if s.in_transaction {
+                        " in transaction"
+                    } else {
+                        ""
+                    },
                     s.seconds
                 );
             }

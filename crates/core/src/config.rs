@@ -221,13 +221,19 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), 6000);
         assert_eq!(c.proxy.suspend_timeout, std::time::Duration::ZERO);
         assert_eq!(c.proxy.on_switch, OnSwitch::Keep);
-        let e = Config::parse("project = \"a\"\n[proxy]\nsuspend_timeout = \"soon\"\n", Path::new("c"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "project = \"a\"\n[proxy]\nsuspend_timeout = \"soon\"\n",
+            Path::new("c"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("line 3") && e.contains("15m"), "{e}");
-        let e = Config::parse("project = \"a\"\n[proxy]\non_switch = \"close\"\n", Path::new("c"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "project = \"a\"\n[proxy]\non_switch = \"close\"\n",
+            Path::new("c"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("close-idle") && e.contains("keep"), "{e}");
     }
 

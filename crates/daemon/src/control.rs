@@ -17,7 +17,9 @@ pub enum Request {
     ActiveChanged,
     Status,
     /// Stop the daemon; `stop_branches` also stops every running branch.
-    Shutdown { stop_branches: bool },
+    Shutdown {
+        stop_branches: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,7 +68,10 @@ pub enum ClientError {
     #[error("the pgtwig daemon is not running")]
     NotRunning,
     #[error("talking to the pgtwig daemon at {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the pgtwig daemon answered: {0}")]
     Daemon(String),
 }
@@ -103,6 +108,8 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     match serde_json::from_str(&answer) {
         Ok(Response::Error { message }) => Err(ClientError::Daemon(message)),
         Ok(r) => Ok(r),
-        Err(e) => Err(ClientError::Daemon(format!("unreadable answer {answer:?}: {e}"))),
+        Err(e) => Err(ClientError::Daemon(format!(
+            "unreadable answer {answer:?}: {e}"
+        ))),
     }
 }

@@ -56,7 +56,11 @@ impl DaemonPaths {
 
 /// Run the daemon until Ctrl-C, SIGTERM or `pgtwig down`. `on_ready` is
 /// called once it listens (the CLI prints where).
-pub fn run(backend: LocalBackend, settings: ProxySettings, on_ready: impl FnOnce(&DaemonStatus)) -> Result<()> {
+pub fn run(
+    backend: LocalBackend,
+    settings: ProxySettings,
+    on_ready: impl FnOnce(&DaemonStatus),
+) -> Result<()> {
     let paths = DaemonPaths::for_backend(&backend)?;
     let Some(_daemon_lock) = ProjectLock::try_acquire(&paths.lock)? else {
         let pid = std::fs::read_to_string(&paths.pid).unwrap_or_default();
@@ -76,7 +80,10 @@ pub fn run(backend: LocalBackend, settings: ProxySettings, on_ready: impl FnOnce
     }
     let proxy_config = ProxyConfig {
         tls: if settings.tls {
-            Some(pgtwig_proxy::load_or_create_tls(&backend.home().dir().join("tls")).context("preparing TLS")?)
+            Some(
+                pgtwig_proxy::load_or_create_tls(&backend.home().dir().join("tls"))
+                    .context("preparing TLS")?,
+            )
         } else {
             None
         },
@@ -91,7 +98,15 @@ pub fn run(backend: LocalBackend, settings: ProxySettings, on_ready: impl FnOnce
         .enable_all()
         .thread_name("pgtwig-daemon")
         .build()?;
-    let result = runtime.block_on(serve(backend, settings, proxy_config, state, listener, &paths, on_ready));
+    let result = runtime.block_on(serve(
+        backend,
+        settings,
+        proxy_config,
+        state,
+        listener,
+        &paths,
+        on_ready,
+    ));
     let _ = std::fs::remove_file(&paths.control);
     let _ = std::fs::remove_file(&paths.pid);
     // Sessions still open end here; servers keep running unless asked.
@@ -121,16 +136,28 @@ async fn serve(
         active: active_rx.clone(),
         activity: activity.clone(),
     };
-    let proxy = Arc::new(Proxy::new(proxy_config, Arc::new(router), active_rx.clone()));
+    let proxy = Arc::new(Proxy::new(
+        proxy_config,
+        Arc::new(router),
+        active_rx.clone(),
+    ));
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
     tokio::spawn(proxy.clone().serve(listener));
-    tokio::spawn(suspend::run(backend.clone(), activity.clone(), settings.suspend_timeout));
+    tokio::spawn(suspend::run(
+        backend.clone(),
+        activity.clone(),
+        settings.suspend_timeout,
+    ));
 
     let _ = std::fs::remove_file(&paths.control);
-    let control = UnixListener::bind(&paths.control)
-        .with_context(|| format!("cannot create the control socket {}", paths.control.display()))?;
+    let control = UnixListener::bind(&paths.control).with_context(|| {
+        format!(
+            "cannot create the control socket {}",
+            paths.control.display()
+        )
+    })?;
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
     let ctx = Arc::new(ControlCtx {
         backend: backend.clone(),
@@ -143,7 +170,10 @@ async fn serve(
     tokio::spawn(control_loop(control, ctx.clone()));
 
     on_ready(&ctx.status());
-    tracing::info!("proxy listening on {local}, routing to branch \"{}\"", state.active);
+    tracing::info!(
+        "proxy listening on {local}, routing to branch \"{}\"",
+        state.active
+    );
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_branches = tokio::select! {
@@ -209,7 +239,9 @@ impl ControlCtx {
 
     async fn handle(&self, req: Request) -> Response {
         match req {
-            Request::Ping => Response::Ok { pid: std::process::id() },
+            Request::Ping => Response::Ok {
+                pid: std::process::id(),
+            },
             Request::Status => Response::Status(self.status()),
             Request::ActiveChanged => match ProjectState::load(&self.backend.home().state_path()) {
                 Ok(state) => {
@@ -218,13 +250,17 @@ impl ControlCtx {
                     if old != new {
                         tracing::info!("active branch: \"{old}\" → \"{new}\"");
                     }
-                    Response::Ok { pid: std::process::id() }
+                    Response::Ok {
+                        pid: std::process::id(),
+                    }
                 }
                 Err(message) => Response::Error { message },
             },
             Request::Shutdown { stop_branches } => {
                 let _ = self.stop_tx.send(stop_branches).await;
-                Response::Ok { pid: std::process::id() }
+                Response::Ok {
+                    pid: std::process::id(),
+                }
             }
         }
     }

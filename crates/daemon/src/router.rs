@@ -52,7 +52,10 @@ impl Activity {
     }
 
     pub fn forget(&self, branch: &str) {
-        self.branches.lock().unwrap_or_else(|e| e.into_inner()).remove(branch);
+        self.branches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(branch);
     }
 
     pub fn snapshot(&self) -> Vec<(String, BranchActivity)> {
@@ -87,7 +90,11 @@ struct SessionLease {
 
 impl Drop for SessionLease {
     fn drop(&mut self) {
-        let mut map = self.activity.branches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .activity
+            .branches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(a) = map.get_mut(&self.branch) {
             a.sessions = a.sessions.saturating_sub(1);
             a.last_seen = Instant::now();
@@ -103,7 +110,9 @@ pub struct LocalRouter {
 
 impl LocalRouter {
     async fn route_to(&self, branch: String) -> Result<Route, RouteError> {
-        let name = BranchName::parse(&branch).map_err(|_| RouteError::BranchMissing { branch: branch.clone() })?;
+        let name = BranchName::parse(&branch).map_err(|_| RouteError::BranchMissing {
+            branch: branch.clone(),
+        })?;
         if !self.backend.exists(&name) {
             return Err(RouteError::BranchMissing { branch });
         }

@@ -33,13 +33,20 @@ pub async fn run(backend: Arc<LocalBackend>, activity: Arc<Activity>, timeout: D
             let gate = activity.gate(&branch);
             let _held = gate.lock().await;
             // Re-check under the gate: a session may have arrived.
-            let Some(now) = activity.snapshot().into_iter().find(|(b, _)| *b == branch).map(|(_, a)| a) else {
+            let Some(now) = activity
+                .snapshot()
+                .into_iter()
+                .find(|(b, _)| *b == branch)
+                .map(|(_, a)| a)
+            else {
                 continue;
             };
             if now.sessions > 0 || now.last_seen.elapsed() < timeout {
                 continue;
             }
-            let Ok(name) = BranchName::parse(&branch) else { continue };
+            let Ok(name) = BranchName::parse(&branch) else {
+                continue;
+            };
             let Some(socket) = backend.ready_socket(&name) else {
                 activity.forget(&branch);
                 continue;
@@ -47,11 +54,15 @@ pub async fn run(backend: Arc<LocalBackend>, activity: Arc<Activity>, timeout: D
             match direct_clients(&socket).await {
                 Ok(0) => {}
                 Ok(n) => {
-                    tracing::debug!("branch \"{branch}\" idle through the proxy but has {n} direct client(s)");
+                    tracing::debug!(
+                        "branch \"{branch}\" idle through the proxy but has {n} direct client(s)"
+                    );
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!("cannot check branch \"{branch}\" for clients before suspending: {e}");
+                    tracing::warn!(
+                        "cannot check branch \"{branch}\" for clients before suspending: {e}"
+                    );
                     continue;
                 }
             }
@@ -59,7 +70,10 @@ pub async fn run(backend: Arc<LocalBackend>, activity: Arc<Activity>, timeout: D
             let n2 = name.clone();
             match tokio::task::spawn_blocking(move || b.stop(&n2)).await {
                 Ok(Ok(_)) => {
-                    tracing::info!("suspended branch \"{branch}\" after {:?} without sessions", timeout);
+                    tracing::info!(
+                        "suspended branch \"{branch}\" after {:?} without sessions",
+                        timeout
+                    );
                     activity.forget(&branch);
                 }
                 Ok(Err(e)) => tracing::warn!("suspending branch \"{branch}\": {e}"),
