@@ -30,8 +30,12 @@ WORK=$(mktemp -d /tmp/pgtwig-bench.XXXXXX)
 chmod 755 "$WORK"
 [ "$(id -u)" = 0 ] && chown postgres: "$WORK"
 PIDS=()
+# Background jobs of a non-interactive shell ignore SIGINT, and runuser does not pass signals
+# on, so stop the servers by their pid files and our own children with SIGTERM.
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  [ -f "$WORK/pgbouncer.pid" ] && kill -TERM "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
+  [ -f "$WORK/data/postmaster.pid" ] && kill -INT "$(head -1 "$WORK/data/postmaster.pid")" 2>/dev/null
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
@@ -70,6 +74,7 @@ pool_mode = session
 max_client_conn = 200
 default_pool_size = 50
 logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
 INI
 echo '"postgres" ""' >"$WORK/userlist.txt"
 [ "$(id -u)" = 0 ] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"

@@ -37,6 +37,16 @@
 //! switched the active branch from "a" to "b"` and the server gets a Terminate. With
 //! [`OnSwitch::Keep`] sessions stay where they are.
 //!
+//! # Server connection reuse
+//! With [`ProxyConfig::pool_idle_timeout`] set (the default), a server connection whose
+//! client sent Terminate while idle is reset with `DISCARD ALL` and kept for the next client
+//! sending the *identical* startup packet to the same upstream, as PgBouncer's session
+//! pooling does; this makes connect-per-transaction workloads several times faster. Only
+//! connections the server admitted without any credentials (trust: `AuthenticationOk` was its
+//! first answer) are reused, so reuse never lets a client skip authentication. A reused
+//! session looks fresh (settings, temp tables, prepared statements, locks and LISTENs are
+//! gone) but keeps its backend pid.
+//!
 //! # Cancel requests
 //! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy
 //! (psql's Ctrl-C, `cancel_token().cancel_query()`) is forwarded to the session's server
@@ -46,6 +56,7 @@
 
 mod cancel;
 mod error;
+mod pool;
 mod relay;
 mod router;
 mod scan;
@@ -89,6 +100,10 @@ pub struct ProxyConfig {
     pub startup_timeout: Duration,
     /// Largest accepted startup packet in bytes (default 10 000, like Postgres).
     pub max_startup_packet: usize,
+    /// How long to keep a *trust-authenticated* server connection after its client leaves,
+    /// for the next client with the identical startup packet (default 30 s; `None` turns
+    /// reuse off). See "Server connection reuse" in the crate docs.
+    pub pool_idle_timeout: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +113,7 @@ impl Default for ProxyConfig {
             on_switch: OnSwitch::CloseIdle,
             startup_timeout: Duration::from_secs(10),
             max_startup_packet: 10_000,
+            pool_idle_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -109,6 +125,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("on_switch", &self.on_switch)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_startup_packet", &self.max_startup_packet)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
             .finish()
     }
 }
@@ -169,6 +186,7 @@ pub struct Proxy {
     router: Arc<dyn Router>,
     active: watch::Receiver<String>,
     cancel: Arc<cancel::CancelMap>,
+    pool: pool::Pool,
     sessions: Mutex<HashMap<u64, SessionRecord>>,
     next_id: AtomicU64,
 }
@@ -181,6 +199,7 @@ impl Proxy {
         active: watch::Receiver<String>,
     ) -> Self {
         Proxy {
+            pool: pool::Pool::new(config.pool_idle_timeout),
             config,
             router,
             active,
@@ -194,15 +213,20 @@ impl Proxy {
     /// (e.g. out of file descriptors) are logged and retried after a short pause; a bad
     /// client only ever ends its own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    tokio::spawn(session::run(self.clone(), tcp, peer));
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        tokio::spawn(session::run(self.clone(), tcp, peer));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = sweep.tick() => self.pool.sweep(),
             }
         }
     }
@@ -231,6 +255,11 @@ impl Proxy {
     /// Number of live proxy-made cancel keys (one per session past authentication).
     pub fn cancel_keys(&self) -> usize {
         self.cancel.live_keys()
+    }
+
+    /// Number of idle server connections kept for reuse.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.len()
     }
 
     pub(crate) fn register_session(&self, record: SessionRecord) -> Registration<'_> {

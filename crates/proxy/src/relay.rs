@@ -12,12 +12,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
 use crate::error::{sqlstate, PgError};
+use crate::pool::{Greeting, Parked, MAX_GREETING};
 use crate::router::UpstreamAddr;
 use crate::scan::{BackendEvents, BackendScanner, FrontendScanner, ProtocolError};
 use crate::stream::{ClientStream, UpstreamStream};
@@ -117,9 +118,17 @@ struct SessionState {
     shared_status: SharedStatus,
     cancel: Arc<CancelMap>,
     upstream: UpstreamAddr,
-    keys: Vec<ProxyKey>,
+    keys: Keys,
     close_at_idle: Option<String>,
     stopped_msg: Option<String>,
+    /// Server bytes before the first ReadyForQuery, while they are being captured.
+    capturing: Option<Vec<u8>>,
+    /// The captured greeting, if it makes the connection reusable.
+    greeting: Option<Arc<Greeting>>,
+    /// The server's real cancel key.
+    real_key: Option<(u32, Vec<u8>)>,
+    /// The client's Terminate was kept from the server so the connection can be reused.
+    x_withheld: bool,
 }
 
 struct Events<'a> {
@@ -148,14 +157,26 @@ impl BackendEvents for Events<'_> {
             // Protocol 3.0 keys are 4 bytes; the proxy never negotiates longer ones.
             return;
         }
-        let key = self.st.cancel.register(CancelTarget {
-            addr: self.st.upstream.clone(),
-            pid: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-            secret: body[4..8].to_vec(),
+        let real = (
+            u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+            body[4..8].to_vec(),
+        );
+        self.st.swap_key(body, real);
+    }
+}
+
+impl SessionState {
+    /// Registers a proxy key for the server's `real` key and writes it into `body`.
+    fn swap_key(&mut self, body: &mut [u8], real: (u32, Vec<u8>)) {
+        let key = self.cancel.register(CancelTarget {
+            addr: self.upstream.clone(),
+            pid: real.0,
+            secret: real.1.clone(),
         });
         body[..4].copy_from_slice(&key.pid.to_be_bytes());
         body[4..].copy_from_slice(&key.secret.to_be_bytes());
-        self.st.keys.push(key);
+        self.keys.0.push(key);
+        self.real_key = Some(real);
     }
 }
 
@@ -173,12 +194,15 @@ pub struct Relay {
 
 impl Relay {
     /// Starts relaying between `client` and `server` (whose startup message was already sent).
+    /// With `reusable`, the server's greeting is kept so the connection can be parked for
+    /// reuse when the client leaves (see `pool.rs`).
     pub fn new(
         client: ClientStream,
         server: UpstreamStream,
         upstream: UpstreamAddr,
         cancel: Arc<CancelMap>,
         shared_status: SharedStatus,
+        reusable: bool,
     ) -> Self {
         Relay {
             client,
@@ -190,14 +214,51 @@ impl Relay {
             st: SessionState {
                 status: 0,
                 shared_status,
-                cancel,
+                cancel: cancel.clone(),
                 upstream,
-                keys: Vec::new(),
+                keys: Keys(Vec::new(), cancel.clone()),
                 close_at_idle: None,
                 stopped_msg: None,
+                capturing: reusable.then(Vec::new),
+                greeting: None,
+                real_key: None,
+                x_withheld: false,
             },
             close_now: None,
         }
+    }
+
+    /// Starts a session on a parked server connection: the client gets the original greeting
+    /// with a new proxy-made cancel key, then ReadyForQuery `I`.
+    pub fn resume(
+        client: ClientStream,
+        parked: Parked,
+        upstream: UpstreamAddr,
+        cancel: Arc<CancelMap>,
+        shared_status: SharedStatus,
+    ) -> Self {
+        let mut relay = Relay::new(
+            client,
+            parked.server,
+            upstream,
+            cancel,
+            shared_status,
+            false,
+        );
+        let g = &parked.greeting.bytes;
+        let d = &mut relay.s2c;
+        d.buf[..g.len()].copy_from_slice(g);
+        d.buf[g.len()..g.len() + 6].copy_from_slice(b"Z\0\0\0\x05I");
+        d.ready = g.len() + 6;
+        d.end = d.ready;
+        d.need_flush = true;
+        if let Some(off) = parked.greeting.key_offset {
+            relay.st.swap_key(&mut d.buf[off..off + 8], parked.real_key);
+        }
+        relay.st.status = b'I';
+        relay.st.shared_status.store(b'I', Ordering::Relaxed);
+        relay.st.greeting = Some(parked.greeting);
+        relay
     }
 
     /// True when the session is between transactions with nothing in flight.
@@ -253,6 +314,15 @@ impl Relay {
             };
             match self.be.scan(&mut d.buf[d.ready..d.end], &mut ev) {
                 Ok(s) => {
+                    if let Some(g) = self.st.capturing.as_mut() {
+                        // Keep the greeting, up to (not including) the first ReadyForQuery.
+                        let upto = s.first_ready_end.map_or(s.safe, |e| e - 6);
+                        g.extend_from_slice(&d.buf[d.ready..d.ready + upto]);
+                        if s.first_ready_end.is_some() || g.len() > MAX_GREETING {
+                            let g = self.st.capturing.take().unwrap_or_default();
+                            self.st.greeting = Greeting::trusted(g).map(Arc::new);
+                        }
+                    }
                     d.ready += s.safe;
                     if s.stop {
                         // Nothing after the final ReadyForQuery goes to the client.
@@ -285,8 +355,20 @@ impl Relay {
                 continue;
             }
             match self.fe.observe(&d.buf[d.end..d.end + n]) {
-                // Bytes after a Terminate are dropped.
-                Ok(pass) => d.end += pass,
+                // Bytes after a Terminate are dropped. A reusable connection does not get
+                // the Terminate itself (if it came whole in this read).
+                Ok(pass) => {
+                    let chunk = &d.buf[d.end..d.end + pass];
+                    if self.fe.terminated
+                        && self.st.greeting.is_some()
+                        && chunk.ends_with(&TERMINATE)
+                    {
+                        d.end += pass - TERMINATE.len();
+                        self.st.x_withheld = true;
+                    } else {
+                        d.end += pass;
+                    }
+                }
                 Err(e) => return Poll::Ready(RelayEnd::ClientProtocol(e)),
             }
             d.ready = d.end;
@@ -297,8 +379,33 @@ impl Relay {
     /// Says goodbye according to how the relay ended: passes on what is left, sends the
     /// client a FATAL error where one is due and the server a Terminate where the client
     /// did not, then closes both. Bounded by a short timeout.
-    pub async fn finish(mut self, end: &RelayEnd) {
+    ///
+    /// When the client left cleanly from an idle, reusable session, the server connection
+    /// is reset with `DISCARD ALL` and returned for parking instead.
+    pub async fn finish(mut self, end: &RelayEnd) -> Option<Parked> {
+        if self.reusable_after(end) && crate::pool::reset(&mut self.server).await {
+            let Relay { server, st, .. } = self;
+            return Some(Parked {
+                server,
+                greeting: st.greeting.clone()?,
+                real_key: st.real_key.clone()?,
+                since: Instant::now(),
+            });
+        }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.goodbye(end)).await;
+        None
+    }
+
+    fn reusable_after(&self, end: &RelayEnd) -> bool {
+        matches!(end, RelayEnd::ClientClosed)
+            && self.st.x_withheld
+            && self.st.greeting.is_some()
+            && self.st.real_key.is_some()
+            && self.st.status == b'I'
+            && self.fe.awaiting_ready == 0
+            && !self.fe.open_batch
+            && self.be.at_boundary()
+            && self.s2c.written == self.s2c.end
     }
 
     async fn goodbye(&mut self, end: &RelayEnd) {
@@ -341,7 +448,7 @@ impl Relay {
         if server_alive {
             // Send Terminate unless the client already did (it was forwarded), and only at a
             // message boundary so the server does not read it as part of another message.
-            if !self.fe.terminated && self.fe.at_boundary() {
+            if (!self.fe.terminated || self.st.x_withheld) && self.fe.at_boundary() {
                 let _ = self.server.write_all(&TERMINATE).await;
             }
             let _ = self.server.shutdown().await;
@@ -364,10 +471,13 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+/// The session's proxy-made cancel keys, removed from the map when the session ends.
+struct Keys(Vec<ProxyKey>, Arc<CancelMap>);
+
+impl Drop for Keys {
     fn drop(&mut self) {
-        for key in self.st.keys.drain(..) {
-            self.st.cancel.remove(key);
+        for key in self.0.drain(..) {
+            self.1.remove(key);
         }
     }
 }

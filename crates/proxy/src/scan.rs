@@ -45,6 +45,8 @@ pub struct Scanned {
     pub safe: usize,
     /// The events asked to stop after the last safe byte.
     pub stop: bool,
+    /// End offset of the first `ReadyForQuery` in the slice, if any.
+    pub first_ready_end: Option<usize>,
 }
 
 /// Server→client header scanner.
@@ -75,6 +77,7 @@ impl BackendScanner {
         events: &mut E,
     ) -> Result<Scanned, ProtocolError> {
         let mut pos = 0;
+        let mut first_ready_end = None;
         loop {
             if self.remaining > 0 {
                 let n = self.remaining.min(buf.len() - pos);
@@ -84,6 +87,7 @@ impl BackendScanner {
                     return Ok(Scanned {
                         safe: pos,
                         stop: false,
+                        first_ready_end,
                     });
                 }
             }
@@ -92,6 +96,7 @@ impl BackendScanner {
                 return Ok(Scanned {
                     safe: pos,
                     stop: false,
+                    first_ready_end,
                 });
             }
             let ty = rest[0];
@@ -119,16 +124,19 @@ impl BackendScanner {
                         return Ok(Scanned {
                             safe: pos,
                             stop: false,
+                            first_ready_end,
                         });
                     }
                     self.last_type = ty;
                     let body = &mut buf[pos + 5..pos + total];
                     pos += total;
                     if ty == b'Z' {
+                        first_ready_end.get_or_insert(pos);
                         if events.ready_for_query(body[0]) {
                             return Ok(Scanned {
                                 safe: pos,
                                 stop: true,
+                                first_ready_end,
                             });
                         }
                     } else {
@@ -312,6 +320,17 @@ mod tests {
         assert!(stopped);
         let first_z = input.windows(6).position(|w| w == msg(b'Z', b"I")).unwrap();
         assert_eq!(out.len(), first_z + 6);
+    }
+
+    #[test]
+    fn reports_the_end_of_the_first_ready_for_query() {
+        let input = stream();
+        let mut sc = BackendScanner::default();
+        let mut buf = input.clone();
+        let r = sc.scan(&mut buf, &mut Rec::default()).unwrap();
+        let first_z = input.windows(6).position(|w| w == msg(b'Z', b"I")).unwrap();
+        assert_eq!(r.first_ready_end, Some(first_z + 6));
+        assert_eq!(r.safe, input.len());
     }
 
     #[test]

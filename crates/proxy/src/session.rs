@@ -144,36 +144,55 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let mut server = match connect_upstream(&route.addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            let err = PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                format!(
-                    "could not connect to the server of database branch \"{}\"",
-                    route.branch
-                ),
-            )
-            .detail(format!("connecting to {}: {e}", route.addr));
-            send_error(&mut client, &err).await;
-            return;
-        }
-    };
     if let Some(nego) = &plan.negotiate {
         if client.write_all(nego).await.is_err() {
             return;
         }
     }
-    if server.write_all(&plan.upstream_packet).await.is_err() {
-        let err = PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("lost the server of database branch \"{}\"", route.branch),
-        );
-        send_error(&mut client, &err).await;
-        return;
-    }
-
     let status = Arc::new(AtomicU8::new(0));
+    let reused = proxy.pool.take(&route.addr, &plan.upstream_packet);
+    let mut relay = match reused {
+        Some(parked) => Relay::resume(
+            client,
+            parked,
+            route.addr.clone(),
+            proxy.cancel.clone(),
+            status.clone(),
+        ),
+        None => {
+            let mut server = match connect_upstream(&route.addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let err = PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "could not connect to the server of database branch \"{}\"",
+                            route.branch
+                        ),
+                    )
+                    .detail(format!("connecting to {}: {e}", route.addr));
+                    send_error(&mut client, &err).await;
+                    return;
+                }
+            };
+            if server.write_all(&plan.upstream_packet).await.is_err() {
+                let err = PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("lost the server of database branch \"{}\"", route.branch),
+                );
+                send_error(&mut client, &err).await;
+                return;
+            }
+            Relay::new(
+                client,
+                server,
+                route.addr.clone(),
+                proxy.cancel.clone(),
+                status.clone(),
+                proxy.pool.enabled(),
+            )
+        }
+    };
     let record = SessionRecord {
         branch: route.branch.clone(),
         client_addr: peer,
@@ -182,16 +201,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         user: startup.get_str("user"),
         database: plan_database(&startup),
         application_name: startup.get_str("application_name"),
-        status: status.clone(),
-    };
-    let _registration = proxy.register_session(record);
-    let mut relay = Relay::new(
-        client,
-        server,
-        route.addr.clone(),
-        proxy.cancel.clone(),
         status,
-    );
+    };
+    let registration = proxy.register_session(record);
 
     let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
     let mut active: watch::Receiver<String> = proxy.active.clone();
@@ -227,7 +239,12 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
         _ => tracing::info!("session {peer} on {} ended: {end:?}", route.branch),
     }
-    relay.finish(&end).await;
+    if let Some(parked) = relay.finish(&end).await {
+        proxy
+            .pool
+            .put(route.addr.clone(), plan.upstream_packet, parked);
+    }
+    drop(registration);
     drop(route.lease);
 }
 

@@ -58,6 +58,7 @@ async fn bad_clients_get_errors_and_leak_nothing() {
     proxy_works(&env).await;
     env.wait_drained().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(env.proxy.pooled_connections(), 1);
     let baseline = fd_count();
     let baseline_fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
@@ -211,8 +212,9 @@ async fn bad_clients_get_errors_and_leak_nothing() {
     }
     // No server backends left behind either.
     let deadline = Instant::now() + Duration::from_secs(5);
+    // (Only the parked, reusable connections stay.)
     let q = "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()";
-    while env.main.psql(q) != "0" {
+    while env.main.psql(q) != env.proxy.pooled_connections().to_string() {
         assert!(
             Instant::now() < deadline,
             "server backends left: {}",

@@ -1,0 +1,239 @@
+//! Reuse of trust-authenticated server connections (like PgBouncer's session pooling, which
+//! is what makes connect-per-transaction workloads fast).
+//!
+//! A server connection may be handed to a later client only when that is exactly what a fresh
+//! connection would give it: the server admitted the original client with `AuthenticationOk`
+//! straight away (trust: no credentials were exchanged, so the same startup packet from the
+//! proxy would be admitted again), the later client sends the very same startup packet
+//! (user, database, options, application_name, ...), and the session was reset with
+//! `DISCARD ALL` after its client sent Terminate at a transaction boundary. The new client
+//! gets the original greeting (ParameterStatus values are those of the startup packet again
+//! after the reset) with a fresh proxy-made cancel key. Connections that authenticated with
+//! a password are never reused.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::router::UpstreamAddr;
+use crate::stream::UpstreamStream;
+
+/// Largest greeting (server messages from AuthenticationOk up to the first ReadyForQuery)
+/// the proxy keeps for replay.
+pub const MAX_GREETING: usize = 8 * 1024;
+/// `AuthenticationOk`.
+pub const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+/// Parked connections kept per (upstream, startup packet).
+const MAX_PER_KEY: usize = 32;
+
+/// The server's answer to a startup packet, minus the final ReadyForQuery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// The messages, as sent by the server.
+    pub bytes: Vec<u8>,
+    /// Offset of the BackendKeyData body (pid, secret) in `bytes`, if there is one.
+    pub key_offset: Option<usize>,
+}
+
+impl Greeting {
+    /// A greeting if `bytes` is a trust greeting (starts with AuthenticationOk, well framed,
+    /// small enough); `None` means the connection must not be reused.
+    pub fn trusted(bytes: Vec<u8>) -> Option<Greeting> {
+        if !bytes.starts_with(&AUTH_OK) || bytes.len() > MAX_GREETING {
+            return None;
+        }
+        let mut pos = 0;
+        let mut key_offset = None;
+        while pos < bytes.len() {
+            let hdr = bytes.get(pos..pos + 5)?;
+            let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+            if len < 4 || pos + 1 + len > bytes.len() {
+                return None;
+            }
+            match hdr[0] {
+                b'K' if len == 12 => key_offset = Some(pos + 5),
+                // Anything that is not part of a normal trust greeting: do not reuse.
+                b'R' if pos != 0 => return None,
+                b'R' | b'S' | b'N' | b'K' => {}
+                _ => return None,
+            }
+            pos += 1 + len;
+        }
+        Some(Greeting { bytes, key_offset })
+    }
+}
+
+/// An idle, reset server connection.
+pub struct Parked {
+    /// The connection.
+    pub server: UpstreamStream,
+    /// What the server said at startup.
+    pub greeting: std::sync::Arc<Greeting>,
+    /// The server's real (pid, secret).
+    pub real_key: (u32, Vec<u8>),
+    /// When it was parked.
+    pub since: Instant,
+}
+
+type Key = (UpstreamAddr, Vec<u8>);
+
+/// Parked connections by (upstream, startup packet).
+pub struct Pool {
+    idle: Mutex<HashMap<Key, Vec<Parked>>>,
+    timeout: Option<Duration>,
+}
+
+impl Pool {
+    /// A pool keeping connections `timeout` long; `None` keeps none.
+    pub fn new(timeout: Option<Duration>) -> Self {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// Whether reuse is on.
+    pub fn enabled(&self) -> bool {
+        self.timeout.is_some()
+    }
+
+    /// Parks `conn`.
+    pub fn put(&self, addr: UpstreamAddr, startup: Vec<u8>, conn: Parked) {
+        if !self.enabled() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry((addr, startup)).or_default();
+        if list.len() < MAX_PER_KEY {
+            list.push(conn);
+        }
+    }
+
+    /// A live parked connection for (`addr`, `startup`), most recently parked first.
+    pub fn take(&self, addr: &UpstreamAddr, startup: &[u8]) -> Option<Parked> {
+        let timeout = self.timeout?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (addr.clone(), startup.to_vec());
+        let list = idle.get_mut(&key)?;
+        let mut found = None;
+        while let Some(p) = list.pop() {
+            if p.since.elapsed() < timeout && is_quiet(&p.server) {
+                found = Some(p);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.remove(&key);
+        }
+        found
+    }
+
+    /// Closes connections parked longer than the timeout (and dead ones).
+    pub fn sweep(&self) {
+        let Some(timeout) = self.timeout else { return };
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|p| p.since.elapsed() < timeout && is_quiet(&p.server));
+            !list.is_empty()
+        });
+    }
+
+    /// Number of parked connections.
+    pub fn len(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+}
+
+/// True when an idle server connection has said nothing (not closed, no FATAL pending).
+fn is_quiet(s: &UpstreamStream) -> bool {
+    let mut b = [0u8; 1];
+    let r = match s {
+        UpstreamStream::Unix(s) => s.try_read(&mut b),
+        UpstreamStream::Tcp(s) => s.try_read(&mut b),
+    };
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Resets a session for the next client: `DISCARD ALL`, then expects CommandComplete and
+/// ReadyForQuery `I` (notices and ParameterStatus in between are fine, errors are not).
+pub async fn reset(server: &mut UpstreamStream) -> bool {
+    let fut = async {
+        server.write_all(b"Q\0\0\0\x10DISCARD ALL\0").await.ok()?;
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            let mut chunk = [0u8; 512];
+            let n = server.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut pos = 0;
+            while buf.len() >= pos + 5 {
+                let len =
+                    u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]])
+                        as usize;
+                if !(4..=64 * 1024).contains(&len) {
+                    return None;
+                }
+                if buf.len() < pos + 1 + len {
+                    break;
+                }
+                match buf[pos] {
+                    b'C' | b'S' | b'N' | b'A' => {}
+                    b'Z' => {
+                        // Nothing may follow the final ReadyForQuery.
+                        return (len == 5 && buf[pos + 5] == b'I' && buf.len() == pos + 6)
+                            .then_some(());
+                    }
+                    _ => return None,
+                }
+                pos += 1 + len;
+            }
+        }
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), fut).await,
+        Ok(Some(()))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![ty];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn only_trust_greetings_are_reusable() {
+        let g = [
+            AUTH_OK.to_vec(),
+            msg(b'S', b"a\0b\0"),
+            msg(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]),
+        ]
+        .concat();
+        let k_at = AUTH_OK.len() + msg(b'S', b"a\0b\0").len() + 5;
+        assert_eq!(Greeting::trusted(g.clone()).unwrap().key_offset, Some(k_at));
+        // A password exchange first.
+        let pw = [msg(b'R', &[0, 0, 0, 3]), g.clone()].concat();
+        assert!(Greeting::trusted(pw).is_none());
+        // SASL final message after AuthenticationOk, or an error: not reusable.
+        assert!(Greeting::trusted([g.clone(), msg(b'R', &[0, 0, 0, 12])].concat()).is_none());
+        assert!(Greeting::trusted([g.clone(), msg(b'E', b"\0")].concat()).is_none());
+        // Truncated.
+        assert!(Greeting::trusted(g[..g.len() - 1].to_vec()).is_none());
+    }
+
+    #[test]
+    fn discard_all_query_is_well_formed() {
+        let q = b"Q\0\0\0\x10DISCARD ALL\0";
+        assert_eq!(q.len(), 1 + 0x10);
+    }
+}
