@@ -34,10 +34,33 @@ enum Command {
     Use(commands::daemon::UseArgs),
     /// Show the active branch, the proxy and its sessions.
     Status(commands::daemon::StatusArgs),
+    /// Branches for pull requests (CI): pr-NUMBER.
+    #[command(subcommand)]
+    Pr(commands::git::PrCommand),
+    /// Delete branches whose git branch is gone or whose TTL passed.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove pgtwig's git hook (restoring the hook that was there before).
+    Uninstall,
+    /// Entry points for git hooks (installed by `pgtwig init`).
+    #[command(subcommand, hide = true)]
+    Hook(commands::git::HookCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up(_)) {
+        // `pgtwig status | head -1` should end quietly, as git does; the
+        // daemon keeps Rust's default (ignored) so a closed socket is an
+        // error, not death.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
+        }
+    }
     // The daemon reports what it does; other commands only warn.
     let default_level = if matches!(cli.command, Command::Up(_)) {
         "info,tokio_postgres=warn"
@@ -60,6 +83,10 @@ fn main() -> ExitCode {
         Command::Down(args) => commands::daemon::down(args),
         Command::Use(args) => commands::daemon::use_branch(args),
         Command::Status(args) => commands::daemon::status(args),
+        Command::Pr(cmd) => commands::git::pr(cmd),
+        Command::Gc { dry_run } => commands::git::gc(dry_run),
+        Command::Uninstall => commands::git::uninstall(),
+        Command::Hook(cmd) => commands::git::hook(cmd),
     };
     match result {
         Ok(code) => code,

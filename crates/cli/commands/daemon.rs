@@ -46,8 +46,11 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     if args.detach {
         return detach(&paths, &args);
     }
+    // The daemon follows the work tree it is started in (git worktrees of
+    // one repository share a project).
+    let worktree = crate::commands::git::follow_worktree(&project, &backend)?;
     let detached = std::env::var_os(DETACHED_ENV).is_some();
-    pgtwig_daemon::run(backend, settings, |status| {
+    pgtwig_daemon::run(backend, settings, worktree, |status| {
         if !detached {
             // Not println!: whoever started us may have stopped reading
             // stdout, and a daemon must not die of EPIPE.
@@ -209,13 +212,14 @@ pub fn set_active(
     let path = project.home.state_path();
     let old = {
         let _lock = backend.lock()?;
-        let old = ProjectState::load(&path).ok().map(|s| s.active);
+        let previous = ProjectState::load(&path).ok();
         ProjectState {
             active: branch.clone(),
+            worktree: previous.as_ref().and_then(|s| s.worktree.clone()),
         }
         .save(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-        old
+        previous.map(|s| s.active)
     };
     let paths = DaemonPaths::for_backend(backend)?;
     match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {

@@ -30,7 +30,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     };
     let config_path = top.join(CONFIG_FILE);
     let config = if config_path.exists() {
-        let c = Config::load(&config_path)?;
+        // Read as every other command does, .pgtwig.local.toml included.
+        let (c, _) = Config::discover(&top)?;
         println!("Using existing {}", config_path.display());
         c
     } else {
@@ -70,9 +71,27 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     if !state_path.exists() {
         ProjectState {
             active: root.clone(),
+            worktree: Some(project.root.clone()),
         }
         .save(&state_path)
         .with_context(|| format!("cannot write {}", state_path.display()))?;
+    }
+    let wt = pgtwig_git::Worktree::discover(&project.root)?;
+    let exe = std::env::current_exe().context("cannot find the pgtwig executable")?;
+    match pgtwig_git::install_hook(&wt, &exe)? {
+        pgtwig_git::HookChange::Installed { path, chained } => println!(
+            "Installed the git hook {}{}: `git checkout` now switches database branches",
+            path.display(),
+            if chained {
+                " (your existing hook still runs first)"
+            } else {
+                ""
+            }
+        ),
+        pgtwig_git::HookChange::Updated { path } => {
+            println!("Git hook {} is installed", path.display())
+        }
+        _ => {}
     }
     println!("State lives in {}", project.home.dir().display());
     println!(

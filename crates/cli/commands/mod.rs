@@ -1,3 +1,4 @@
 pub mod branch;
 pub mod daemon;
+pub mod git;
 pub mod init;

@@ -36,7 +36,21 @@ pub struct Config {
     /// The local proxy (`pgtwig up`).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Git branch → database branch rules, first match wins (see `rules`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map: Vec<crate::rules::MapRule>,
 }
+
+/// `.pgtwig.local.toml`: a developer's own rules, git-ignored, tried first.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalOverrides {
+    #[serde(default)]
+    map: Vec<crate::rules::MapRule>,
+}
+
+/// The per-developer file next to `.pgtwig.toml`.
+pub const LOCAL_CONFIG_FILE: &str = ".pgtwig.local.toml";
 
 /// What happens to open sessions when the active branch changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -122,6 +136,7 @@ impl Config {
             backend: BackendKind::Local,
             root_branch: default_root(),
             proxy: ProxyConfig::default(),
+            map: Vec::new(),
         }
     }
 
@@ -148,7 +163,24 @@ impl Config {
         while let Some(d) = dir {
             let candidate = d.join(CONFIG_FILE);
             if candidate.is_file() {
-                return Ok((Config::load(&candidate)?, d.to_path_buf()));
+                let mut config = Config::load(&candidate)?;
+                let local = d.join(LOCAL_CONFIG_FILE);
+                if local.is_file() {
+                    let text =
+                        std::fs::read_to_string(&local).map_err(|source| ConfigError::Read {
+                            path: local.clone(),
+                            source,
+                        })?;
+                    let overrides: LocalOverrides =
+                        toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                            path: local.clone(),
+                            message: e.to_string().trim_end().to_string(),
+                        })?;
+                    let mut map = overrides.map;
+                    map.append(&mut config.map);
+                    config.map = map;
+                }
+                return Ok((config, d.to_path_buf()));
             }
             dir = d.parent();
         }
@@ -180,8 +212,20 @@ impl Config {
              # Stop a branch's server after this long without sessions (\"0\" = never).\n\
              suspend_timeout = \"15m\"\n\
              # On a branch switch: \"close-idle\" ends sessions at their next transaction boundary; \"keep\" leaves them.\n\
-             on_switch = \"close-idle\"\n",
-            self.project, self.root_branch, self.proxy.listen
+             on_switch = \"close-idle\"\n\
+             \n\
+             # Git branch -> database branch, first match wins (your own rules can go first in the\n\
+             # git-ignored .pgtwig.local.toml). {{branch}} is the git branch name made valid\n\
+             # (feature/login -> feature-login), {{user}} your user name. Examples: examples/ in pgtwig.\n\
+             [[map]]\n\
+             git = \"*\"\n\
+             branch = \"{{branch}}\"\n\
+             parent = \"{}\"\n\
+             # \"auto\": made on first checkout; \"never\": only by hand.\n\
+             create = \"auto\"\n\
+             # Commands run after a branch is made, with DATABASE_URL pointing at it (e.g. migrations).\n\
+             post_create = []\n",
+            self.project, self.root_branch, self.proxy.listen, self.root_branch
         )
     }
 }
@@ -194,7 +238,10 @@ mod tests {
     fn written_config_reads_back() {
         let c = Config::new(BranchName::parse("shop").unwrap());
         let back = Config::parse(&c.to_commented_toml(), Path::new("x")).unwrap();
-        assert_eq!(back, c);
+        assert_eq!(back.project, c.project);
+        assert_eq!(back.proxy, c.proxy);
+        assert_eq!(back.map.len(), 1);
+        assert_eq!(String::from(back.map[0].branch.clone()), "{branch}");
     }
 
     #[test]

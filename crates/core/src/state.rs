@@ -12,6 +12,10 @@ use crate::names::BranchName;
 pub struct ProjectState {
     /// The branch new proxy connections go to.
     pub active: BranchName,
+    /// The git work tree whose checkouts switch `active` (set by `init` and
+    /// `up`); checkouts in other worktrees of the repository only create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<std::path::PathBuf>,
 }
 
 impl ProjectState {

@@ -7,9 +7,11 @@
 //! - [`suspend`]: scale to zero after `suspend_timeout` without sessions.
 //! - [`control`]: the control socket protocol, server side here, client side
 //!   for the CLI.
+//! - [`head_watch`]: follow checkouts that skip the git hook.
 //! - [`port`]: binding the proxy port with a useful error.
 
 pub mod control;
+pub mod head_watch;
 pub mod port;
 pub mod router;
 pub mod suspend;
@@ -59,6 +61,7 @@ impl DaemonPaths {
 pub fn run(
     backend: LocalBackend,
     settings: ProxySettings,
+    worktree: Option<(PathBuf, PathBuf)>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
     let paths = DaemonPaths::for_backend(&backend)?;
@@ -105,6 +108,7 @@ pub fn run(
         state,
         listener,
         &paths,
+        worktree,
         on_ready,
     ));
     let _ = std::fs::remove_file(&paths.control);
@@ -121,6 +125,7 @@ async fn serve(
     state: ProjectState,
     listener: std::net::TcpListener,
     paths: &DaemonPaths,
+    worktree: Option<(PathBuf, PathBuf)>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
     let backend = Arc::new(backend);
@@ -145,6 +150,9 @@ async fn serve(
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
     tokio::spawn(proxy.clone().serve(listener));
+    if let Some((root, head)) = worktree {
+        tokio::spawn(head_watch::run(root, head));
+    }
     tokio::spawn(suspend::run(
         backend.clone(),
         activity.clone(),

@@ -42,6 +42,9 @@ pub struct BranchMeta {
     /// The git branch this branch was made for, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_branch: Option<String>,
+    /// RFC 3339; `pgtwig gc` deletes the branch after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -432,6 +435,7 @@ impl LocalBackend {
             clone_method: CloneMethod::Initdb,
             pg_major: pg.major,
             git_branch,
+            expires: None,
         };
         self.publish(name, &build, &meta)
     }
@@ -442,6 +446,17 @@ impl LocalBackend {
         name: &BranchName,
         parent: &BranchName,
         git_branch: Option<String>,
+    ) -> Result<CreateReport> {
+        self.create_with(name, parent, git_branch, None)
+    }
+
+    /// [`create`](Self::create) with an expiry time (RFC 3339) for `gc`.
+    pub fn create_with(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+        expires: Option<String>,
     ) -> Result<CreateReport> {
         let _lock = self.lock()?;
         if self.exists(name) {
@@ -456,6 +471,7 @@ impl LocalBackend {
             clone_method: report.0,
             pg_major: parent_branch.meta.pg_major,
             git_branch,
+            expires,
         };
         failpoint::hit("create.before_publish");
         let branch = self.publish(name, &build, &meta)?;
@@ -505,6 +521,7 @@ impl LocalBackend {
             clone_method: method,
             pg_major: parent.meta.pg_major,
             git_branch: old.meta.git_branch.clone(),
+            expires: old.meta.expires.clone(),
         };
         write_meta(&build, &meta)?;
         sync_tree(&build)?;

@@ -1,0 +1,388 @@
+//! Git integration: the post-checkout hook's command, `uninstall`,
+//! per-pull-request branches (`pr open/close`) and `gc`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use pgtwig_core::rules::{self, CreatePolicy};
+use pgtwig_core::state::ProjectState;
+use pgtwig_core::BranchName;
+use pgtwig_git::{Head, HookChange, Worktree};
+use pgtwig_local::LocalBackend;
+
+use crate::commands::daemon::set_active;
+use crate::output;
+use crate::project::Project;
+
+#[derive(Subcommand)]
+pub enum HookCommand {
+    /// Called by git's post-checkout hook: switch to (or create) the branch's database.
+    PostCheckout {
+        #[arg(default_value = "0")]
+        previous: String,
+        #[arg(default_value = "0")]
+        new: String,
+        /// 1 for a branch checkout, 0 for a file checkout.
+        #[arg(default_value = "1")]
+        branch_flag: String,
+    },
+}
+
+/// The hook never fails a checkout: any error is one line on stderr.
+pub fn hook(cmd: HookCommand) -> Result<ExitCode> {
+    let HookCommand::PostCheckout { branch_flag, .. } = cmd;
+    if branch_flag != "1" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Err(e) = follow_checkout() {
+        eprintln!("pgtwig: {}", one_line(&format!("{e:#}")));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A multi-line error (toml's come with a source snippet) as one line:
+/// its first line and its last, which says what is wrong.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [only] => only.to_string(),
+        [first, .., last] => format!("{first}: {last}"),
+    }
+}
+
+fn user_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "dev".into())
+}
+
+/// Make the database follow the checked-out git branch.
+fn follow_checkout() -> Result<()> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let cwd = std::env::current_dir()?;
+    let wt = Worktree::discover(&cwd)?;
+    let Head::Branch(git) = wt.head()? else {
+        // Detached HEAD (rebase, bisect): keep the current database branch.
+        return Ok(());
+    };
+    let state = ProjectState::load(&project.home.state_path()).map_err(anyhow::Error::msg)?;
+    let Some(target) = rules::resolve(
+        &project.config.map,
+        &git,
+        &user_name(),
+        &project.config.root_branch,
+        |name| holder(&backend, name),
+    ) else {
+        println!(
+            "pgtwig: no [[map]] rule matches git branch \"{git}\"; staying on database branch \"{}\"",
+            state.active
+        );
+        return Ok(());
+    };
+    if !backend.exists(&target.branch) {
+        if target.create == CreatePolicy::Never {
+            println!(
+                "pgtwig: database branch \"{}\" does not exist (create = \"never\" for git branch \"{git}\"); \
+                 staying on \"{}\"",
+                target.branch, state.active
+            );
+            return Ok(());
+        }
+        let started = Instant::now();
+        match backend.create(&target.branch, &target.parent, Some(git.clone())) {
+            Ok(report) => {
+                println!(
+                    "pgtwig: created database branch \"{}\" from \"{}\" for git branch \"{git}\" ({}, {})",
+                    target.branch,
+                    target.parent,
+                    report.branch.meta.clone_method.describe(),
+                    output::duration(started.elapsed())
+                );
+                run_post_create(&project, &backend, &target.branch, &target.post_create);
+            }
+            // Made meanwhile by another pgtwig (the daemon following HEAD).
+            Err(pgtwig_local::Error::Exists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let follows = state
+        .worktree
+        .as_ref()
+        .is_none_or(|w| wt.root().is_some_and(|r| same_dir(w, r)));
+    if !follows {
+        println!(
+            "pgtwig: database branch \"{}\" is ready; the proxy follows the work tree {}",
+            target.branch,
+            state
+                .worktree
+                .as_ref()
+                .map(|w| w.display().to_string())
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let (old, new) = set_active(&project, &backend, &target.branch)?;
+    if old.as_ref() != Some(&new) {
+        println!("pgtwig: database branch \"{new}\"");
+    }
+    Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Who holds a database branch name, for collision-free git mapping.
+fn holder(backend: &LocalBackend, name: &BranchName) -> Option<Option<String>> {
+    if !backend.exists(name) {
+        return None;
+    }
+    Some(backend.get(name).ok().and_then(|b| b.meta.git_branch))
+}
+
+/// Run `post_create` commands with DATABASE_URL straight at the new branch.
+/// A failure is reported; the branch stays.
+fn run_post_create(
+    project: &Project,
+    backend: &LocalBackend,
+    branch: &BranchName,
+    commands: &[String],
+) {
+    if commands.is_empty() {
+        return;
+    }
+    let url = match backend
+        .start(branch)
+        .and_then(|_| backend.url(branch, "postgres"))
+    {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("pgtwig: cannot run post_create for \"{branch}\": {e}");
+            return;
+        }
+    };
+    for cmd in commands {
+        println!("pgtwig: post_create: {cmd}");
+        let status = Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(&project.root)
+            .env("DATABASE_URL", &url)
+            .env("PGTWIG_BRANCH", branch.as_str())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                eprintln!("pgtwig: post_create command `{cmd}` failed ({s}); branch \"{branch}\" was kept");
+                return;
+            }
+            Err(e) => {
+                eprintln!("pgtwig: cannot run post_create command `{cmd}`: {e}; branch \"{branch}\" was kept");
+                return;
+            }
+        }
+    }
+}
+
+/// Record the work tree the daemon follows; returns (work tree top, HEAD file).
+pub fn follow_worktree(
+    project: &Project,
+    backend: &LocalBackend,
+) -> Result<Option<(PathBuf, PathBuf)>> {
+    let Ok(wt) = Worktree::discover(&std::env::current_dir()?) else {
+        return Ok(None);
+    };
+    let Some(root) = wt.root().map(Path::to_path_buf) else {
+        return Ok(None);
+    };
+    let path = project.home.state_path();
+    let _lock = backend.lock()?;
+    let mut state = ProjectState::load(&path).map_err(anyhow::Error::msg)?;
+    if state.worktree.as_deref() != Some(root.as_path()) {
+        state.worktree = Some(root.clone());
+        state.save(&path)?;
+    }
+    Ok(Some((root, wt.head_file())))
+}
+
+pub fn uninstall() -> Result<ExitCode> {
+    let wt = Worktree::discover(&std::env::current_dir()?)?;
+    match pgtwig_git::uninstall_hook(&wt)? {
+        HookChange::Removed { path, restored } => println!(
+            "Removed the pgtwig hook {}{}",
+            path.display(),
+            if restored {
+                " and restored the hook that was there before"
+            } else {
+                ""
+            }
+        ),
+        _ => println!("No pgtwig hook is installed"),
+    }
+    println!("Branches and their data are untouched; `pgtwig init` installs the hook again.");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub enum PrCommand {
+    /// Create branch pr-NUMBER (once) and print its connection string.
+    Open {
+        number: u64,
+        /// Parent branch (default: "staging" if it exists, else the root).
+        #[arg(long = "from", value_name = "PARENT")]
+        from: Option<BranchName>,
+        /// Delete it with `pgtwig gc` after this long (e.g. 7d, 12h).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Database name in the printed URL.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+    },
+    /// Delete branch pr-NUMBER (if it exists).
+    Close { number: u64 },
+}
+
+pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    match cmd {
+        PrCommand::Open {
+            number,
+            from,
+            ttl,
+            database,
+        } => {
+            let name = BranchName::parse(&format!("pr-{number}"))?;
+            let expires = match ttl {
+                Some(t) => {
+                    let d = humantime::parse_duration(&t).with_context(|| {
+                        format!("invalid --ttl \"{t}\"; write e.g. 7d, 36h or 90m")
+                    })?;
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string())
+                }
+                None => None,
+            };
+            if backend.exists(&name) {
+                eprintln!("Branch \"{name}\" is already open");
+            } else {
+                let staging = BranchName::parse("staging")?;
+                let parent = from.unwrap_or_else(|| {
+                    if backend.exists(&staging) {
+                        staging
+                    } else {
+                        project.config.root_branch.clone()
+                    }
+                });
+                let started = Instant::now();
+                let r = backend.create_with(&name, &parent, None, expires)?;
+                eprintln!(
+                    "Created branch \"{name}\" from \"{parent}\" ({}, {})",
+                    r.branch.meta.clone_method.describe(),
+                    output::duration(started.elapsed())
+                );
+            }
+            backend.start(&name)?;
+            let url = backend.url(&name, &database)?;
+            if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|o| !o.is_empty()) {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&out)
+                    .with_context(|| {
+                        format!(
+                            "cannot write GITHUB_OUTPUT {}",
+                            PathBuf::from(&out).display()
+                        )
+                    })?;
+                writeln!(f, "database_url={url}\nbranch={name}")?;
+            }
+            println!("{url}");
+        }
+        PrCommand::Close { number } => {
+            let name = BranchName::parse(&format!("pr-{number}"))?;
+            if backend.exists(&name) {
+                backend.delete(&name, &project.config.root_branch)?;
+                println!("Deleted branch \"{name}\"");
+            } else {
+                println!("Branch \"{name}\" is already closed");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(dry_run: bool) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let git_branches = Worktree::discover(&project.root)
+        .and_then(|wt| wt.local_branches())
+        .ok();
+    let protected = rules::protected_names(&project.config.map);
+    let active = ProjectState::load(&project.home.state_path())
+        .ok()
+        .map(|s| s.active);
+    let now = SystemTime::now();
+    let mut doomed = Vec::new();
+    for b in backend.list()? {
+        let Some(meta) = b.meta else { continue };
+        if b.name == project.config.root_branch || protected.contains(&b.name) {
+            continue;
+        }
+        let expired = meta
+            .expires
+            .as_deref()
+            .and_then(|e| humantime::parse_rfc3339(e).ok())
+            .is_some_and(|t| t < now);
+        let git_gone = match (&meta.git_branch, &git_branches) {
+            (Some(g), Some(list)) => !list.contains(g),
+            _ => false,
+        };
+        let reason = if expired {
+            format!("expired at {}", meta.expires.unwrap_or_default())
+        } else if git_gone {
+            format!(
+                "git branch \"{}\" no longer exists",
+                meta.git_branch.unwrap_or_default()
+            )
+        } else {
+            continue;
+        };
+        if active.as_ref() == Some(&b.name) {
+            println!("keep   {} ({reason}, but it is the active branch)", b.name);
+            continue;
+        }
+        doomed.push((b.name, reason));
+    }
+    if doomed.is_empty() {
+        println!("Nothing to collect");
+    }
+    for (name, reason) in doomed {
+        if dry_run {
+            println!("would delete {name} ({reason})");
+        } else {
+            backend.delete(&name, &project.config.root_branch)?;
+            println!("deleted {name} ({reason})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

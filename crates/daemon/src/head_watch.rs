@@ -1,0 +1,81 @@
+//! Checkouts that skip hooks (IDEs, some git tools, `git -c core.hooksPath=`)
+//! still switch: the daemon watches the HEAD file of the work tree it was
+//! started in and, when it changes, runs the same `pgtwig hook
+//! post-checkout` the git hook runs — after a pause, because git writes
+//! HEAD before it runs the hook, and the hook (which reports to the user
+//! in the terminal) should do the work; the daemon then finds the branch
+//! already active and does nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+/// How long a checkout's own hook gets before the daemon follows HEAD.
+const HOOK_GRACE: Duration = Duration::from_millis(1500);
+
+pub async fn run(worktree: PathBuf, head_file: PathBuf) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let Some(dir) = head_file.parent().map(|p| p.to_path_buf()) else {
+        return;
+    };
+    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == "HEAD"))
+            {
+                let _ = tx.send(());
+            }
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch {} for checkouts: {e}; only the git hook will switch branches",
+                dir.display()
+            );
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(
+            "cannot watch {} for checkouts: {e}; only the git hook will switch branches",
+            dir.display()
+        );
+        return;
+    }
+    let mut last = std::fs::read_to_string(&head_file).unwrap_or_default();
+    while rx.recv().await.is_some() {
+        // Let git finish and its hook run first; fold bursts (rebase).
+        tokio::time::sleep(HOOK_GRACE).await;
+        while rx.try_recv().is_ok() {}
+        let now = std::fs::read_to_string(&head_file).unwrap_or_default();
+        if now == last || now.is_empty() {
+            continue;
+        }
+        last = now;
+        let Ok(exe) = std::env::current_exe() else {
+            continue;
+        };
+        let out = tokio::process::Command::new(exe)
+            .args(["hook", "post-checkout", "0", "0", "1"])
+            .current_dir(&worktree)
+            .output()
+            .await;
+        match out {
+            Ok(o) => {
+                for line in String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .chain(String::from_utf8_lossy(&o.stderr).lines())
+                {
+                    tracing::info!("HEAD changed: {line}");
+                }
+            }
+            Err(e) => tracing::warn!("HEAD changed but pgtwig could not follow it: {e}"),
+        }
+    }
+    drop(watcher);
+}
