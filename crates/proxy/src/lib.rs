@@ -262,6 +262,13 @@ impl Proxy {
         self.pool.len()
     }
 
+    /// Closes the idle server connections kept for reuse to `addr` (returns how many). Call
+    /// it before stopping or deleting a branch's server: parked connections hold no
+    /// [`Route::lease`], and a smart shutdown would wait for them.
+    pub fn release_pooled(&self, addr: &UpstreamAddr) -> usize {
+        self.pool.release(addr)
+    }
+
     pub(crate) fn register_session(&self, record: SessionRecord) -> Registration<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.sessions

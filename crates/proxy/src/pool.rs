@@ -77,6 +77,16 @@ pub struct Parked {
     pub since: Instant,
 }
 
+/// Closes a parked connection politely: a non-blocking Terminate (5 bytes to an idle
+/// socket), then the drop closes it.
+fn close(p: Parked) {
+    let x = [b'X', 0, 0, 0, 4];
+    let _ = match &p.server {
+        UpstreamStream::Unix(s) => s.try_write(&x),
+        UpstreamStream::Tcp(s) => s.try_write(&x),
+    };
+}
+
 type Key = (UpstreamAddr, Vec<u8>);
 
 /// Parked connections by (upstream, startup packet).
@@ -108,6 +118,8 @@ impl Pool {
         let list = idle.entry((addr, startup)).or_default();
         if list.len() < MAX_PER_KEY {
             list.push(conn);
+        } else {
+            close(conn);
         }
     }
 
@@ -123,6 +135,7 @@ impl Pool {
                 found = Some(p);
                 break;
             }
+            close(p);
         }
         if list.is_empty() {
             idle.remove(&key);
@@ -135,9 +148,31 @@ impl Pool {
         let Some(timeout) = self.timeout else { return };
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, list| {
-            list.retain(|p| p.since.elapsed() < timeout && is_quiet(&p.server));
+            for p in std::mem::take(list) {
+                if p.since.elapsed() < timeout && is_quiet(&p.server) {
+                    list.push(p);
+                } else {
+                    close(p);
+                }
+            }
             !list.is_empty()
         });
+    }
+
+    /// Closes every parked connection to `addr`; returns how many.
+    pub fn release(&self, addr: &UpstreamAddr) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        idle.retain(|(a, _), list| {
+            if a == addr {
+                n += list.len();
+                list.drain(..).for_each(close);
+                false
+            } else {
+                true
+            }
+        });
+        n
     }
 
     /// Number of parked connections.

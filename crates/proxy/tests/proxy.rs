@@ -749,6 +749,21 @@ async fn trust_connections_are_reused_after_a_reset() {
     assert_ne!(other, pid);
     drop(c);
     conn.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.proxy.pooled_connections() != 2 {
+        assert!(Instant::now() < deadline, "connections were not parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The daemon releases them before stopping a branch server; they really close.
+    assert_eq!(env.proxy.release_pooled(&env.feature.addr()), 0);
+    assert_eq!(env.proxy.release_pooled(&env.main.addr()), 2);
+    assert_eq!(env.proxy.pooled_connections(), 0);
+    let q = "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.main.psql(q) != "0" {
+        assert!(Instant::now() < deadline, "released connections still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Password-authenticated connections are never reused.
     let hba = env.main.dir.join("data/pg_hba.conf");
