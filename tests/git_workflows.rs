@@ -342,6 +342,27 @@ fn pull_request_branches_and_gc() {
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["kept", "main", "pr-8"]);
+
+    // A protected template rule keeps its branches even when their git branch is gone.
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[[map]]\ngit = \"*\"\nbranch = \"dev-{user}\"\nprotected = true\n",
+    )
+    .unwrap();
+    git(&env, &["checkout", "-q", "-b", "feature/a"]);
+    git(&env, &["checkout", "-q", "kept"]);
+    git(&env, &["branch", "-q", "-D", "feature/a"]);
+    let dev: Vec<String> = env
+        .list_json()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("dev-"))
+        .collect();
+    assert_eq!(dev.len(), 1, "{dev:?}");
+    env.ok(&["use", "main"]); // so that "active" is not what keeps it
+    let out = env.ok(&["gc"]);
+    assert!(!out.contains(&dev[0]), "{out}");
+    assert!(env.project_dir().join("branches").join(&dev[0]).exists());
 }
 
 #[test]

@@ -348,6 +348,21 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         if b.name == project.config.root_branch || protected.contains(&b.name) {
             continue;
         }
+        // A branch made by a rule with `protected = true` and a template
+        // (e.g. "dev-{user}") is protected too.
+        let by_protected_rule = meta.git_branch.as_deref().is_some_and(|g| {
+            rules::resolve(
+                &project.config.map,
+                g,
+                &user_name(),
+                &project.config.root_branch,
+                |_| None,
+            )
+            .is_some_and(|t| t.protected && t.branch == b.name)
+        });
+        if by_protected_rule {
+            continue;
+        }
         let expired = meta
             .expires
             .as_deref()

@@ -20,17 +20,25 @@ pub async fn run(worktree: PathBuf, head_file: PathBuf) {
     let Some(dir) = head_file.parent().map(|p| p.to_path_buf()) else {
         return;
     };
-    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // Only writes count: every read of HEAD (git's, the hook's) is an
+        // access event too, and would wake us in a loop.
         if let Ok(ev) = ev {
-            if ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| n == "HEAD"))
+            let written = matches!(
+                ev.kind,
+                notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+            );
+            if written
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| n == "HEAD"))
             {
                 let _ = tx.send(());
             }
         }
-    }) {
+    });
+    let mut watcher = match watcher {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(
@@ -47,16 +55,12 @@ pub async fn run(worktree: PathBuf, head_file: PathBuf) {
         );
         return;
     }
-    let mut last = std::fs::read_to_string(&head_file).unwrap_or_default();
     while rx.recv().await.is_some() {
         // Let git finish and its hook run first; fold bursts (rebase).
         tokio::time::sleep(HOOK_GRACE).await;
         while rx.try_recv().is_ok() {}
-        let now = std::fs::read_to_string(&head_file).unwrap_or_default();
-        if now == last || now.is_empty() {
-            continue;
-        }
-        last = now;
+        // The hook is idempotent: with the right branch already active it
+        // does nothing, so there is no need to compare HEAD contents.
         let Ok(exe) = std::env::current_exe() else {
             continue;
         };
@@ -67,10 +71,12 @@ pub async fn run(worktree: PathBuf, head_file: PathBuf) {
             .await;
         match out {
             Ok(o) => {
-                for line in String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .chain(String::from_utf8_lossy(&o.stderr).lines())
-                {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                for line in text.lines() {
                     tracing::info!("HEAD changed: {line}");
                 }
             }
