@@ -155,6 +155,7 @@ async fn serve(
     }
     tokio::spawn(suspend::run(
         backend.clone(),
+        proxy.clone(),
         activity.clone(),
         settings.suspend_timeout,
     ));

@@ -10,7 +10,12 @@ use pgtwig_local::LocalBackend;
 
 use crate::router::Activity;
 
-pub async fn run(backend: Arc<LocalBackend>, activity: Arc<Activity>, timeout: Duration) {
+pub async fn run(
+    backend: Arc<LocalBackend>,
+    proxy: Arc<pgtwig_proxy::Proxy>,
+    activity: Arc<Activity>,
+    timeout: Duration,
+) {
     if timeout.is_zero() {
         return;
     }
@@ -51,6 +56,11 @@ pub async fn run(backend: Arc<LocalBackend>, activity: Arc<Activity>, timeout: D
                 activity.forget(&branch);
                 continue;
             };
+            // Idle server connections the proxy keeps for reuse are not
+            // clients: close them before counting who is connected.
+            if proxy.release_pooled(&pgtwig_proxy::UpstreamAddr::Unix(socket.clone())) > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             match direct_clients(&socket).await {
                 Ok(0) => {}
                 Ok(n) => {
