@@ -118,6 +118,8 @@ pub fn run(
     result
 }
 
+// The daemon's parts, each prepared by `run` before the runtime exists.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     backend: LocalBackend,
     settings: ProxySettings,
