@@ -2,12 +2,14 @@
 # Proxy overhead benchmark: pgbench side by side against
 #   direct Unix socket, direct TCP, pgtwig-proxy (current-thread and 2-worker runtimes;
 #   TCP in, Unix socket to the server) and PgBouncer (session pooling, same shape).
-# Usage: bench/proxy.sh            (DURATION=10 SCALE=10 by default)
+# Usage: bench/proxy.sh      (env: DURATION=10 seconds per run, ROUNDS=1 runs per cell, median
+#                            shown; SCALE=10)
 # Needs PostgreSQL 15 binaries, pgbench, psql and pgbouncer. Runs the servers as `postgres`
 # when invoked as root.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-1}
 SCALE=${SCALE:-10}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -98,17 +100,33 @@ MODES=(
   "-S -C -c 8 -j 2"
 )
 
+# Each (mode, target) pair runs ROUNDS times, targets interleaved within a round so that
+# background load hits them alike; the table shows the median round.
+run_one() { # mode conn -> "tps lat"
+  local out
+  # shellcheck disable=SC2086
+  out=$(pgbench $1 -T "$DURATION" $2 -U postgres postgres 2>&1) || { echo "$out" >&2; exit 1; }
+  echo "$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1) $(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')"
+}
+median() { sort -n | awk '{v[NR]=$0} END{print v[int((NR+1)/2)]}'; }
+
 printf '%-32s %-18s %10s %12s %9s\n' target mode tps "lat avg ms" "vs tcp"
 for mode in "${MODES[@]}"; do
-  base=""
+  declare -A RES=()
+  for _ in $(seq "$ROUNDS"); do
+    for t in "${TARGETS[@]}"; do
+      name=${t%%|*}
+      RES[$name]+="$(run_one "$mode" "${t#*|}")"$'\n'
+    done
+  done
+  base=$(printf '%s' "${RES[direct tcp]}" | median | cut -d' ' -f1)
   for t in "${TARGETS[@]}"; do
-    name=${t%%|*}; conn=${t#*|}
-    # shellcheck disable=SC2086
-    out=$(pgbench $mode -T "$DURATION" $conn -U postgres postgres 2>&1) || { echo "$out" >&2; exit 1; }
-    tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
-    lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
-    [ "$name" = "direct tcp" ] && base=$tps
-    ratio=$( [ -n "$base" ] && awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}' || echo "-")
+    name=${t%%|*}
+    row=$(printf '%s' "${RES[$name]}" | median)
+    tps=${row%% *}; lat=${row#* }
+    ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}')
+    [ "$name" = "direct unix" ] && ratio="($ratio)"
     printf '%-32s %-18s %10.0f %12s %9s\n' "$name" "$mode" "$tps" "$lat" "$ratio"
   done
+  unset RES
 done
