@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proxy overhead benchmark: pgbench side by side against
-#   direct Unix socket, direct TCP, pgtwig-proxy (current-thread and 2-worker runtimes;
-#   TCP in, Unix socket to the server) and PgBouncer (session pooling, same shape).
+#   direct Unix socket, direct TCP, pgtwig-proxy (crates/proxy/examples/fixed_route: TCP in,
+#   Unix socket to the server; current-thread runtime with and without busy-polling, and a
+#   2-worker runtime) and PgBouncer (session pooling, same shape).
 # Usage: bench/proxy.sh      (env: DURATION=10 seconds per run, ROUNDS=1 runs per cell, median
 #                            shown; SCALE=10)
 # Needs PostgreSQL 15 binaries, pgbench, psql and pgbouncer. Runs the servers as `postgres`
@@ -58,6 +59,9 @@ pgbench -q -i -s "$SCALE" -h "$SOCK" -p "$PGPORT" -U postgres postgres >/dev/nul
 PROXY_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
 PIDS+=($!)
+PROXY_NB_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_NB_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --busy-poll-us 0 2>"$WORK/proxy-nb.log" &
+PIDS+=($!)
 PROXY_MT_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_MT_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime multi --workers 2 2>"$WORK/proxy-mt.log" &
 PIDS+=($!)
@@ -83,7 +87,7 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $PROXY_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
+for port in $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
 
@@ -91,6 +95,7 @@ TARGETS=(
   "direct unix|-h $SOCK -p $PGPORT"
   "direct tcp|-h 127.0.0.1 -p $PGPORT"
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
+  "pgtwig-proxy (current, no busy-poll)|-h 127.0.0.1 -p $PROXY_NB_PORT"
   "pgtwig-proxy (2 workers)|-h 127.0.0.1 -p $PROXY_MT_PORT"
   "pgbouncer (session)|-h 127.0.0.1 -p $BOUNCER_PORT"
 )
@@ -110,7 +115,7 @@ run_one() { # mode conn -> "tps lat"
 }
 median() { sort -n | awk '{v[NR]=$0} END{print v[int((NR+1)/2)]}'; }
 
-printf '%-32s %-18s %10s %12s %9s\n' target mode tps "lat avg ms" "vs tcp"
+printf '%-38s %-18s %10s %12s %9s\n' target mode tps "lat avg ms" "vs tcp"
 for mode in "${MODES[@]}"; do
   declare -A RES=()
   for _ in $(seq "$ROUNDS"); do
@@ -126,7 +131,7 @@ for mode in "${MODES[@]}"; do
     tps=${row%% *}; lat=${row#* }
     ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}')
     [ "$name" = "direct unix" ] && ratio="($ratio)"
-    printf '%-32s %-18s %10.0f %12s %9s\n' "$name" "$mode" "$tps" "$lat" "$ratio"
+    printf '%-38s %-18s %10.0f %12s %9s\n' "$name" "$mode" "$tps" "$lat" "$ratio"
   done
   unset RES
 done

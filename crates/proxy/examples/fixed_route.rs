@@ -2,9 +2,10 @@
 //! Used by `bench/proxy.sh`.
 //!
 //! ```text
-//! fixed_route --listen 127.0.0.1:6543 --upstream /tmp/sock/.s.PGSQL.5433 [--runtime current|multi] [--workers N] [--tls-dir DIR]
+//! fixed_route --listen 127.0.0.1:6543 --upstream /tmp/sock/.s.PGSQL.5433 [--runtime current|multi] [--workers N] [--tls-dir DIR] [--busy-poll-us N]
 //! ```
-//! `--upstream` is a socket file path or `host:port`.
+//! `--upstream` is a socket file path or `host:port`; `--busy-poll-us 0` turns busy-polling off
+//! (default: `ProxyConfig::default()`'s).
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = "current".to_string();
     let mut workers = 2usize;
     let mut tls_dir = None;
+    let mut spin_us: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             "--runtime" => runtime = val()?,
             "--workers" => workers = val()?.parse()?,
             "--tls-dir" => tls_dir = Some(val()?),
+            "--busy-poll-us" => spin_us = Some(val()?.parse()?),
             _ => anyhow::bail!("unknown argument {a}"),
         }
     }
@@ -71,6 +74,11 @@ fn main() -> anyhow::Result<()> {
         let proxy = Arc::new(Proxy::new(
             ProxyConfig {
                 tls,
+                busy_poll: match spin_us {
+                    None => ProxyConfig::default().busy_poll,
+                    Some(0) => None,
+                    Some(us) => Some(std::time::Duration::from_micros(us)),
+                },
                 ..ProxyConfig::default()
             },
             Arc::new(Fixed(addr)),

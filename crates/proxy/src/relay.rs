@@ -190,9 +190,15 @@ pub struct Relay {
     fe: FrontendScanner,
     st: SessionState,
     close_now: Option<String>,
+    activity: Option<Arc<crate::spin::Activity>>,
 }
 
 impl Relay {
+    /// Reports every wake-up of this session to `activity` (for busy-polling).
+    pub fn set_activity(&mut self, activity: Option<Arc<crate::spin::Activity>>) {
+        self.activity = activity;
+    }
+
     /// Starts relaying between `client` and `server` (whose startup message was already sent).
     /// With `reusable`, the server's greeting is kept so the connection can be parked for
     /// reuse when the client leaves (see `pool.rs`).
@@ -225,6 +231,7 @@ impl Relay {
                 x_withheld: false,
             },
             close_now: None,
+            activity: None,
         }
     }
 
@@ -487,6 +494,9 @@ impl Future for Relay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.get_mut();
+        if let Some(a) = &this.activity {
+            a.touch();
+        }
         if let Some(msg) = this.close_now.take() {
             return Poll::Ready(RelayEnd::Switched(msg));
         }

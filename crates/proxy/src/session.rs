@@ -204,6 +204,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         status,
     };
     let registration = proxy.register_session(record);
+    relay.set_activity(proxy.activity.clone());
 
     let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
     let mut active: watch::Receiver<String> = proxy.active.clone();
@@ -239,12 +240,14 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
         _ => tracing::info!("session {peer} on {} ended: {end:?}", route.branch),
     }
+    // The client is gone (or going): no longer a session, even while the server connection
+    // is being reset for reuse.
+    drop(registration);
     if let Some(parked) = relay.finish(&end).await {
         proxy
             .pool
             .put(route.addr.clone(), plan.upstream_packet, parked);
     }
-    drop(registration);
     drop(route.lease);
 }
 

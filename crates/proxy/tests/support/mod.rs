@@ -410,3 +410,14 @@ pub fn error_fields(body: &[u8]) -> HashMap<u8, String> {
 pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
+
+/// First column of the first row of `sql`, run with the simple query protocol.
+pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = client.simple_query(sql).await.unwrap();
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap()
+}
