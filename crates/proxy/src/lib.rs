@@ -47,6 +47,12 @@
 //! session looks fresh (settings, temp tables, prepared statements, locks and LISTENs are
 //! gone) but keeps its backend pid.
 //!
+//! # Performance
+//! One task per session drives both directions (no locks, one write per read, no
+//! per-message allocation). [`ProxyConfig::busy_poll`] keeps the runtime polling briefly
+//! after traffic instead of sleeping, which saves most wake-ups on a small VM. Run `serve` on
+//! its own current-thread runtime. Measured figures: `BENCH_NOTES.md` in this crate.
+//!
 //! # Cancel requests
 //! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy
 //! (psql's Ctrl-C, `cancel_token().cancel_query()`) is forwarded to the session's server
@@ -223,9 +229,17 @@ impl Proxy {
     /// (e.g. out of file descriptors) are logged and retried after a short pause; a bad
     /// client only ever ends its own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        if let (Some(window), Some(activity)) = (self.config.busy_poll, self.activity.clone()) {
-            tokio::spawn(async move { activity.spin(window).await });
-        }
+        // The busy-poll loop runs inside this future (not a spawned task), so dropping
+        // `serve` stops it too.
+        let activity = self.activity.clone();
+        let window = self.config.busy_poll;
+        let spinner = async move {
+            match (window, activity) {
+                (Some(window), Some(activity)) => activity.spin(window).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(spinner);
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -240,6 +254,7 @@ impl Proxy {
                     }
                 },
                 _ = sweep.tick() => self.pool.sweep(),
+                () = &mut spinner => {}
             }
         }
     }
