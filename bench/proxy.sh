@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Proxy overhead benchmark: pgbench side by side against
-#   direct Unix socket, direct TCP, pgtwig-proxy (crates/proxy/examples/fixed_route: TCP in,
+# Proxy overhead benchmark: pgbench side by side against one pgtwig branch:
+#   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy (crates/proxy/examples/fixed_route: TCP in,
 #   Unix socket to the server; current-thread runtime with and without busy-polling, and a
 #   2-worker runtime) and PgBouncer (session pooling, same shape).
 # Usage: bench/proxy.sh      (env: DURATION=10 seconds per run, ROUNDS=1 runs per cell, median
@@ -25,30 +25,40 @@ while True:
 
 if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); else AS=(); fi
 
-echo "building fixed_route (release)..." >&2
-(cd "$ROOT" && cargo build -q --release -p pgtwig-proxy --example fixed_route)
+echo "building pgtwig and fixed_route (release)..." >&2
+(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route)
 PROXY_BIN=$TARGET_DIR/release/examples/fixed_route
+PGTWIG=$TARGET_DIR/release/pgtwig
 
 WORK=$(mktemp -d /tmp/pgtwig-bench.XXXXXX)
 chmod 755 "$WORK"
 [ "$(id -u)" = 0 ] && chown postgres: "$WORK"
 PIDS=()
+DATA=$WORK/home/bench/branches/main/data
 # Background jobs of a non-interactive shell ignore SIGINT, and runuser does not pass signals
 # on, so stop the servers by their pid files and our own children with SIGTERM.
 cleanup() {
+  [ -f "$WORK/home/bench/daemon.pid" ] && kill -TERM "$(cat "$WORK/home/bench/daemon.pid")" 2>/dev/null
   [ -f "$WORK/pgbouncer.pid" ] && kill -TERM "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
-  [ -f "$WORK/data/postmaster.pid" ] && kill -INT "$(head -1 "$WORK/data/postmaster.pid")" 2>/dev/null
+  [ -f "$DATA/postmaster.pid" ] && kill -INT "$(head -1 "$DATA/postmaster.pid")" 2>/dev/null
+  sleep 0.5
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
+# A pgtwig project whose root branch is the server under test. The branch's
+# server is started here by hand, on pgtwig's own socket folder (so the
+# daemon routes to it as to any running branch) plus a TCP port for the
+# direct-TCP row.
+mkdir -p "$WORK/repo" && git -C "$WORK/repo" init -q
+printf 'project = "bench"\n[proxy]\nsuspend_timeout = "0"\ntls = false\n' >"$WORK/repo/.pgtwig.toml"
+export PGTWIG_HOME=$WORK/home
+(cd "$WORK/repo" && "$PGTWIG" init >/dev/null)
+SOCK=$(cd "$WORK/repo" && "$PGTWIG" branch url main | sed 's/.*host=//')
 PGPORT=$(free_port)
-SOCK=$WORK/s
-"${AS[@]}" mkdir "$SOCK"
-"${AS[@]}" "$PGBIN/initdb" -A trust -U postgres -N -D "$WORK/data" >/dev/null
-"${AS[@]}" "$PGBIN/postgres" -D "$WORK/data" -k "$SOCK" -p "$PGPORT" \
+"${AS[@]}" "$PGBIN/postgres" -D "$DATA" -k "$SOCK" -p "$PGPORT" \
   -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=128MB \
   >"$WORK/pg.log" 2>&1 &
 PIDS+=($!)
@@ -56,6 +66,9 @@ for _ in $(seq 100); do pg_isready -q -h "$SOCK" -p "$PGPORT" && break; sleep 0.
 echo "initialising pgbench scale $SCALE..." >&2
 pgbench -q -i -s "$SCALE" -h "$SOCK" -p "$PGPORT" -U postgres postgres >/dev/null 2>&1
 
+DAEMON_PORT=$(free_port)
+(cd "$WORK/repo" && "$PGTWIG" up --port "$DAEMON_PORT" >/dev/null 2>"$WORK/daemon.log") &
+PIDS+=($!)
 PROXY_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
 PIDS+=($!)
@@ -87,13 +100,14 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
+for port in $DAEMON_PORT $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
 
 TARGETS=(
   "direct unix|-h $SOCK -p $PGPORT"
   "direct tcp|-h 127.0.0.1 -p $PGPORT"
+  "pgtwig up (daemon)|-h 127.0.0.1 -p $DAEMON_PORT"
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
   "pgtwig-proxy (current, no busy-poll)|-h 127.0.0.1 -p $PROXY_NB_PORT"
   "pgtwig-proxy (2 workers)|-h 127.0.0.1 -p $PROXY_MT_PORT"
@@ -135,3 +149,22 @@ for mode in "${MODES[@]}"; do
   done
   unset RES
 done
+
+DAEMON_PID=$(cat "$WORK/home/bench/daemon.pid")
+echo
+echo "pgtwig daemon RSS after the runs: $(ps -o rss= -p "$DAEMON_PID" | awk '{printf "%.1f MiB", $1/1024}')"
+
+# Cold start: the branch stopped, the first query through the daemon starts it.
+kill -INT "$(head -1 "$DATA/postmaster.pid")"
+while [ -f "$DATA/postmaster.pid" ]; do sleep 0.05; done
+COLD=()
+for _ in 1 2 3 4 5; do
+  t0=$(date +%s%N)
+  psql -X -qAt -h 127.0.0.1 -p "$DAEMON_PORT" -U postgres -c 'select 1' postgres >/dev/null
+  t1=$(date +%s%N)
+  COLD+=($(( (t1 - t0) / 1000000 )))
+  (cd "$WORK/repo" && "$PGTWIG" branch stop main >/dev/null)
+done
+echo "cold start through the daemon (stopped branch -> first query answered), ms: ${COLD[*]} (median $(printf '%s\n' "${COLD[@]}" | median))"
+sleep 1
+echo "pgtwig daemon RSS idle: $(ps -o rss= -p "$DAEMON_PID" | awk '{printf "%.1f MiB", $1/1024}')"

@@ -289,3 +289,84 @@ fn up_detach_and_down() {
     let out = env.ok(&["down"]);
     assert!(out.contains("not running"), "{out}");
 }
+
+#[test]
+fn reset_with_open_sessions_closes_them_at_transaction_boundaries() {
+    let env = project();
+    env.ok(&["use", "dev"]);
+    let d = up(&env);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect_async = |db: &str| {
+        let (client, conn) = rt
+            .block_on(tokio_postgres::connect(&url(&d, db), tokio_postgres::NoTls))
+            .unwrap();
+        (client, rt.spawn(conn))
+    };
+    // An idle session, and one in the middle of a transaction, both on dev.
+    let (_idle, idle_conn) = connect_async("postgres");
+    let (busy, busy_conn) = connect_async("postgres");
+    rt.block_on(busy.batch_execute("begin; insert into marker values ('in flight')"))
+        .unwrap();
+
+    let reset = {
+        let cmd = env.cmd(&["branch", "reset", "dev", "--keep-old", "dev-before"]);
+        std::thread::spawn(move || {
+            let mut cmd = cmd;
+            cmd.output().unwrap()
+        })
+    };
+    // The idle session is closed at once with 57P01, naming the branch.
+    let ended =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), idle_conn).await });
+    let err = ended.expect("idle session closed").unwrap().unwrap_err();
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err}"));
+    assert_eq!(db.code().code(), "57P01");
+    assert!(
+        db.message()
+            .contains("resetting or deleting database branch \"dev\""),
+        "{db:?}"
+    );
+    // The transaction is not cut: the reset waits for it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reset.is_finished(),
+        "reset must wait for the open transaction"
+    );
+    rt.block_on(busy.batch_execute("insert into marker values ('still in flight')"))
+        .unwrap();
+    rt.block_on(busy.batch_execute("commit")).unwrap();
+    let ended =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), busy_conn).await });
+    let err = ended
+        .expect("busy session closed after commit")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57P01"),
+        "{err}"
+    );
+
+    let out = reset.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The committed transaction is in the old state (kept), the reset branch is
+    // its parent's again, and new sessions work.
+    env.ok(&["branch", "start", "dev-before"]);
+    assert_eq!(env.psql("dev-before", "select count(*) from marker"), "3");
+    assert_eq!(
+        common::psql(
+            &url(&d, "postgres"),
+            "select string_agg(branch, ',') from marker"
+        ),
+        "main"
+    );
+}

@@ -60,11 +60,13 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         }
         BranchCommand::List { json } => return list(&backend, &project, json),
         BranchCommand::Delete { name } => {
+            let _drained = drain_sessions(&backend, &name, &project)?;
             backend.delete(&name, &project.config.root_branch)?;
             println!("Deleted branch \"{name}\"");
         }
         BranchCommand::Reset { name, keep_old } => {
             let started = Instant::now();
+            let _drained = drain_sessions(&backend, &name, &project)?;
             let report = backend.reset(&name, keep_old.as_ref())?;
             let parent = report
                 .branch
@@ -95,6 +97,29 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         BranchCommand::Url { name, database } => println!("{}", backend.url(&name, &database)?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// With the proxy running, end the branch's sessions at their transaction
+/// boundaries and hold new ones off while the returned guard lives, so a
+/// reset or delete never cuts a transaction short.
+fn drain_sessions(
+    backend: &LocalBackend,
+    name: &BranchName,
+    project: &Project,
+) -> Result<Option<std::os::unix::net::UnixStream>> {
+    if *name == project.config.root_branch || !backend.exists(name) {
+        return Ok(None); // refused below with the usual message
+    }
+    let paths = pgtwig_daemon::DaemonPaths::for_backend(backend)?;
+    match pgtwig_daemon::control::drain(
+        &paths.control,
+        name.as_str(),
+        std::time::Duration::from_secs(90),
+    ) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(pgtwig_daemon::control::ClientError::NotRunning) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn print_built(

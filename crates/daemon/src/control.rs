@@ -16,6 +16,12 @@ pub enum Request {
     /// Re-read `state.json`: the active branch changed.
     ActiveChanged,
     Status,
+    /// Close the branch's sessions at their next transaction boundary and
+    /// hold off new ones until this control connection closes (used around
+    /// reset and delete).
+    Drain {
+        branch: String,
+    },
     /// Stop the daemon; `stop_branches` also stops every running branch.
     Shutdown {
         stop_branches: bool,
@@ -78,6 +84,27 @@ pub enum ClientError {
 
 /// Send one request and wait for the answer (blocking; for the CLI).
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    exchange(path, req, timeout).map(|(r, _)| r)
+}
+
+/// Drain `branch` (see [`Request::Drain`]); the daemon holds new sessions
+/// off until the returned connection is dropped.
+pub fn drain(path: &Path, branch: &str, timeout: Duration) -> Result<UnixStream, ClientError> {
+    exchange(
+        path,
+        &Request::Drain {
+            branch: branch.to_string(),
+        },
+        timeout,
+    )
+    .map(|(_, s)| s)
+}
+
+fn exchange(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(Response, UnixStream), ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_path_buf(),
         source,
@@ -100,14 +127,14 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
     if answer.is_empty() {
         // The daemon closes without answering only when it is going away.
         return Err(ClientError::NotRunning);
     }
     match serde_json::from_str(&answer) {
         Ok(Response::Error { message }) => Err(ClientError::Daemon(message)),
-        Ok(r) => Ok(r),
+        Ok(r) => Ok((r, stream)),
         Err(e) => Err(ClientError::Daemon(format!(
             "unreadable answer {answer:?}: {e}"
         ))),

@@ -96,8 +96,11 @@ pub fn run(
         },
         ..ProxyConfig::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: on a laptop the proxy shares cores with Postgres and the
+    // clients, and a second worker costs more in wake-ups than it gives
+    // (crates/proxy/BENCH_NOTES.md). Starting and stopping servers runs on
+    // tokio's blocking pool, so it never stalls the relay.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("pgtwig-daemon")
         .build()?;
@@ -171,6 +174,7 @@ async fn serve(
     })?;
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
     let ctx = Arc::new(ControlCtx {
+        activity: activity.clone(),
         backend: backend.clone(),
         proxy: proxy.clone(),
         active_tx,
@@ -208,7 +212,11 @@ async fn serve(
     Ok(())
 }
 
+/// How long a reset or delete waits for open transactions on the branch.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct ControlCtx {
+    activity: Arc<Activity>,
     backend: Arc<LocalBackend>,
     proxy: Arc<Proxy>,
     active_tx: watch::Sender<String>,
@@ -248,6 +256,41 @@ impl ControlCtx {
         }
     }
 
+    /// Hold off new sessions to `branch`, end its sessions at their next
+    /// transaction boundary and wait (bounded) until they are gone. The
+    /// returned guard keeps new sessions waiting.
+    async fn drain(&self, branch: &str) -> (Response, tokio::sync::OwnedMutexGuard<()>) {
+        let gate = self.activity.gate(branch).lock_owned().await;
+        self.proxy.close_sessions_on(
+            branch,
+            format!(
+                "terminating connection: pgtwig is resetting or deleting database branch \"{branch}\"; reconnect to continue"
+            ),
+        );
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.proxy.sessions().iter().any(|s| s.branch == branch) {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(
+                    "sessions on \"{branch}\" still in a transaction after {DRAIN_TIMEOUT:?}; they will be cut"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Ok(name) = pgtwig_core::BranchName::parse(branch) {
+            if let Some(socket) = self.backend.ready_socket(&name) {
+                self.proxy
+                    .release_pooled(&pgtwig_proxy::UpstreamAddr::Unix(socket));
+            }
+        }
+        (
+            Response::Ok {
+                pid: std::process::id(),
+            },
+            gate,
+        )
+    }
+
     async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Ping => Response::Ok {
@@ -266,6 +309,9 @@ impl ControlCtx {
                     }
                 }
                 Err(message) => Response::Error { message },
+            },
+            Request::Drain { .. } => Response::Error {
+                message: "drain is answered by the control loop".into(),
             },
             Request::Shutdown { stop_branches } => {
                 let _ = self.stop_tx.send(stop_branches).await;
@@ -291,7 +337,14 @@ async fn control_loop(listener: UnixListener, ctx: Arc<ControlCtx>) {
             if reader.read_line(&mut line).await.is_err() {
                 return;
             }
-            let response = match serde_json::from_str::<Request>(&line) {
+            let request = serde_json::from_str::<Request>(&line);
+            let mut held = None;
+            let response = match request {
+                Ok(Request::Drain { branch }) => {
+                    let (response, gate) = ctx.drain(&branch).await;
+                    held = Some(gate);
+                    response
+                }
                 Ok(req) => ctx.handle(req).await,
                 Err(e) => Response::Error {
                     message: format!("bad request: {e}"),
@@ -300,6 +353,13 @@ async fn control_loop(listener: UnixListener, ctx: Arc<ControlCtx>) {
             let mut out = serde_json::to_string(&response).unwrap_or_default();
             out.push('\n');
             let _ = write.write_all(out.as_bytes()).await;
+            if let Some(gate) = held {
+                // New sessions to the branch wait until the caller is done
+                // (closes the connection, or dies).
+                let mut rest = Vec::new();
+                let _ = reader.read_to_end(&mut rest).await;
+                drop(gate);
+            }
         });
     }
 }

@@ -204,6 +204,9 @@ pub struct Proxy {
     activity: Option<Arc<spin::Activity>>,
     sessions: Mutex<HashMap<u64, SessionRecord>>,
     next_id: AtomicU64,
+    /// (branch, message): close every session on branch at its next
+    /// transaction boundary (see [`Proxy::close_sessions_on`]).
+    drains: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl Proxy {
@@ -222,7 +225,18 @@ impl Proxy {
             cancel: Arc::new(cancel::CancelMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            drains: tokio::sync::broadcast::channel(64).0,
         }
+    }
+
+    /// Ends every session on `branch`, pinned ones included, at its next
+    /// transaction boundary — right away when idle, after COMMIT/ROLLBACK
+    /// otherwise — with FATAL 57P01 `message`; their server connections are
+    /// not kept for reuse. For a branch whose server is about to be reset or
+    /// deleted. Sessions still to be routed are not affected: hold them off
+    /// in the [`Router`] meanwhile.
+    pub fn close_sessions_on(&self, branch: &str, message: String) {
+        let _ = self.drains.send((branch.to_string(), message));
     }
 
     /// Accepts connections on `listener` forever, one task per connection. Accept errors

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::cancel::forward_cancel;
 use crate::error::{sqlstate, PgError};
@@ -137,6 +137,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
 
     let plan = plan_startup(&startup);
     let pinned = plan.pinned.clone();
+    // Subscribed before routing, so a drain of the branch this session is
+    // about to land on cannot slip between routing and the relay loop.
+    let mut drains = proxy.drains.subscribe();
     let route = match proxy.router.route(pinned.as_deref()).await {
         Ok(r) => r,
         Err(e) => {
@@ -216,17 +219,29 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             relay.close_when_idle(switch_message(&route.branch, &now));
         }
     }
+    let mut draining = false;
+    let mut drains_open = true;
     let end = loop {
         tokio::select! {
             biased;
             end = &mut relay => break end,
+            drain = drains.recv(), if drains_open => match drain {
+                Ok((branch, message)) if branch == route.branch => {
+                    draining = true;
+                    relay.close_when_idle(message);
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => drains_open = false,
+            },
             changed = active.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
                     continue;
                 }
                 let now = active.borrow_and_update().clone();
-                if now == route.branch {
+                if draining {
+                    // Closing for a drain whatever becomes active.
+                } else if now == route.branch {
                     relay.cancel_close();
                 } else {
                     relay.close_when_idle(switch_message(&route.branch, &now));
@@ -243,7 +258,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     // The client is gone (or going): no longer a session, even while the server connection
     // is being reset for reuse.
     drop(registration);
-    if let Some(parked) = relay.finish(&end).await {
+    // A drained branch's server is about to stop: nothing to park for it.
+    if let Some(parked) = relay.finish(&end).await.filter(|_| !draining) {
         proxy
             .pool
             .put(route.addr.clone(), plan.upstream_packet, parked);
