@@ -159,7 +159,13 @@ pub fn status(data_dir: &Path) -> Status {
             ready: false,
         };
     };
-    if !process_alive(pid) {
+    // Signal 0 only: status() is on the proxy's per-connection path. A
+    // postmaster pgtwig started is reaped by a thread the moment it exits,
+    // so a zombie does not linger here; stop() checks for one anyway.
+    if !matches!(
+        kill(Pid::from_raw(pid), None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    ) {
         return Status::Stopped;
     }
     Status::Running {
