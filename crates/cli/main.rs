@@ -43,6 +43,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Schema difference between two branches (exit 1 when they differ).
+    Diff(commands::diff::DiffArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
     Uninstall,
     /// Entry points for git hooks (installed by `pgtwig init`).
@@ -86,13 +88,15 @@ fn main() -> ExitCode {
         Command::Pr(cmd) => commands::git::pr(cmd),
         Command::Gc { dry_run } => commands::git::gc(dry_run),
         Command::Uninstall => commands::git::uninstall(),
+        Command::Diff(args) => commands::diff::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // 2, not 1: `pgtwig diff` uses 1 for "they differ".
+            ExitCode::from(2)
         }
     }
 }

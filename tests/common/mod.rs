@@ -88,6 +88,18 @@ impl TestEnv {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Run and require exit status `code`; returns stdout.
+    pub fn ok_code(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "pgtwig {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Run and require failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);

@@ -1,4 +1,5 @@
 pub mod branch;
 pub mod daemon;
+pub mod diff;
 pub mod git;
 pub mod init;

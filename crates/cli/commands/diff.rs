@@ -1,0 +1,66 @@
+//! `pgtwig diff A B`: the schema difference between two branches.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use pgtwig_core::BranchName;
+use pgtwig_local::LocalBackend;
+use pgtwig_schema::{SchemaDiff, Snapshot};
+
+use crate::project::Project;
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// The branch to compare from (e.g. the parent).
+    a: BranchName,
+    /// The branch to compare to (e.g. the pull request's).
+    b: BranchName,
+    /// Database to compare in both branches.
+    #[arg(long, default_value = "postgres")]
+    database: String,
+    /// Print the difference as JSON (added, removed, changed).
+    #[arg(long)]
+    json: bool,
+}
+
+fn snapshot(backend: &LocalBackend, branch: &BranchName, database: &str) -> Result<Snapshot> {
+    let socket_dir = backend.start(branch)?;
+    let mut client = postgres::Config::new()
+        .host_path(&socket_dir)
+        .port(pgtwig_local::cluster::PORT)
+        .user(pgtwig_local::cluster::SUPERUSER)
+        .dbname(database)
+        .application_name("pgtwig diff")
+        .connect(postgres::NoTls)
+        .with_context(|| {
+            format!("cannot connect to database \"{database}\" on branch \"{branch}\"")
+        })?;
+    Snapshot::read(&mut client)
+        .with_context(|| format!("reading the schema of branch \"{branch}\""))
+}
+
+/// Exit status 0 when the schemas are the same, 1 when they differ (so CI
+/// can flag a pull request's migrations); errors exit 2.
+pub fn run(args: DiffArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let a = snapshot(&backend, &args.a, &args.database)?;
+    let b = snapshot(&backend, &args.b, &args.database)?;
+    let diff = SchemaDiff::between(&a, &b);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&diff)?);
+    } else if diff.is_empty() {
+        println!(
+            "No schema differences between \"{}\" and \"{}\" (database {})",
+            args.a, args.b, args.database
+        );
+    } else {
+        print!("{}", diff.unified(args.a.as_str(), args.b.as_str()));
+    }
+    Ok(if diff.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
