@@ -43,6 +43,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Make a branch with personal data masked (rules in [anonymize] of .pgtwig.toml).
+    Anonymize(commands::anonymize::AnonymizeArgs),
     /// Schema difference between two branches (exit 1 when they differ).
     Diff(commands::diff::DiffArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Gc { dry_run } => commands::git::gc(dry_run),
         Command::Uninstall => commands::git::uninstall(),
         Command::Diff(args) => commands::diff::run(args),
+        Command::Anonymize(args) => commands::anonymize::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),
     };
     match result {

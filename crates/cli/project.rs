@@ -27,6 +27,19 @@ impl Project {
         Ok(Project { config, root, home })
     }
 
+    /// Refuse `parent` for a new branch when it is the root and the project
+    /// says the root holds personal data (`[anonymize] refuse_root_children`).
+    pub fn check_parent(&self, parent: &pgtwig_core::BranchName) -> Result<()> {
+        if self.config.anonymize.refuse_root_children && *parent == self.config.root_branch {
+            anyhow::bail!(
+                "branch \"{parent}\" holds personal data and this project refuses branches made straight from it \
+                 ([anonymize] refuse_root_children in .pgtwig.toml); derive from the anonymized branch instead \
+                 (e.g. `--from anon`, made with `pgtwig anonymize --into anon`)"
+            );
+        }
+        Ok(())
+    }
+
     /// The local backend for this project (the only one so far).
     pub fn local(&self, create: bool) -> Result<LocalBackend> {
         match self.config.backend {

@@ -54,6 +54,7 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     match cmd {
         BranchCommand::Create { name, from } => {
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
+            project.check_parent(&parent)?;
             let started = Instant::now();
             let report = backend.create(&name, &parent, None)?;
             print_built("Created", &report, &parent, started, &backend)?;

@@ -105,6 +105,7 @@ fn follow_checkout() -> Result<()> {
             );
             return Ok(());
         }
+        project.check_parent(&target.parent)?;
         let started = Instant::now();
         match backend.create(&target.branch, &target.parent, Some(git.clone())) {
             Ok(report) => {
@@ -292,6 +293,7 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                         project.config.root_branch.clone()
                     }
                 });
+                project.check_parent(&parent)?;
                 let started = Instant::now();
                 let r = backend.create_with(&name, &parent, None, expires)?;
                 eprintln!(

@@ -1,3 +1,4 @@
+pub mod anonymize;
 pub mod branch;
 pub mod daemon;
 pub mod diff;

@@ -39,6 +39,9 @@ pub struct Config {
     /// Git branch → database branch rules, first match wins (see `rules`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub map: Vec<crate::rules::MapRule>,
+    /// Masking rules for `pgtwig anonymize`.
+    #[serde(default, skip_serializing)]
+    pub anonymize: crate::anonymize::AnonymizeConfig,
 }
 
 /// `.pgtwig.local.toml`: a developer's own rules, git-ignored, tried first.
@@ -137,6 +140,7 @@ impl Config {
             root_branch: default_root(),
             proxy: ProxyConfig::default(),
             map: Vec::new(),
+            anonymize: Default::default(),
         }
     }
 

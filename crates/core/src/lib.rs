@@ -1,5 +1,6 @@
 //! pgtwig's project model, shared by every backend and by the CLI.
 //!
+//! - [`anonymize`]: `[anonymize]` masking rules and the SQL they become.
 //! - [`config`]: `.pgtwig.toml`, the committed project configuration.
 //! - [`home`]: where state lives (`PGTWIG_HOME`, else the platform data dir), one folder per project.
 //! - [`names`]: database branch names, and how any git branch name maps to one.
@@ -8,6 +9,7 @@
 //! - [`state`]: `state.json`, the active branch.
 //! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
 
+pub mod anonymize;
 pub mod config;
 pub mod failpoint;
 pub mod fsutil;

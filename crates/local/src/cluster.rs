@@ -204,6 +204,19 @@ pub fn start(
     log: &Path,
     timeout: Duration,
 ) -> Result<(), ClusterError> {
+    start_with(pg, user, data_dir, socket_dir, log, timeout, &[])
+}
+
+/// [`start`] with extra `-c name=value` settings for this run only.
+pub fn start_with(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+    socket_dir: &Path,
+    log: &Path,
+    timeout: Duration,
+    settings: &[&str],
+) -> Result<(), ClusterError> {
     let log_file = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -225,6 +238,9 @@ pub fn start(
     // One syncfs does the same job; the clone was flushed when made anyway.
     if cfg!(target_os = "linux") && pg.major >= 14 {
         cmd.args(["-c", "recovery_init_sync_method=syncfs"]);
+    }
+    for setting in settings {
+        cmd.args(["-c", setting]);
     }
     let mut child = cmd
         .env_remove("PGDATA")

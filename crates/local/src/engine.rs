@@ -485,6 +485,106 @@ impl LocalBackend {
         })
     }
 
+    /// Create `name` from `parent` and let `prepare` change it before it
+    /// becomes visible: the clone is started from its build folder (socket
+    /// folder passed to `prepare`), changed, stopped, and only then
+    /// published. Built for anonymized branches, so it also leaves no old
+    /// WAL behind: the server runs without WAL recycling, and after its
+    /// clean shutdown every WAL segment before the last checkpoint is
+    /// deleted, as is the build's server log. `prepare` should end with
+    /// `CHECKPOINT` after `pg_switch_wal()`. A failing `prepare` leaves
+    /// nothing behind.
+    pub fn create_prepared(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        prepare: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
+    ) -> Result<CreateReport> {
+        let _lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        let parent_branch = self.get(parent)?;
+        let build = self.new_build_dir(name)?;
+        let result = (|| {
+            let (method, parent_running, fallback, files, bytes) =
+                self.build_clone(&parent_branch, &build)?;
+            let pg = self.install_for(&parent_branch)?;
+            let data = build.join("data");
+            let log = build.join("prepare.log");
+            let sock = cluster::socket_dir_for(&self.user, &build)?;
+            cluster::start_with(
+                &pg,
+                &self.user,
+                &data,
+                &sock,
+                &log,
+                START_TIMEOUT,
+                &[
+                    "wal_recycle=off",
+                    "wal_keep_size=0",
+                    "max_wal_senders=0",
+                    "archive_mode=off",
+                ],
+            )
+            .map_err(|source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            })?;
+            let prepared = prepare(&sock);
+            cluster::stop(&data, &log, STOP_TIMEOUT)?;
+            let _ = fs::remove_dir(&sock);
+            prepared.map_err(Error::Other)?;
+            let redo = cluster::redo_wal_file(&pg, &data)?;
+            let wal = data.join("pg_wal");
+            for entry in fs::read_dir(&wal)
+                .map_err(io_err("reading pg_wal"))?
+                .flatten()
+            {
+                let n = entry.file_name().to_string_lossy().into_owned();
+                let old_segment = n.len() >= 24
+                    && n[..24].bytes().all(|b| b.is_ascii_hexdigit())
+                    && n[8..24] < redo[8..];
+                if old_segment {
+                    fs::remove_file(entry.path())
+                        .map_err(io_err(format!("removing old WAL {n}")))?;
+                }
+            }
+            for entry in fs::read_dir(wal.join("archive_status"))
+                .map_err(io_err("reading archive_status"))?
+                .flatten()
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+            let _ = fs::remove_file(&log);
+            let meta = BranchMeta {
+                parent: Some(parent.clone()),
+                created: now_rfc3339(),
+                clone_method: method,
+                pg_major: parent_branch.meta.pg_major,
+                git_branch: None,
+                expires: None,
+            };
+            let branch = self.publish(name, &build, &meta)?;
+            Ok(CreateReport {
+                branch,
+                parent_was_running: parent_running,
+                fallback_reason: fallback,
+                files,
+                bytes,
+            })
+        })();
+        if result.is_err() {
+            let _ = cluster::stop(
+                &build.join("data"),
+                &build.join("prepare.log"),
+                STOP_TIMEOUT,
+            );
+            let _ = remove_tree(&build);
+        }
+        result
+    }
+
     /// Re-derive `name` from its parent's current state, under the same
     /// name. The old branch is removed, or kept as `keep_old`. A running
     /// branch is stopped for the swap and started again after.

@@ -1,0 +1,184 @@
+//! `pgtwig anonymize`: a branch with personal data masked, and no trace of
+//! the original values anywhere in its files (design notes: PII survives in
+//! dead tuples, statistics and WAL unless rewritten).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pgtwig_core::anonymize::{self, AnonymizeConfig};
+use pgtwig_core::BranchName;
+use pgtwig_local::LocalBackend;
+
+use crate::project::Project;
+
+#[derive(Args)]
+pub struct AnonymizeArgs {
+    /// The branch holding the original data (default: the root branch).
+    #[arg(long = "from", value_name = "BRANCH")]
+    from: Option<BranchName>,
+    /// The anonymized branch to make.
+    #[arg(
+        long = "into",
+        value_name = "BRANCH",
+        required_unless_present = "check"
+    )]
+    into: Option<BranchName>,
+    /// Only list columns that look like personal data and have no rule (exit 1 if any).
+    #[arg(long)]
+    check: bool,
+    /// Database the rules apply to.
+    #[arg(long, default_value = "postgres")]
+    database: String,
+}
+
+fn connect(socket_dir: &Path, database: &str) -> Result<postgres::Client, postgres::Error> {
+    postgres::Config::new()
+        .host_path(socket_dir)
+        .port(pgtwig_local::cluster::PORT)
+        .user(pgtwig_local::cluster::SUPERUSER)
+        .dbname(database)
+        .application_name("pgtwig anonymize")
+        .connect(postgres::NoTls)
+}
+
+/// A per-project secret keying the fakes, made on first use.
+fn salt(project: &Project) -> Result<String> {
+    let path = project.home.dir().join("anonymize.salt");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return Ok(s.trim().to_string());
+    }
+    let mut bytes = [0u8; 16];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let salt: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    pgtwig_core::fsutil::write_atomic(&path, salt.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(salt)
+}
+
+pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let from = args
+        .from
+        .clone()
+        .unwrap_or_else(|| project.config.root_branch.clone());
+    let rules = &project.config.anonymize;
+    if args.check {
+        return check(&backend, &from, &args.database, rules);
+    }
+    let into = args.into.expect("clap requires --into");
+    if rules.columns.is_empty() {
+        bail!("no masking rules: add them under [anonymize.columns] in .pgtwig.toml (`pgtwig anonymize --check` lists columns that look like personal data)");
+    }
+    let statements = anonymize::update_statements(rules, &salt(&project)?);
+    let database = args.database.clone();
+    let started = std::time::Instant::now();
+    let mut prepare = |socket_dir: &Path| -> Result<(), String> {
+        let mut client = connect(socket_dir, &database)
+            .map_err(|e| format!("connecting to \"{database}\": {e}"))?;
+        apply(&mut client, rules, &statements).map_err(|e| format!("{e:#}"))
+    };
+    let report = backend.create_prepared(&into, &from, &mut prepare)?;
+    println!(
+        "Created anonymized branch \"{into}\" from \"{from}\": {} column(s) in {} table(s) masked, tables rewritten, old WAL discarded ({})",
+        rules.columns.len(),
+        statements.len(),
+        crate::output::duration(started.elapsed())
+    );
+    let _ = report;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apply(
+    client: &mut postgres::Client,
+    rules: &AnonymizeConfig,
+    statements: &[(String, String, String)],
+) -> Result<()> {
+    // Every rule must name a real column: a typo would leave data unmasked.
+    for col in rules.columns.keys() {
+        let found = client.query_one(
+            "select count(*) from pg_attribute a join pg_class c on c.oid = a.attrelid \
+             join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2 and a.attname = $3 and a.attnum > 0 and not a.attisdropped",
+            &[&col.schema, &col.table, &col.column],
+        )?;
+        if found.get::<_, i64>(0) == 0 {
+            bail!(
+                "the rule for {}.{}.{} names no existing column; nothing was created",
+                col.schema,
+                col.table,
+                col.column
+            );
+        }
+    }
+    let mut tx = client.transaction()?;
+    // No user triggers or foreign-key checks fire for the masking updates.
+    tx.batch_execute("SET LOCAL session_replication_role = replica")?;
+    for (schema, table, sql) in statements {
+        tx.batch_execute(sql)
+            .with_context(|| format!("masking {schema}.{table}"))?;
+    }
+    tx.commit()?;
+    // Rewrite the tables (old row versions hold the originals), refresh and
+    // rewrite statistics (their samples hold values too), then move WAL on
+    // and checkpoint so the caller can drop every older WAL segment.
+    for (schema, table, _) in statements {
+        let t = format!("{}.{}", anonymize::ident(schema), anonymize::ident(table));
+        // One statement per call: several in one call form an implicit
+        // transaction block, where VACUUM cannot run.
+        client.batch_execute(&format!("VACUUM FULL {t}"))?;
+        client.batch_execute(&format!("ANALYZE {t}"))?;
+    }
+    for sql in [
+        "VACUUM FULL pg_catalog.pg_statistic",
+        "VACUUM FULL pg_catalog.pg_statistic_ext_data",
+        "SELECT pg_switch_wal()",
+        "CHECKPOINT",
+    ] {
+        client.batch_execute(sql)?;
+    }
+    Ok(())
+}
+
+fn check(
+    backend: &LocalBackend,
+    from: &BranchName,
+    database: &str,
+    rules: &AnonymizeConfig,
+) -> Result<ExitCode> {
+    let sock = backend.start(from)?;
+    let mut client = connect(&sock, database)
+        .with_context(|| format!("connecting to \"{database}\" on \"{from}\""))?;
+    let rows = client.query(
+        "select n.nspname, c.relname, a.attname from pg_attribute a join pg_class c on c.oid = a.attrelid \
+         join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
+         and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') \
+         and a.attname ~* $1 order by 1, 2, 3",
+        &[&anonymize::PII_PATTERN],
+    )?;
+    let mut unruled = Vec::new();
+    for r in rows {
+        let (s, t, c): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let covered = rules
+            .columns
+            .keys()
+            .any(|k| k.schema == s && k.table == t && k.column == c);
+        if !covered {
+            unruled.push(format!("{s}.{t}.{c}"));
+        }
+    }
+    if unruled.is_empty() {
+        println!("Every column that looks like personal data on \"{from}\" has a masking rule");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Columns on \"{from}\" that look like personal data and have no rule in [anonymize.columns]:");
+    for c in &unruled {
+        println!("  \"{c}\"");
+    }
+    Ok(ExitCode::from(1))
+}

@@ -1,0 +1,179 @@
+//! Anonymized branches: masked values, no original value left anywhere in
+//! the branch's files, constraints intact, deterministic fakes, and the
+//! root refused as a direct parent when configured so.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Fs, TestEnv};
+
+const CONFIG: &str = r#"project = "shop"
+[anonymize]
+refuse_root_children = true
+[anonymize.columns]
+"public.users.email" = "email"
+"public.users.full_name" = "name"
+"public.users.phone" = "phone"
+"public.users.ssn" = "hash"
+"public.users.notes" = "null"
+"public.users.country" = { constant = "XX" }
+"public.users.card" = { keep_first = 4 }
+"public.orders.ship_to" = { sql = "'redacted ' || id" }
+"#;
+
+/// Files under `dir` that contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn anonymized_branch_keeps_no_original_value_anywhere() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(env.repo.join(".pgtwig.toml"), CONFIG).unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    env.psql(
+        "main",
+        "create extension amcheck; \
+         create table users(id int primary key, email text unique not null, full_name text, phone text unique, \
+           ssn text, card text, notes text, country text, birth_date date); \
+         insert into users select g, 'pii-mail-' || g || '@corp.example', 'Zyxname' || g, '+44-7700-' || lpad(g::text, 6, '0'), \
+           'SSN-' || g, '4111222233' || lpad(g::text, 6, '0'), 'secret note ' || g, 'NL', null from generate_series(1, 500) g; \
+         create table orders(id int primary key, user_id int references users(id), ship_to text); \
+         insert into orders select g, g, 'Hidden Street ' || g from generate_series(1, 500) g; \
+         update users set notes = notes || ' (edited)' where id <= 100; \
+         analyze users; analyze orders; checkpoint",
+    );
+    // The original values are in main's files (heap, indexes, statistics).
+    assert!(
+        !files_containing(&env.project_dir().join("branches/main/data"), b"pii-mail-").is_empty()
+    );
+
+    let out = env.ok(&["anonymize", "--into", "anon"]);
+    assert!(out.contains("Created anonymized branch \"anon\""), "{out}");
+    let anon_dir = env.project_dir().join("branches/anon");
+    for needle in [
+        "pii-mail-",
+        "Zyxname",
+        "+44-7700-",
+        "SSN-",
+        "secret note",
+        "Hidden Street",
+        "4111222233",
+    ] {
+        let hits = files_containing(&anon_dir, needle.as_bytes());
+        assert!(hits.is_empty(), "{needle:?} survives in {hits:?}");
+    }
+
+    env.ok(&["branch", "start", "anon"]);
+    let row = env.psql(
+        "anon",
+        "select email, full_name, phone, notes is null, country, card from users where id = 7",
+    );
+    let f: Vec<&str> = row.split('|').collect();
+    assert!(
+        f[0].starts_with("user_") && f[0].ends_with("@example.com"),
+        "{row}"
+    );
+    assert!(f[1].contains(' ') && f[2].starts_with("+1 555 "), "{row}");
+    assert_eq!((f[3], f[4], f[5]), ("t", "XX", "4111************"), "{row}");
+    assert_eq!(
+        env.psql("anon", "select ship_to from orders where id = 3"),
+        "redacted 3"
+    );
+    // Unique columns stay unique, constraints and indexes hold.
+    assert_eq!(
+        env.psql(
+            "anon",
+            "select count(distinct email) = 500 and count(distinct phone) = 500 from users"
+        ),
+        "t"
+    );
+    assert_eq!(
+        env.psql("anon", "select count(*) from (select bt_index_check(i.indexrelid, true) from pg_index i join pg_class c on c.oid = i.indrelid where c.relname in ('users', 'orders')) s"),
+        "4"
+    );
+    assert_eq!(
+        env.psql(
+            "anon",
+            "select count(*) from orders o join users u on u.id = o.user_id"
+        ),
+        "500"
+    );
+
+    // Deterministic: the same input gives the same fake.
+    env.ok(&["anonymize", "--into", "anon2"]);
+    env.ok(&["branch", "start", "anon2"]);
+    assert_eq!(
+        env.psql("anon2", "select email from users where id = 7"),
+        f[0]
+    );
+
+    // The root holds PII: branches must come from the anonymized one.
+    let err = env.fails(&["branch", "create", "dev"]);
+    assert!(
+        err.contains("holds personal data") && err.contains("--from anon"),
+        "{err}"
+    );
+    env.ok(&["branch", "create", "dev", "--from", "anon"]);
+
+    // --check lists PII-looking columns without a rule.
+    let out = env.run(&["anonymize", "--check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("public.users.birth_date") && !text.contains("users.email"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_rule_naming_a_missing_column_leaves_nothing_behind() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[anonymize.columns]\n\"public.users.emial\" = \"email\"\n",
+    )
+    .unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    env.psql("main", "create table users(id int primary key, email text)");
+    let err = env.fails(&["anonymize", "--into", "anon"]);
+    assert!(
+        err.contains("public.users.emial names no existing column"),
+        "{err}"
+    );
+    let names: Vec<String> = env
+        .list_json()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["main"]);
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+    // A bad rule in the config is an error naming it.
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[anonymize.columns]\n\"public.users.email\" = \"scramble\"\n",
+    )
+    .unwrap();
+    let err = env.fails(&["anonymize", "--into", "anon"]);
+    assert!(
+        err.contains("unknown masking rule \"scramble\"") && err.contains("line 3"),
+        "{err}"
+    );
+}
