@@ -43,6 +43,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Seed or refresh a branch (default: the root) from a real database.
+    Import(commands::import::ImportArgs),
     /// Make a branch with personal data masked (rules in [anonymize] of .pgtwig.toml).
     Anonymize(commands::anonymize::AnonymizeArgs),
     /// Schema difference between two branches (exit 1 when they differ).
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Uninstall => commands::git::uninstall(),
         Command::Diff(args) => commands::diff::run(args),
         Command::Anonymize(args) => commands::anonymize::run(args),
+        Command::Import(args) => commands::import::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),
     };
     match result {

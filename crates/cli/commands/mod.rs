@@ -3,4 +3,5 @@ pub mod branch;
 pub mod daemon;
 pub mod diff;
 pub mod git;
+pub mod import;
 pub mod init;

@@ -237,6 +237,20 @@ impl LocalBackend {
                 let _ = fs::remove_file(&keep_file);
                 continue;
             }
+            // An import fills its build without the lock (it can take long):
+            // leave it alone while the process that owns it lives.
+            if let Some(pid) = name
+                .strip_prefix("fill-")
+                .and_then(|r| r.rsplit('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                if pid == std::process::id() as i32
+                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                {
+                    continue;
+                }
+                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+            }
             remove_tree(&path)?;
             done.push(format!("removed {name}, left by an interrupted command"));
         }
@@ -625,27 +639,7 @@ impl LocalBackend {
         };
         write_meta(&build, &meta)?;
         sync_tree(&build)?;
-        let was_running = self.stop_locked(name)?;
-        // Swap: old aside, new in, old removed (or kept). An interruption
-        // anywhere here is finished or undone by recover_interrupted().
-        let tmp = self.home.tmp_dir();
-        let aside = tmp.join(format!("old-{name}"));
-        if let Some(k) = keep_old {
-            fsutil::write_atomic(&tmp.join(format!("old-{name}.keep")), k.as_str().as_bytes())
-                .map_err(io_err("recording the reset"))?;
-        }
-        fs::rename(&old.dir, &aside).map_err(io_err("moving the old branch aside"))?;
-        failpoint::hit("reset.old_moved_aside");
-        fs::rename(&build, &old.dir).map_err(io_err("publishing the reset branch"))?;
-        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
-        match keep_old {
-            Some(k) => {
-                fs::rename(&aside, self.branch_dir(k)).map_err(io_err("keeping the old branch"))?;
-                fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
-            }
-            None => remove_tree(&aside)?,
-        }
-        let _ = fs::remove_file(tmp.join(format!("old-{name}.keep")));
+        let was_running = self.swap_in(name, &build, keep_old)?;
         let branch = self.get(name)?;
         if was_running {
             self.start_locked(name)?;
@@ -657,6 +651,111 @@ impl LocalBackend {
             files,
             bytes,
         })
+    }
+
+    /// Put the finished build `build` in place of existing branch `name`
+    /// (stopped first): old aside, new in, old removed or kept as
+    /// `keep_old`. An interruption anywhere is finished or undone by
+    /// recover_interrupted(). Returns whether the old one was running.
+    fn swap_in(
+        &self,
+        name: &BranchName,
+        build: &Path,
+        keep_old: Option<&BranchName>,
+    ) -> Result<bool> {
+        let was_running = self.stop_locked(name)?;
+        let tmp = self.home.tmp_dir();
+        let aside = tmp.join(format!("old-{name}"));
+        if let Some(k) = keep_old {
+            fsutil::write_atomic(&tmp.join(format!("old-{name}.keep")), k.as_str().as_bytes())
+                .map_err(io_err("recording the replacement"))?;
+        }
+        let dir = self.branch_dir(name);
+        fs::rename(&dir, &aside).map_err(io_err("moving the old branch aside"))?;
+        failpoint::hit("reset.old_moved_aside");
+        fs::rename(build, &dir).map_err(io_err("publishing the new branch"))?;
+        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+        match keep_old {
+            Some(k) => {
+                fs::rename(&aside, self.branch_dir(k)).map_err(io_err("keeping the old branch"))?;
+                fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+            }
+            None => remove_tree(&aside)?,
+        }
+        let _ = fs::remove_file(tmp.join(format!("old-{name}.keep")));
+        Ok(was_running)
+    }
+
+    /// Make `name` a fresh cluster filled by `fill` (given the socket folder
+    /// of the new cluster, running from its build folder), replacing the
+    /// branch of that name if there is one — atomically: until `fill`
+    /// succeeds and the new cluster is stopped cleanly, the old branch is
+    /// untouched and in service; a failure leaves nothing behind. For
+    /// `pgtwig import`. A replaced running branch is started again.
+    pub fn fill_fresh(
+        &self,
+        name: &BranchName,
+        fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
+    ) -> Result<Branch> {
+        let pg = pgbin::newest()?;
+        let build = self.new_build_dir_unlocked(name)?;
+        let result = (|| {
+            let data = build.join("data");
+            let log = build.join("server.log");
+            cluster::initdb(&pg, &self.user, &data, &log)?;
+            let sock = cluster::socket_dir_for(&self.user, &build)?;
+            cluster::start(&pg, &self.user, &data, &sock, &log, START_TIMEOUT).map_err(
+                |source| Error::StartFailed {
+                    name: name.clone(),
+                    source,
+                },
+            )?;
+            let filled = fill(&sock);
+            cluster::stop(&data, &log, STOP_TIMEOUT)?;
+            let _ = fs::remove_dir(&sock);
+            filled.map_err(Error::Other)
+        })();
+        if let Err(e) = result {
+            let _ = cluster::stop(&build.join("data"), &build.join("server.log"), STOP_TIMEOUT);
+            let _ = remove_tree(&build);
+            return Err(e);
+        }
+        // Only the swap needs the lock: the long fill ran beside other commands.
+        let _lock = self.lock()?;
+        let old = self.get(name).ok();
+        let meta = BranchMeta {
+            parent: old.as_ref().and_then(|b| b.meta.parent.clone()),
+            created: now_rfc3339(),
+            clone_method: CloneMethod::Initdb,
+            pg_major: pg.major,
+            git_branch: old.as_ref().and_then(|b| b.meta.git_branch.clone()),
+            expires: None,
+        };
+        write_meta(&build, &meta)?;
+        sync_tree(&build)?;
+        if old.is_some() || self.exists(name) {
+            let was_running = self.swap_in(name, &build, None)?;
+            if was_running {
+                self.start_locked(name)?;
+            }
+            self.get(name)
+        } else {
+            self.publish(name, &build, &meta)
+        }
+    }
+
+    /// A build folder in tmp/ made without the lock, named so that
+    /// recover_interrupted() leaves it alone while its process lives.
+    fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
+        let dir = self
+            .home
+            .tmp_dir()
+            .join(format!("fill-{name}-{}", std::process::id()));
+        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        self.user
+            .own(&dir)
+            .map_err(io_err("giving the build folder to the server user"))?;
+        Ok(dir)
     }
 
     /// Delete a branch and its data. Its children are untouched: clones

@@ -1,0 +1,228 @@
+//! `pgtwig import --from postgres://…`: seed or refresh a branch from a real
+//! database. `pg_dump` (directory format, parallel) reads the source —
+//! which is never written to — and `pg_restore` (parallel) fills a fresh
+//! cluster built out of sight; only a complete import replaces the branch.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use pgtwig_core::BranchName;
+
+use crate::output;
+use crate::project::Project;
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The source database, e.g. postgres://user:password@host:5432/app (read only).
+    #[arg(long = "from", value_name = "URL")]
+    from: String,
+    /// The branch to seed or refresh (default: the root branch).
+    #[arg(long = "into", value_name = "BRANCH")]
+    into: Option<BranchName>,
+    /// Tables, views, functions… but no rows.
+    #[arg(long)]
+    schema_only: bool,
+    /// Copy this table's definition but not its rows (pg_dump pattern; repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    exclude_table_data: Vec<String>,
+    /// Parallel jobs for dump and restore (default: number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+}
+
+/// Check the source answers, and say clearly why not.
+fn probe_source(url: &str) -> Result<(String, i64)> {
+    let config = postgres::Config::from_str(url).with_context(|| {
+        "--from is not a PostgreSQL connection string (postgres://user:password@host:port/database)"
+    })?;
+    let mut client = config.connect(postgres::NoTls).map_err(|e| {
+        let what = match e.code().map(|c| c.code()) {
+            Some("28P01") | Some("28000") => {
+                "authentication failed: check the user and password in --from".to_string()
+            }
+            Some("3D000") => "the database in --from does not exist".to_string(),
+            _ => format!("cannot reach it: {e}"),
+        };
+        anyhow::anyhow!("source database: {what}")
+    })?;
+    let row = client.query_one(
+        "select current_database()::text, (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema'))",
+        &[],
+    )?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Run a client tool, feeding each stderr line to `on_line`; returns the last lines on failure.
+fn run_tool(mut cmd: Command, mut on_line: impl FnMut(&str)) -> Result<(), String> {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let mut tail: Vec<String> = Vec::new();
+    for line in BufReader::new(child.stderr.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        on_line(&line);
+        if !line.contains(": processing")
+            && !line.contains(": dumping")
+            && !line.contains(": creating")
+        {
+            tail.push(line);
+            if tail.len() > 8 {
+                tail.remove(0);
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} failed ({status}):\n{}",
+            cmd.get_program(),
+            tail.join("\n")
+        ))
+    }
+}
+
+fn bar(len: u64, prefix: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len.max(1));
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+pub fn run(args: ImportArgs) -> Result<ExitCode> {
+    let project = Project::discover()?;
+    let backend = project.local(false)?;
+    let into = args
+        .into
+        .clone()
+        .unwrap_or_else(|| project.config.root_branch.clone());
+    let (database, tables) = probe_source(&args.from)?;
+    let pg = pgtwig_local::pgbin::newest()?;
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let started = Instant::now();
+
+    // 1. Dump, outside the project lock and out of sight (tmp/), read only.
+    let work = tempdir_in(&project.home.tmp_dir())?;
+    let dump = work.join("dump");
+    let mut cmd = Command::new(pg.bin("pg_dump"));
+    cmd.args(["--format=directory", "--verbose", "--no-owner", "--no-acl"])
+        .arg(format!("--jobs={jobs}"))
+        .arg("--file")
+        .arg(&dump);
+    if args.schema_only {
+        cmd.arg("--schema-only");
+    }
+    for p in &args.exclude_table_data {
+        cmd.arg(format!("--exclude-table-data={p}"));
+    }
+    cmd.arg("--dbname").arg(&args.from);
+    let pb = bar(if args.schema_only { 1 } else { tables as u64 }, "dump");
+    let result = run_tool(cmd, |line| {
+        if line.contains("dumping contents of table") {
+            pb.inc(1);
+            let size = pgtwig_core::fsutil::dir_size(&dump).unwrap_or(0);
+            pb.set_message(output::size(size));
+        }
+    });
+    pb.finish_and_clear();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&work);
+        bail!("dumping the source failed; nothing was changed:\n{e}");
+    }
+    let dump_size = pgtwig_core::fsutil::dir_size(&dump).unwrap_or(0);
+    let items = Command::new(pg.bin("pg_restore"))
+        .arg("--list")
+        .arg(&dump)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| !l.starts_with(';'))
+                .count()
+        })
+        .unwrap_or(1);
+
+    // 2. Restore into a fresh cluster that replaces the branch only when complete.
+    let pb = bar(items as u64, "restore");
+    pb.set_message(output::size(dump_size));
+    let mut fill = |sock: &Path| -> Result<(), String> {
+        if database != "postgres" {
+            let mut c = postgres::Config::new()
+                .host_path(sock)
+                .port(pgtwig_local::cluster::PORT)
+                .user(pgtwig_local::cluster::SUPERUSER)
+                .dbname("postgres")
+                .connect(postgres::NoTls)
+                .map_err(|e| e.to_string())?;
+            c.batch_execute(&format!(
+                "CREATE DATABASE {}",
+                pgtwig_core::anonymize::ident(&database)
+            ))
+            .map_err(|e| e.to_string())?;
+        }
+        let mut cmd = Command::new(pg.bin("pg_restore"));
+        cmd.args(["--verbose", "--no-owner", "--no-acl", "--exit-on-error"])
+            .arg(format!("--jobs={jobs}"))
+            .arg("--host")
+            .arg(sock)
+            .args(["--port", &pgtwig_local::cluster::PORT.to_string()])
+            .args(["--username", pgtwig_local::cluster::SUPERUSER])
+            .args(["--dbname", &database])
+            .arg(&dump);
+        run_tool(cmd, |line| {
+            if line.contains("processing item")
+                || line.contains(": creating")
+                || line.contains("processing data")
+            {
+                pb.inc(1);
+            }
+        })?;
+        pgtwig_core::failpoint::hit("import.before_publish");
+        Ok(())
+    };
+    let result = backend.fill_fresh(&into, &mut fill);
+    pb.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&work);
+    let branch = result
+        .map_err(|e| anyhow::anyhow!("restoring failed; branch \"{into}\" was not changed: {e}"))?;
+    println!(
+        "Imported database \"{database}\" ({} dumped{}) into branch \"{into}\" (PostgreSQL {}, {})",
+        output::size(dump_size),
+        if args.schema_only {
+            ", schema only"
+        } else {
+            ""
+        },
+        branch.meta.pg_major,
+        output::duration(started.elapsed())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempdir_in(dir: &Path) -> Result<std::path::PathBuf> {
+    // "fill-…-<pid>": other commands leave it alone while we live.
+    let d = dir.join(format!("fill-import-{}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    Ok(d)
+}

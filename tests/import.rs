@@ -1,0 +1,121 @@
+//! `pgtwig import`: seeding and refreshing a branch from a real database.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::{Fs, TestEnv};
+
+/// A "production" database: another cluster with an `app` database.
+fn production() -> (TestEnv, String) {
+    let prod = TestEnv::new(Fs::Plain).unwrap();
+    prod.init();
+    prod.ok(&["branch", "start", "main"]);
+    prod.psql("main", "create database app");
+    let url = prod
+        .ok(&["branch", "url", "main", "--database", "app"])
+        .trim()
+        .to_string();
+    common::psql(
+        &url,
+        "create table users(id int primary key, email text unique); \
+         insert into users select g, 'u' || g || '@x' from generate_series(1, 1000) g; \
+         create table logs(id bigserial primary key, line text); \
+         insert into logs(line) select 'log ' || g from generate_series(1, 1000) g; \
+         create view user_count as select count(*) from users",
+    );
+    (prod, url)
+}
+
+#[test]
+fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
+    let (_prod, src) = production();
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    let out = env.ok(&[
+        "import",
+        "--from",
+        &src,
+        "--exclude-table-data",
+        "public.logs",
+    ]);
+    assert!(
+        out.contains("Imported database \"app\"") && out.contains("into branch \"main\""),
+        "{out}"
+    );
+    env.ok(&["branch", "start", "main"]);
+    let app = env
+        .ok(&["branch", "url", "main", "--database", "app"])
+        .trim()
+        .to_string();
+    assert_eq!(
+        common::psql(
+            &app,
+            "select (select count(*) from users) || ' ' || (select count(*) from logs)"
+        ),
+        "1000 0"
+    );
+    assert_eq!(common::psql(&app, "select * from user_count"), "1000");
+    // The source was only read.
+    assert_eq!(common::psql(&src, "select count(*) from logs"), "1000");
+
+    // Refresh while the branch runs: it is replaced, and running again.
+    common::psql(&src, "insert into users values (1001, 'new@x')");
+    env.ok(&["import", "--from", &src]);
+    assert_eq!(env.branch_json("main")["running"], true);
+    assert_eq!(
+        common::psql(
+            &app,
+            "select (select count(*) from users) || ' ' || (select count(*) from logs)"
+        ),
+        "1001 1000"
+    );
+
+    // Schema only, into another branch.
+    env.ok(&["import", "--from", &src, "--into", "empty", "--schema-only"]);
+    env.ok(&["branch", "start", "empty"]);
+    let empty = env
+        .ok(&["branch", "url", "empty", "--database", "app"])
+        .trim()
+        .to_string();
+    assert_eq!(common::psql(&empty, "select count(*) from users"), "0");
+
+    // Failures: clear errors, the branch untouched, nothing left behind.
+    let err = env.fails(&["import", "--from", "postgres://postgres@127.0.0.1:1/app"]);
+    assert!(err.contains("source database: cannot reach it"), "{err}");
+    let bad_db = src.replace("/app?", "/nosuch?");
+    let err = env.fails(&["import", "--from", &bad_db]);
+    assert!(
+        err.contains("the database in --from does not exist"),
+        "{err}"
+    );
+    let err = env.fails(&["import", "--from", "not a url"]);
+    assert!(err.contains("not a PostgreSQL connection string"), "{err}");
+
+    // Killed just before the new cluster replaces the branch.
+    let mut child = env
+        .cmd(&["import", "--from", &src])
+        .env("PGTWIG_FAILPOINT", "import.before_publish")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        if line
+            .unwrap()
+            .contains("failpoint import.before_publish reached")
+        {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        common::psql(&app, "select count(*) from users"),
+        "1001",
+        "the branch kept serving its data"
+    );
+    env.ok(&["branch", "list"]);
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+}
