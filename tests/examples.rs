@@ -66,26 +66,7 @@ fn the_example_app_follows_git_checkouts() {
         ),
     )
     .unwrap();
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args(args)
-            .current_dir(&env.repo)
-            .env("PGTWIG_HOME", &env.home)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-    git(&["commit", "-q", "--allow-empty", "-m", "init"]);
+    common::git(&env, &["commit", "-q", "--allow-empty", "-m", "init"]);
     env.init();
     let mut daemon = env
         .cmd(&["up"])
@@ -114,7 +95,7 @@ fn the_example_app_follows_git_checkouts() {
 
     run(&["migrate"]);
     run(&["add", "buy milk"]);
-    let out = git(&["checkout", "-b", "feature/x"]);
+    let out = common::git(&env, &["checkout", "-b", "feature/x"]);
     assert!(out.contains("post_create"), "{out}");
     run(&["add", "try the feature"]);
     let list = run(&["list"]);
@@ -124,7 +105,7 @@ fn the_example_app_follows_git_checkouts() {
             && list.contains("try the feature"),
         "{list}"
     );
-    git(&["checkout", "main"]);
+    common::git(&env, &["checkout", "main"]);
     let list = run(&["list"]);
     assert!(
         list.contains("branch main")

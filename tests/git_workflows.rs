@@ -4,32 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Fs, TestEnv};
-
-/// Run real git in the test's repository; its hook runs the test's pgtwig.
-fn git(env: &TestEnv, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(&env.repo)
-        .env("PGTWIG_HOME", &env.home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{git, up, Daemon, Fs, TestEnv};
 
 /// A repository with one commit, made with git2, and pgtwig initialised.
 fn repo_env(extra_config: &str) -> TestEnv {
@@ -63,40 +42,9 @@ fn active(env: &TestEnv) -> String {
     state["active"].as_str().unwrap().to_string()
 }
 
-struct Daemon(Child, u16);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-fn up(env: &TestEnv) -> Daemon {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = env
-        .cmd(&["up", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.contains("pgtwig proxy on"), "{line}");
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    Daemon(child, port)
-}
-
 fn which_branch(d: &Daemon) -> String {
     common::psql(
-        &format!("postgres://postgres@127.0.0.1:{}/postgres", d.1),
+        &format!("postgres://postgres@127.0.0.1:{}/postgres", d.port),
         "select coalesce((select branch from marker), 'none')",
     )
 }

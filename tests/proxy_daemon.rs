@@ -4,59 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fs, TestEnv};
-
-struct Daemon {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn up(env: &TestEnv) -> Daemon {
-    let port = free_port();
-    let mut child = env
-        .cmd(&["up", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(
-            std::fs::File::create(
-                std::env::temp_dir().join(format!("pgtwig-test-daemon-{port}.log")),
-            )
-            .unwrap(),
-        )
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut line).unwrap();
-    // Keep draining what it prints so it never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    assert!(
-        line.contains(&format!("127.0.0.1:{port}")),
-        "daemon said: {line:?}"
-    );
-    Daemon { child, port }
-}
+use common::{free_port, up, Daemon, Fs, TestEnv};
 
 /// A project with branches main and dev, each with a marker row naming it.
 fn project() -> TestEnv {

@@ -236,3 +236,73 @@ pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A `pgtwig up` started for a test; SIGTERM and reaped when dropped. Its
+/// stderr (the daemon log) goes to a file named by the port in the temp dir.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start `pgtwig up` on a free port and wait until it listens.
+pub fn up(env: &TestEnv) -> Daemon {
+    use std::io::{BufRead, BufReader};
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("pgtwig-test-daemon-{port}.log"));
+    let mut child = env
+        .cmd(&["up", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    // Keep draining what it prints so it never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}")),
+        "daemon said: {line:?}"
+    );
+    Daemon { child, port }
+}
+
+/// Run real git in the test's repository; its hook runs the test's pgtwig.
+/// Returns stdout and stderr together (hooks print to either).
+pub fn git(env: &TestEnv, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .current_dir(&env.repo)
+        .env("PGTWIG_HOME", &env.home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

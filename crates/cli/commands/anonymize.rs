@@ -34,12 +34,7 @@ pub struct AnonymizeArgs {
 }
 
 fn connect(socket_dir: &Path, database: &str) -> Result<postgres::Client, postgres::Error> {
-    postgres::Config::new()
-        .host_path(socket_dir)
-        .port(pgtwig_local::cluster::PORT)
-        .user(pgtwig_local::cluster::SUPERUSER)
-        .dbname(database)
-        .application_name("pgtwig anonymize")
+    pgtwig_local::cluster::client_config(socket_dir, database, "pgtwig anonymize")
         .connect(postgres::NoTls)
 }
 

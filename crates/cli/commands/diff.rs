@@ -26,12 +26,7 @@ pub struct DiffArgs {
 
 fn snapshot(backend: &LocalBackend, branch: &BranchName, database: &str) -> Result<Snapshot> {
     let socket_dir = backend.start(branch)?;
-    let mut client = postgres::Config::new()
-        .host_path(&socket_dir)
-        .port(pgtwig_local::cluster::PORT)
-        .user(pgtwig_local::cluster::SUPERUSER)
-        .dbname(database)
-        .application_name("pgtwig diff")
+    let mut client = pgtwig_local::cluster::client_config(&socket_dir, database, "pgtwig diff")
         .connect(postgres::NoTls)
         .with_context(|| {
             format!("cannot connect to database \"{database}\" on branch \"{branch}\"")

@@ -168,11 +168,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     pb.set_message(output::size(dump_size));
     let mut fill = |sock: &Path| -> Result<(), String> {
         if database != "postgres" {
-            let mut c = postgres::Config::new()
-                .host_path(sock)
-                .port(pgtwig_local::cluster::PORT)
-                .user(pgtwig_local::cluster::SUPERUSER)
-                .dbname("postgres")
+            let mut c = pgtwig_local::cluster::client_config(sock, "postgres", "pgtwig import")
                 .connect(postgres::NoTls)
                 .map_err(|e| e.to_string())?;
             c.batch_execute(&format!(

@@ -19,8 +19,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cluster::{PORT, SUPERUSER};
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("cannot connect to the running parent through {socket_dir}: {source}")]
@@ -53,12 +51,7 @@ pub struct BackupEnd {
 
 impl BackupSession {
     pub fn begin(socket_dir: &Path, major: u32, label: &str) -> Result<BackupSession, BackupError> {
-        let mut client = postgres::Config::new()
-            .host_path(socket_dir)
-            .port(PORT)
-            .user(SUPERUSER)
-            .dbname("postgres")
-            .application_name("pgtwig clone")
+        let mut client = crate::cluster::client_config(socket_dir, "postgres", "pgtwig clone")
             .connect(postgres::NoTls)
             .map_err(|source| BackupError::Connect {
                 socket_dir: socket_dir.to_path_buf(),

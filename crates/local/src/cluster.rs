@@ -77,6 +77,20 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
     move |source| ClusterError::Io { what, source }
 }
 
+/// How pgtwig itself connects to a managed server: its socket folder, the
+/// superuser, no password (trust on a private socket). `app` names the
+/// session in `pg_stat_activity`.
+pub fn client_config(socket_dir: &Path, database: &str, app: &str) -> postgres::Config {
+    let mut config = postgres::Config::new();
+    config
+        .host_path(socket_dir)
+        .port(PORT)
+        .user(SUPERUSER)
+        .dbname(database)
+        .application_name(app);
+    config
+}
+
 /// Run `initdb` for a new cluster in `data_dir` (which must not exist).
 pub fn initdb(
     pg: &PgInstall,
