@@ -20,6 +20,10 @@ pub enum BranchCommand {
         /// The branch to derive from (default: the root branch).
         #[arg(long = "from", value_name = "PARENT")]
         from: Option<BranchName>,
+        /// As the parent was at this time (2026-11-28T10:15:00Z, UTC) or LSN (0/3000060),
+        /// within history_retention.
+        #[arg(long, value_name = "TIME|LSN")]
+        at: Option<String>,
     },
     /// List branches: parent, creation time, running, size, how it was cloned.
     List {
@@ -52,11 +56,18 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.local(false)?;
     match cmd {
-        BranchCommand::Create { name, from } => {
+        BranchCommand::Create { name, from, at } => {
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
             project.check_parent(&parent)?;
             let started = Instant::now();
-            let report = backend.create(&name, &parent, None)?;
+            let report = match at {
+                Some(at) => {
+                    let target =
+                        pgtwig_local::history::Target::parse(&at).map_err(anyhow::Error::msg)?;
+                    backend.create_at(&name, &parent, &target)?
+                }
+                None => backend.create(&name, &parent, None)?,
+            };
             print_built("Created", &report, &parent, started, &backend)?;
         }
         BranchCommand::List { json } => return list(&backend, &project, json),
@@ -83,6 +94,10 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         BranchCommand::Start { name } => {
             let started = Instant::now();
             backend.start(&name)?;
+            // History for `branch create --at`: a base snapshot, at most hourly.
+            if let Err(e) = backend.snapshot_if_due(&name, project.config.history_retention) {
+                eprintln!("warning: no history snapshot of \"{name}\": {e}");
+            }
             println!(
                 "Branch \"{name}\" is running ({})",
                 output::duration(started.elapsed())

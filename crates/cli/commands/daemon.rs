@@ -50,20 +50,26 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     // one repository share a project).
     let worktree = crate::commands::git::follow_worktree(&project, &backend)?;
     let detached = std::env::var_os(DETACHED_ENV).is_some();
-    pgtwig_daemon::run(backend, settings, worktree, |status| {
-        if !detached {
-            // Not println!: whoever started us may have stopped reading
-            // stdout, and a daemon must not die of EPIPE.
-            use std::io::Write;
-            let _ = writeln!(
+    pgtwig_daemon::run(
+        backend,
+        settings,
+        project.config.history_retention,
+        worktree,
+        |status| {
+            if !detached {
+                // Not println!: whoever started us may have stopped reading
+                // stdout, and a daemon must not die of EPIPE.
+                use std::io::Write;
+                let _ = writeln!(
                 std::io::stdout(),
                 "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL=postgres://postgres@{}/postgres",
                 status.listen,
                 status.active,
                 status.listen
             );
-        }
-    })?;
+            }
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -33,6 +33,10 @@ pub struct Config {
     /// The branch every other branch derives from, directly or not.
     #[serde(default = "default_root")]
     pub root_branch: BranchName,
+    /// How far back `branch create --at` can go: WAL and base snapshots
+    /// older than this are pruned ("0": keep no history).
+    #[serde(default = "default_retention", with = "duration_text")]
+    pub history_retention: std::time::Duration,
     /// The local proxy (`pgtwig up`).
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -113,6 +117,10 @@ mod duration_text {
     }
 }
 
+fn default_retention() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+
 fn default_root() -> BranchName {
     BranchName::parse("main").expect("valid")
 }
@@ -138,6 +146,7 @@ impl Config {
             project,
             backend: BackendKind::Local,
             root_branch: default_root(),
+            history_retention: default_retention(),
             proxy: ProxyConfig::default(),
             map: Vec::new(),
             anonymize: Default::default(),

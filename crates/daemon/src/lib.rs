@@ -61,6 +61,7 @@ impl DaemonPaths {
 pub fn run(
     backend: LocalBackend,
     settings: ProxySettings,
+    history_retention: Duration,
     worktree: Option<(PathBuf, PathBuf)>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
@@ -111,6 +112,7 @@ pub fn run(
         state,
         listener,
         &paths,
+        history_retention,
         worktree,
         on_ready,
     ));
@@ -130,6 +132,7 @@ async fn serve(
     state: ProjectState,
     listener: std::net::TcpListener,
     paths: &DaemonPaths,
+    history_retention: Duration,
     worktree: Option<(PathBuf, PathBuf)>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
@@ -145,6 +148,7 @@ async fn serve(
         backend: backend.clone(),
         active: active_rx.clone(),
         activity: activity.clone(),
+        history_retention,
     };
     let proxy = Arc::new(Proxy::new(
         proxy_config,

@@ -106,6 +106,8 @@ pub struct LocalRouter {
     pub backend: Arc<LocalBackend>,
     pub active: watch::Receiver<String>,
     pub activity: Arc<Activity>,
+    /// For base snapshots after a wake (see pgtwig_local::history).
+    pub history_retention: std::time::Duration,
 }
 
 impl LocalRouter {
@@ -140,6 +142,14 @@ impl LocalRouter {
         match result {
             Ok(dir) => {
                 tracing::info!("started branch \"{name}\" in {:?}", started.elapsed());
+                // History, off the connection's path.
+                let (backend, owned, retention) =
+                    (self.backend.clone(), name.clone(), self.history_retention);
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = backend.snapshot_if_due(&owned, retention) {
+                        tracing::warn!("no history snapshot of \"{owned}\": {e}");
+                    }
+                });
                 Ok(dir.join(format!(".s.PGSQL.{}", pgtwig_local::cluster::PORT)))
             }
             Err(pgtwig_local::Error::NotFound { .. }) => Err(RouteError::BranchMissing {

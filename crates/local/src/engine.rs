@@ -134,20 +134,20 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }
 
 /// How long a server may take to start (crash recovery after a clone of a
 /// busy parent replays WAL) or to stop (a checkpoint).
-const START_TIMEOUT: Duration = Duration::from_secs(300);
-const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The local backend for one project.
 pub struct LocalBackend {
     home: ProjectHome,
-    user: ServerUser,
+    pub(crate) user: ServerUser,
 }
 
 impl LocalBackend {
@@ -379,7 +379,7 @@ impl LocalBackend {
         ))
     }
 
-    fn install_for(&self, branch: &Branch) -> Result<PgInstall> {
+    pub(crate) fn install_for(&self, branch: &Branch) -> Result<PgInstall> {
         let major = pgbin::data_dir_major(&branch.data_dir()).unwrap_or(branch.meta.pg_major);
         Ok(pgbin::for_major(major)?)
     }
@@ -397,13 +397,16 @@ impl LocalBackend {
             return Ok(sock);
         }
         let pg = self.install_for(&branch)?;
-        cluster::start(
+        let archive = crate::history::archive_settings(&self.user, &branch.dir)?;
+        let settings: Vec<&str> = archive.iter().map(String::as_str).collect();
+        cluster::start_with(
             &pg,
             &self.user,
             &branch.data_dir(),
             &sock,
             &branch.log_path(),
             START_TIMEOUT,
+            &settings,
         )
         .map_err(|source| Error::StartFailed {
             name: name.clone(),
@@ -783,7 +786,7 @@ impl LocalBackend {
     }
 
     /// A fresh, empty folder in `tmp/` to build a branch in.
-    fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
+    pub(crate) fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
         let dir = self
             .home
             .tmp_dir()
@@ -799,7 +802,12 @@ impl LocalBackend {
     }
 
     /// Write metadata, flush everything, and rename the build into place.
-    fn publish(&self, name: &BranchName, build: &Path, meta: &BranchMeta) -> Result<Branch> {
+    pub(crate) fn publish(
+        &self,
+        name: &BranchName,
+        build: &Path,
+        meta: &BranchMeta,
+    ) -> Result<Branch> {
         write_meta(build, meta)?;
         let t0 = std::time::Instant::now();
         sync_tree(build)?;
@@ -818,7 +826,7 @@ impl LocalBackend {
     /// API when it runs, directly when it is stopped.
     /// Returns (method, parent_was_running, fallback_reason, files, bytes).
     #[allow(clippy::type_complexity)]
-    fn build_clone(
+    pub(crate) fn build_clone(
         &self,
         parent: &Branch,
         build: &Path,
@@ -915,7 +923,7 @@ fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
     fsutil::write_atomic(&dir.join(META_FILE), &json).map_err(io_err("writing branch metadata"))
 }
 
-fn write_private(user: &ServerUser, path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_private(user: &ServerUser, path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("setting mode"))?;
@@ -942,7 +950,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_tree(path: &Path) -> Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

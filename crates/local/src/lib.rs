@@ -6,6 +6,7 @@
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
+//! - [`history`]: WAL archive and base snapshots; branches as of a past time.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
 //!   crash-safe under the project lock.
 
@@ -13,6 +14,7 @@ pub mod backup;
 pub mod clone;
 pub mod cluster;
 pub mod engine;
+pub mod history;
 pub mod pgbin;
 pub mod server_user;
 

@@ -1,0 +1,376 @@
+//! History: branches as their parent was at a past time (`branch create
+//! --at`).
+//!
+//! Every managed server archives its WAL into `<branch>/wal-archive/`
+//! (`archive_command`), and on start pgtwig takes a *base*: a consistent
+//! copy-on-write snapshot of the running cluster (the same backup-API clone
+//! a new branch gets) in `<branch>/bases/<unix time>/`, at most one per
+//! [`BASE_INTERVAL`]. A branch at time T is the newest base started before
+//! T, replayed from the archive up to T (`recovery_target_time`), then
+//! promoted. Bases and WAL older than `history_retention` are pruned,
+//! keeping the one base that still reaches back to the retention boundary.
+//! Bases are only taken where clones are copy-on-write: on other file
+//! systems they would cost a full copy each.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pgtwig_core::BranchName;
+
+use crate::clone::{self, CloneMethod, Cloner, Visit};
+use crate::cluster;
+use crate::engine::{
+    io_err, remove_tree, write_private, Branch, BranchMeta, CreateReport, Error, LocalBackend,
+    Result,
+};
+use crate::server_user::ServerUser;
+
+/// At most one base per this long (a start after that takes a new one).
+pub const BASE_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn archive_dir(branch_dir: &Path) -> PathBuf {
+    branch_dir.join("wal-archive")
+}
+
+fn bases_dir(branch_dir: &Path) -> PathBuf {
+    branch_dir.join("bases")
+}
+
+/// `-c` settings that make a server archive its WAL into its branch folder.
+pub fn archive_settings(user: &ServerUser, branch_dir: &Path) -> Result<Vec<String>> {
+    let dir = archive_dir(branch_dir);
+    if !dir.exists() {
+        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        user.own(&dir)
+            .map_err(io_err("giving the WAL archive to the server user"))?;
+    }
+    let d = dir.display().to_string().replace('\'', "");
+    Ok(vec![
+        "archive_mode=on".into(),
+        format!("archive_command=test ! -f '{d}/%f' && cp '%p' '{d}/%f'"),
+    ])
+}
+
+/// A base: when its backup started, and where its data directory is.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub started: SystemTime,
+    pub start_wal: String,
+    pub data: PathBuf,
+}
+
+fn label_time(label: &str) -> Option<SystemTime> {
+    let t = label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIME:"))?
+        .trim();
+    let t = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim(); // "... UTC"
+    humantime::parse_rfc3339_weak(t).ok()
+}
+
+/// The bases of a branch, oldest first.
+pub fn bases(branch_dir: &Path) -> Vec<Base> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(bases_dir(branch_dir)) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let data = e.path().join("data");
+        let Ok(label) = fs::read_to_string(data.join("backup_label")) else {
+            continue;
+        };
+        if let (Some(started), Some(start_wal)) =
+            (label_time(&label), crate::backup::start_wal_file(&label))
+        {
+            out.push(Base {
+                started,
+                start_wal,
+                data,
+            });
+        }
+    }
+    out.sort_by_key(|b| b.started);
+    out
+}
+
+/// Where the target of a point-in-time branch is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Time(SystemTime),
+    Lsn(String),
+}
+
+impl Target {
+    /// `2026-11-28T10:15:00Z`, `2026-11-28 10:15:00` (UTC) or an LSN `0/3000060`.
+    pub fn parse(s: &str) -> std::result::Result<Target, String> {
+        if let Some((hi, lo)) = s.split_once('/') {
+            if !hi.is_empty()
+                && !lo.is_empty()
+                && (hi.to_owned() + lo).bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Ok(Target::Lsn(s.to_string()));
+            }
+        }
+        humantime::parse_rfc3339_weak(s.trim_end_matches(" UTC"))
+            .map(Target::Time)
+            .map_err(|_| {
+                format!("--at \"{s}\" is neither a time (2026-11-28T10:15:00Z, UTC) nor an LSN (0/3000060)")
+            })
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl LocalBackend {
+    /// Take a base of a running branch if the newest is older than
+    /// [`BASE_INTERVAL`], and prune history older than `retention`
+    /// (`Duration::ZERO`: keep no history). Does nothing where clones are
+    /// not copy-on-write. Returns whether a base was taken.
+    pub fn snapshot_if_due(&self, name: &BranchName, retention: Duration) -> Result<bool> {
+        let _lock = self.lock()?;
+        let branch = self.get(name)?;
+        if retention.is_zero()
+            || !clone::supports_reflink(&branch.dir)
+            || self.ready_socket(name).is_none()
+        {
+            return Ok(false);
+        }
+        let now = SystemTime::now();
+        let existing = bases(&branch.dir);
+        let due = existing
+            .last()
+            .is_none_or(|b| now.duration_since(b.started).unwrap_or_default() >= BASE_INTERVAL);
+        if due {
+            let dir = bases_dir(&branch.dir);
+            fs::create_dir_all(&dir).map_err(io_err("creating bases"))?;
+            let build = dir.join(format!("tmp-{}", std::process::id()));
+            let _ = remove_tree(&build);
+            fs::create_dir(&build).map_err(io_err("creating a base"))?;
+            self.user
+                .own(&build)
+                .map_err(io_err("giving the base to the server user"))?;
+            let made = self.build_clone(&branch, &build);
+            match made {
+                Ok((CloneMethod::CopyOnWrite, ..)) => {
+                    fs::rename(&build, dir.join(secs(now).to_string()))
+                        .map_err(io_err("keeping the base"))?;
+                }
+                Ok(_) | Err(_) => {
+                    let _ = remove_tree(&build);
+                    made?;
+                    return Ok(false);
+                }
+            }
+        }
+        self.prune_history(&branch, retention)?;
+        Ok(due)
+    }
+
+    fn prune_history(&self, branch: &Branch, retention: Duration) -> Result<()> {
+        let boundary = SystemTime::now() - retention;
+        let all = bases(&branch.dir);
+        // Keep every base newer than the boundary, plus the newest older one.
+        let keep_from = all.iter().rposition(|b| b.started <= boundary).unwrap_or(0);
+        for b in &all[..keep_from] {
+            remove_tree(b.data.parent().expect("base folder"))?;
+        }
+        if let Some(oldest) = all.get(keep_from) {
+            if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.len() >= 24 && !n.ends_with(".history") && n[8..24] < oldest.start_wal[8..]
+                    {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Create `name` as `parent` was at `target`, from a base and the WAL archive.
+    pub fn create_at(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        target: &Target,
+    ) -> Result<CreateReport> {
+        let _lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        let parent_branch = self.get(parent)?;
+        let all = bases(&parent_branch.dir);
+        let base = match target {
+            Target::Time(t) => all.iter().rev().find(|b| b.started <= *t),
+            // An LSN target: the newest base whose start is not after it.
+            Target::Lsn(_) => all.first(),
+        };
+        let Some(base) = base.cloned() else {
+            let earliest = all
+                .first()
+                .map(|b| format!("the earliest point available is {}", humantime::format_rfc3339_seconds(b.started)))
+                .unwrap_or_else(|| {
+                    "it has no history yet (history is kept from its starts on a copy-on-write file system)".into()
+                });
+            return Err(Error::Other(format!(
+                "cannot branch \"{parent}\" at that point: {earliest}; history is kept for history_retention"
+            )));
+        };
+        // Make sure the WAL up to now is in the archive.
+        if let Some(sock) = self.ready_socket(parent) {
+            let dir = sock.parent().unwrap_or(&sock).to_path_buf();
+            let mut c = cluster::client_config(&dir, "postgres", "pgtwig history")
+                .connect(postgres::NoTls)
+                .map_err(pg_err)?;
+            let file: String = c
+                .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+                .map_err(pg_err)?
+                .get(0);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !archive_dir(&parent_branch.dir).join(&file).exists() {
+                if std::time::Instant::now() > deadline {
+                    return Err(Error::Other(format!(
+                        "WAL file {file} of \"{parent}\" was not archived within 60 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let build = self.new_build_dir(name)?;
+        let result = (|| {
+            let mut cloner = Cloner::new(&self.user);
+            let data = build.join("data");
+            cloner
+                .clone_tree(&base.data, &data, &|_, _| Visit::Clone)
+                .map_err(io_err("cloning the base"))?;
+            let archive = archive_dir(&parent_branch.dir)
+                .display()
+                .to_string()
+                .replace('\'', "");
+            let target_setting = match target {
+                // "2026-11-28 10:15:00.123456+00": the form recovery_target_time accepts.
+                Target::Time(t) => format!(
+                    "recovery_target_time = '{}'",
+                    humantime::format_rfc3339_micros(*t)
+                        .to_string()
+                        .replace('T', " ")
+                        .replace('Z', "+00")
+                ),
+                Target::Lsn(l) => format!("recovery_target_lsn = '{l}'"),
+            };
+            let auto = data.join("postgresql.auto.conf");
+            let mut conf = fs::read_to_string(&auto).unwrap_or_default();
+            conf.push_str(&format!(
+                "\n# pgtwig: point-in-time recovery (removed once done)\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\n{target_setting}\nrecovery_target_action = 'promote'\n"
+            ));
+            fs::write(&auto, conf).map_err(io_err("writing recovery settings"))?;
+            write_private(&self.user, &data.join("recovery.signal"), "")?;
+            let pg = self.install_for(&parent_branch)?;
+            let log = build.join("server.log");
+            let sock = cluster::socket_dir_for(&self.user, &build)?;
+            cluster::start_with(
+                &pg,
+                &self.user,
+                &data,
+                &sock,
+                &log,
+                crate::engine::START_TIMEOUT,
+                &[],
+            )
+            .map_err(|source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            })?;
+            let recovered = wait_promoted(&sock, &data);
+            if recovered.is_ok() {
+                let mut c = cluster::client_config(&sock, "postgres", "pgtwig history")
+                    .connect(postgres::NoTls)
+                    .map_err(pg_err)?;
+                for setting in [
+                    "restore_command",
+                    "recovery_target_time",
+                    "recovery_target_lsn",
+                    "recovery_target_action",
+                ] {
+                    c.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+                        .map_err(pg_err)?;
+                }
+            }
+            cluster::stop(&data, &log, crate::engine::STOP_TIMEOUT)?;
+            let _ = fs::remove_dir(&sock);
+            recovered.map_err(|why| {
+                Error::Other(format!(
+                    "recovering \"{parent}\" to that point failed: {why}; it may be later than the latest WAL \
+                     archived. Server log: {}",
+                    cluster::log_tail(&log, 0)
+                ))
+            })?;
+            let meta = BranchMeta {
+                parent: Some(parent.clone()),
+                created: crate::engine::now_rfc3339(),
+                clone_method: cloner.method(),
+                pg_major: parent_branch.meta.pg_major,
+                git_branch: None,
+                expires: None,
+            };
+            let branch = self.publish(name, &build, &meta)?;
+            Ok(CreateReport {
+                branch,
+                parent_was_running: self.ready_socket(parent).is_some(),
+                fallback_reason: cloner.fallback_reason.take(),
+                files: cloner.files,
+                bytes: cloner.bytes,
+            })
+        })();
+        if result.is_err() {
+            let _ = cluster::stop(
+                &build.join("data"),
+                &build.join("server.log"),
+                crate::engine::STOP_TIMEOUT,
+            );
+            let _ = remove_tree(&build);
+        }
+        result
+    }
+}
+
+fn pg_err(e: postgres::Error) -> Error {
+    Error::Other(e.to_string())
+}
+
+/// Poll until the recovering server has promoted (or died).
+fn wait_promoted(sock: &Path, data: &Path) -> std::result::Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if !cluster::status(data).is_running() {
+            return Err("the server stopped during recovery".into());
+        }
+        if let Ok(mut c) =
+            cluster::client_config(sock, "postgres", "pgtwig history").connect(postgres::NoTls)
+        {
+            if let Ok(row) = c.query_one("select pg_is_in_recovery()", &[]) {
+                if !row.get::<_, bool>(0) {
+                    return Ok(());
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("still recovering after 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
