@@ -14,14 +14,20 @@ fn branch_from_a_minute_ago_brings_back_a_dropped_table() {
         return;
     };
     env.init();
-    env.ok(&["branch", "start", "main"]); // takes the first history base
-    assert!(
-        std::fs::read_dir(env.project_dir().join("branches/main/bases"))
-            .unwrap()
-            .count()
-            == 1,
-        "a base was taken at start"
-    );
+    env.ok(&["branch", "start", "main"]); // takes the first history base, in the background
+    let bases = env.project_dir().join("branches/main/bases");
+    common::wait_for(30, "a history base after start", || {
+        std::fs::read_dir(&bases)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+            })
+            .unwrap_or(false)
+    });
     std::thread::sleep(Duration::from_millis(1200));
     env.psql(
         "main",

@@ -41,6 +41,9 @@ pub enum BranchCommand {
     },
     /// Start a branch's PostgreSQL server.
     Start { name: BranchName },
+    /// Take a history base snapshot of a running branch if one is due (run in the background by `start`).
+    #[command(hide = true)]
+    Snapshot { name: BranchName },
     /// Stop a branch's PostgreSQL server (fast shutdown).
     Stop { name: BranchName },
     /// Print a connection string straight to a branch's server (its Unix socket).
@@ -94,14 +97,16 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         BranchCommand::Start { name } => {
             let started = Instant::now();
             backend.start(&name)?;
-            // History for `branch create --at`: a base snapshot, at most hourly.
-            if let Err(e) = backend.snapshot_if_due(&name, project.config.history_retention) {
-                eprintln!("warning: no history snapshot of \"{name}\": {e}");
-            }
+            // History for `branch create --at`: a base snapshot, at most
+            // hourly, taken in the background so `start` returns at once.
+            spawn_snapshot(&name);
             println!(
                 "Branch \"{name}\" is running ({})",
                 output::duration(started.elapsed())
             );
+        }
+        BranchCommand::Snapshot { name } => {
+            backend.snapshot_if_due(&name, project.config.history_retention)?;
         }
         BranchCommand::Stop { name } => {
             if backend.stop(&name)? {
@@ -113,6 +118,20 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
         BranchCommand::Url { name, database } => println!("{}", backend.url(&name, &database)?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn spawn_snapshot(name: &BranchName) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["branch", "snapshot", name.as_str()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    let _ = cmd.spawn();
 }
 
 /// With the proxy running, end the branch's sessions at their transaction
