@@ -119,3 +119,40 @@ fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
     env.ok(&["branch", "list"]);
     assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
 }
+
+#[test]
+fn wrong_password_and_unreadable_tables_are_clear_errors() {
+    let (prod, src) = production();
+    // A role that must give a password, and one that may not read `logs`.
+    prod.psql(
+        "main",
+        "create role pwuser login password 'right'; create role limited login;",
+    );
+    common::psql(
+        &src,
+        "grant select on users to limited; grant usage on schema public to limited",
+    );
+    let hba = prod.project_dir().join("branches/main/data/pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("local all pwuser scram-sha-256\n{text}")).unwrap();
+    prod.psql("main", "select pg_reload_conf()");
+
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    let wrong = src.replace("postgresql://postgres@", "postgresql://pwuser:wrong@");
+    let err = env.fails(&["import", "--from", &wrong]);
+    assert!(
+        err.contains("authentication failed: check the user and password"),
+        "{err}"
+    );
+    let limited = src.replace("postgresql://postgres@", "postgresql://limited@");
+    let err = env.fails(&["import", "--from", &limited]);
+    assert!(
+        err.contains("dumping the source failed; nothing was changed")
+            && err.contains("permission denied"),
+        "{err}"
+    );
+    // Nothing half-made: the root is still the empty cluster init made.
+    assert_eq!(env.list_json().len(), 1);
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+}
