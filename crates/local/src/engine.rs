@@ -146,7 +146,7 @@ pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The local backend for one project.
 pub struct LocalBackend {
-    home: ProjectHome,
+    pub(crate) home: ProjectHome,
     pub(crate) user: ServerUser,
 }
 
@@ -266,7 +266,7 @@ impl LocalBackend {
         Ok(done)
     }
 
-    fn branch_dir(&self, name: &BranchName) -> PathBuf {
+    pub(crate) fn branch_dir(&self, name: &BranchName) -> PathBuf {
         self.home.branch_dir(name)
     }
 
@@ -390,7 +390,7 @@ impl LocalBackend {
         self.start_locked(name)
     }
 
-    fn start_locked(&self, name: &BranchName) -> Result<PathBuf> {
+    pub(crate) fn start_locked(&self, name: &BranchName) -> Result<PathBuf> {
         let branch = self.get(name)?;
         let sock = self.socket_dir(name)?;
         if let Status::Running { ready: true, .. } = cluster::status(&branch.data_dir()) {
@@ -421,7 +421,7 @@ impl LocalBackend {
         self.stop_locked(name)
     }
 
-    fn stop_locked(&self, name: &BranchName) -> Result<bool> {
+    pub(crate) fn stop_locked(&self, name: &BranchName) -> Result<bool> {
         let dir = self.branch_dir(name);
         if !dir.is_dir() {
             return Err(self.not_found(name));
@@ -502,106 +502,6 @@ impl LocalBackend {
         })
     }
 
-    /// Create `name` from `parent` and let `prepare` change it before it
-    /// becomes visible: the clone is started from its build folder (socket
-    /// folder passed to `prepare`), changed, stopped, and only then
-    /// published. Built for anonymized branches, so it also leaves no old
-    /// WAL behind: the server runs without WAL recycling, and after its
-    /// clean shutdown every WAL segment before the last checkpoint is
-    /// deleted, as is the build's server log. `prepare` should end with
-    /// `CHECKPOINT` after `pg_switch_wal()`. A failing `prepare` leaves
-    /// nothing behind.
-    pub fn create_prepared(
-        &self,
-        name: &BranchName,
-        parent: &BranchName,
-        prepare: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
-    ) -> Result<CreateReport> {
-        let _lock = self.lock()?;
-        if self.exists(name) {
-            return Err(Error::Exists { name: name.clone() });
-        }
-        let parent_branch = self.get(parent)?;
-        let build = self.new_build_dir(name)?;
-        let result = (|| {
-            let (method, parent_running, fallback, files, bytes) =
-                self.build_clone(&parent_branch, &build)?;
-            let pg = self.install_for(&parent_branch)?;
-            let data = build.join("data");
-            let log = build.join("prepare.log");
-            let sock = cluster::socket_dir_for(&self.user, &build)?;
-            cluster::start_with(
-                &pg,
-                &self.user,
-                &data,
-                &sock,
-                &log,
-                START_TIMEOUT,
-                &[
-                    "wal_recycle=off",
-                    "wal_keep_size=0",
-                    "max_wal_senders=0",
-                    "archive_mode=off",
-                ],
-            )
-            .map_err(|source| Error::StartFailed {
-                name: name.clone(),
-                source,
-            })?;
-            let prepared = prepare(&sock);
-            cluster::stop(&data, &log, STOP_TIMEOUT)?;
-            let _ = fs::remove_dir(&sock);
-            prepared.map_err(Error::Other)?;
-            let redo = cluster::redo_wal_file(&pg, &data)?;
-            let wal = data.join("pg_wal");
-            for entry in fs::read_dir(&wal)
-                .map_err(io_err("reading pg_wal"))?
-                .flatten()
-            {
-                let n = entry.file_name().to_string_lossy().into_owned();
-                let old_segment = n.len() >= 24
-                    && n[..24].bytes().all(|b| b.is_ascii_hexdigit())
-                    && n[8..24] < redo[8..];
-                if old_segment {
-                    fs::remove_file(entry.path())
-                        .map_err(io_err(format!("removing old WAL {n}")))?;
-                }
-            }
-            for entry in fs::read_dir(wal.join("archive_status"))
-                .map_err(io_err("reading archive_status"))?
-                .flatten()
-            {
-                let _ = fs::remove_file(entry.path());
-            }
-            let _ = fs::remove_file(&log);
-            let meta = BranchMeta {
-                parent: Some(parent.clone()),
-                created: now_rfc3339(),
-                clone_method: method,
-                pg_major: parent_branch.meta.pg_major,
-                git_branch: None,
-                expires: None,
-            };
-            let branch = self.publish(name, &build, &meta)?;
-            Ok(CreateReport {
-                branch,
-                parent_was_running: parent_running,
-                fallback_reason: fallback,
-                files,
-                bytes,
-            })
-        })();
-        if result.is_err() {
-            let _ = cluster::stop(
-                &build.join("data"),
-                &build.join("prepare.log"),
-                STOP_TIMEOUT,
-            );
-            let _ = remove_tree(&build);
-        }
-        result
-    }
-
     /// Re-derive `name` from its parent's current state, under the same
     /// name. The old branch is removed, or kept as `keep_old`. A running
     /// branch is stopped for the swap and started again after.
@@ -660,7 +560,7 @@ impl LocalBackend {
     /// (stopped first): old aside, new in, old removed or kept as
     /// `keep_old`. An interruption anywhere is finished or undone by
     /// recover_interrupted(). Returns whether the old one was running.
-    fn swap_in(
+    pub(crate) fn swap_in(
         &self,
         name: &BranchName,
         build: &Path,
@@ -687,78 +587,6 @@ impl LocalBackend {
         }
         let _ = fs::remove_file(tmp.join(format!("old-{name}.keep")));
         Ok(was_running)
-    }
-
-    /// Make `name` a fresh cluster filled by `fill` (given the socket folder
-    /// of the new cluster, running from its build folder), replacing the
-    /// branch of that name if there is one — atomically: until `fill`
-    /// succeeds and the new cluster is stopped cleanly, the old branch is
-    /// untouched and in service; a failure leaves nothing behind. For
-    /// `pgtwig import`. A replaced running branch is started again.
-    pub fn fill_fresh(
-        &self,
-        name: &BranchName,
-        fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
-    ) -> Result<Branch> {
-        let pg = pgbin::newest()?;
-        let build = self.new_build_dir_unlocked(name)?;
-        let result = (|| {
-            let data = build.join("data");
-            let log = build.join("server.log");
-            cluster::initdb(&pg, &self.user, &data, &log)?;
-            let sock = cluster::socket_dir_for(&self.user, &build)?;
-            cluster::start(&pg, &self.user, &data, &sock, &log, START_TIMEOUT).map_err(
-                |source| Error::StartFailed {
-                    name: name.clone(),
-                    source,
-                },
-            )?;
-            let filled = fill(&sock);
-            cluster::stop(&data, &log, STOP_TIMEOUT)?;
-            let _ = fs::remove_dir(&sock);
-            filled.map_err(Error::Other)
-        })();
-        if let Err(e) = result {
-            let _ = cluster::stop(&build.join("data"), &build.join("server.log"), STOP_TIMEOUT);
-            let _ = remove_tree(&build);
-            return Err(e);
-        }
-        // Only the swap needs the lock: the long fill ran beside other commands.
-        let _lock = self.lock()?;
-        let old = self.get(name).ok();
-        let meta = BranchMeta {
-            parent: old.as_ref().and_then(|b| b.meta.parent.clone()),
-            created: now_rfc3339(),
-            clone_method: CloneMethod::Initdb,
-            pg_major: pg.major,
-            git_branch: old.as_ref().and_then(|b| b.meta.git_branch.clone()),
-            expires: None,
-        };
-        write_meta(&build, &meta)?;
-        sync_tree(&build)?;
-        if old.is_some() || self.exists(name) {
-            let was_running = self.swap_in(name, &build, None)?;
-            if was_running {
-                self.start_locked(name)?;
-            }
-            self.get(name)
-        } else {
-            self.publish(name, &build, &meta)
-        }
-    }
-
-    /// A build folder in tmp/ made without the lock, named so that
-    /// recover_interrupted() leaves it alone while its process lives.
-    fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
-        let dir = self
-            .home
-            .tmp_dir()
-            .join(format!("fill-{name}-{}", std::process::id()));
-        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        self.user
-            .own(&dir)
-            .map_err(io_err("giving the build folder to the server user"))?;
-        Ok(dir)
     }
 
     /// Delete a branch and its data. Its children are untouched: clones
@@ -917,7 +745,7 @@ impl LocalBackend {
     }
 }
 
-fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
+pub(crate) fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
     let mut json = serde_json::to_vec_pretty(meta).map_err(|e| Error::Other(e.to_string()))?;
     json.push(b'\n');
     fsutil::write_atomic(&dir.join(META_FILE), &json).map_err(io_err("writing branch metadata"))
@@ -933,7 +761,7 @@ pub(crate) fn write_private(user: &ServerUser, path: &Path, text: &str) -> Resul
 /// Flush a finished build to disk before it is published, so a power cut
 /// cannot leave a visible branch with missing data: one `syncfs` of its
 /// file system on Linux, `sync` elsewhere.
-fn sync_tree(dir: &Path) -> Result<()> {
+pub(crate) fn sync_tree(dir: &Path) -> Result<()> {
     #[cfg(target_os = "linux")]
     {
         let f = fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;

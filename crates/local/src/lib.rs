@@ -6,6 +6,7 @@
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
+//! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`history`]: WAL archive and base snapshots; branches as of a past time.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
 //!   crash-safe under the project lock.
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod engine;
 pub mod history;
 pub mod pgbin;
+pub mod prepared;
 pub mod server_user;
 
 pub use clone::CloneMethod;

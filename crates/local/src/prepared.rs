@@ -1,0 +1,191 @@
+//! Branches made or changed out of sight before they appear: an
+//! anonymized clone ([`LocalBackend::create_prepared`]) and a fresh cluster
+//! filled by an import ([`LocalBackend::fill_fresh`]). Both run a server
+//! from the build folder in `tmp/` and publish by rename only when done.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use pgtwig_core::BranchName;
+
+use crate::clone::CloneMethod;
+use crate::cluster;
+use crate::engine::{
+    io_err, now_rfc3339, remove_tree, sync_tree, write_meta, Branch, BranchMeta, CreateReport,
+    Error, LocalBackend, Result, START_TIMEOUT, STOP_TIMEOUT,
+};
+use crate::pgbin;
+
+impl LocalBackend {
+    /// Create `name` from `parent` and let `prepare` change it before it
+    /// becomes visible: the clone is started from its build folder (socket
+    /// folder passed to `prepare`), changed, stopped, and only then
+    /// published. Built for anonymized branches, so it also leaves no old
+    /// WAL behind: the server runs without WAL recycling, and after its
+    /// clean shutdown every WAL segment before the last checkpoint is
+    /// deleted, as is the build's server log. `prepare` should end with
+    /// `CHECKPOINT` after `pg_switch_wal()`. A failing `prepare` leaves
+    /// nothing behind.
+    pub fn create_prepared(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        prepare: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
+    ) -> Result<CreateReport> {
+        let _lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        let parent_branch = self.get(parent)?;
+        let build = self.new_build_dir(name)?;
+        let result = (|| {
+            let (method, parent_running, fallback, files, bytes) =
+                self.build_clone(&parent_branch, &build)?;
+            let pg = self.install_for(&parent_branch)?;
+            let data = build.join("data");
+            let log = build.join("prepare.log");
+            let sock = cluster::socket_dir_for(&self.user, &build)?;
+            cluster::start_with(
+                &pg,
+                &self.user,
+                &data,
+                &sock,
+                &log,
+                START_TIMEOUT,
+                &[
+                    "wal_recycle=off",
+                    "wal_keep_size=0",
+                    "max_wal_senders=0",
+                    "archive_mode=off",
+                ],
+            )
+            .map_err(|source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            })?;
+            let prepared = prepare(&sock);
+            cluster::stop(&data, &log, STOP_TIMEOUT)?;
+            let _ = fs::remove_dir(&sock);
+            prepared.map_err(Error::Other)?;
+            let redo = cluster::redo_wal_file(&pg, &data)?;
+            let wal = data.join("pg_wal");
+            for entry in fs::read_dir(&wal)
+                .map_err(io_err("reading pg_wal"))?
+                .flatten()
+            {
+                let n = entry.file_name().to_string_lossy().into_owned();
+                let old_segment = n.len() >= 24
+                    && n[..24].bytes().all(|b| b.is_ascii_hexdigit())
+                    && n[8..24] < redo[8..];
+                if old_segment {
+                    fs::remove_file(entry.path())
+                        .map_err(io_err(format!("removing old WAL {n}")))?;
+                }
+            }
+            for entry in fs::read_dir(wal.join("archive_status"))
+                .map_err(io_err("reading archive_status"))?
+                .flatten()
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+            let _ = fs::remove_file(&log);
+            let meta = BranchMeta {
+                parent: Some(parent.clone()),
+                created: now_rfc3339(),
+                clone_method: method,
+                pg_major: parent_branch.meta.pg_major,
+                git_branch: None,
+                expires: None,
+            };
+            let branch = self.publish(name, &build, &meta)?;
+            Ok(CreateReport {
+                branch,
+                parent_was_running: parent_running,
+                fallback_reason: fallback,
+                files,
+                bytes,
+            })
+        })();
+        if result.is_err() {
+            let _ = cluster::stop(
+                &build.join("data"),
+                &build.join("prepare.log"),
+                STOP_TIMEOUT,
+            );
+            let _ = remove_tree(&build);
+        }
+        result
+    }
+
+    /// Make `name` a fresh cluster filled by `fill` (given the socket folder
+    /// of the new cluster, running from its build folder), replacing the
+    /// branch of that name if there is one — atomically: until `fill`
+    /// succeeds and the new cluster is stopped cleanly, the old branch is
+    /// untouched and in service; a failure leaves nothing behind. For
+    /// `pgtwig import`. A replaced running branch is started again.
+    pub fn fill_fresh(
+        &self,
+        name: &BranchName,
+        fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
+    ) -> Result<Branch> {
+        let pg = pgbin::newest()?;
+        let build = self.new_build_dir_unlocked(name)?;
+        let result = (|| {
+            let data = build.join("data");
+            let log = build.join("server.log");
+            cluster::initdb(&pg, &self.user, &data, &log)?;
+            let sock = cluster::socket_dir_for(&self.user, &build)?;
+            cluster::start(&pg, &self.user, &data, &sock, &log, START_TIMEOUT).map_err(
+                |source| Error::StartFailed {
+                    name: name.clone(),
+                    source,
+                },
+            )?;
+            let filled = fill(&sock);
+            cluster::stop(&data, &log, STOP_TIMEOUT)?;
+            let _ = fs::remove_dir(&sock);
+            filled.map_err(Error::Other)
+        })();
+        if let Err(e) = result {
+            let _ = cluster::stop(&build.join("data"), &build.join("server.log"), STOP_TIMEOUT);
+            let _ = remove_tree(&build);
+            return Err(e);
+        }
+        // Only the swap needs the lock: the long fill ran beside other commands.
+        let _lock = self.lock()?;
+        let old = self.get(name).ok();
+        let meta = BranchMeta {
+            parent: old.as_ref().and_then(|b| b.meta.parent.clone()),
+            created: now_rfc3339(),
+            clone_method: CloneMethod::Initdb,
+            pg_major: pg.major,
+            git_branch: old.as_ref().and_then(|b| b.meta.git_branch.clone()),
+            expires: None,
+        };
+        write_meta(&build, &meta)?;
+        sync_tree(&build)?;
+        if old.is_some() || self.exists(name) {
+            let was_running = self.swap_in(name, &build, None)?;
+            if was_running {
+                self.start_locked(name)?;
+            }
+            self.get(name)
+        } else {
+            self.publish(name, &build, &meta)
+        }
+    }
+
+    /// A build folder in tmp/ made without the lock, named so that
+    /// recover_interrupted() leaves it alone while its process lives.
+    pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
+        let dir = self
+            .home
+            .tmp_dir()
+            .join(format!("fill-{name}-{}", std::process::id()));
+        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        self.user
+            .own(&dir)
+            .map_err(io_err("giving the build folder to the server user"))?;
+        Ok(dir)
+    }
+}
