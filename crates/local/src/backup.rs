@@ -72,11 +72,13 @@ impl BackupSession {
     }
 
     pub fn finish(mut self) -> Result<BackupEnd, BackupError> {
-        // wait_for_archive = true: when archiving is on, the WAL is archived before we go on.
+        // wait_for_archive = false: the clone gets its WAL by copy right
+        // after, so waiting for the archiver (up to a second or more with
+        // archive_mode on) would only slow every branch down.
         let sql = if self.major >= 15 {
-            "SELECT labelfile, spcmapfile FROM pg_backup_stop(true)"
+            "SELECT labelfile, spcmapfile FROM pg_backup_stop(false)"
         } else {
-            "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+            "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, false)"
         };
         let row = self
             .client
