@@ -159,6 +159,27 @@ async fn serve(
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
     tokio::spawn(proxy.clone().serve(listener));
+    // History for long-running branches: a base at most hourly and pruning
+    // to history_retention happen here too, not only at start.
+    if !history_retention.is_zero() {
+        let b = backend.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                let b = b.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for name in b.names().unwrap_or_default() {
+                        if b.ready_socket(&name).is_some() {
+                            if let Err(e) = b.snapshot_if_due(&name, history_retention) {
+                                tracing::warn!("no history snapshot of \"{name}\": {e}");
+                            }
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
     if let Some((root, head)) = worktree {
         tokio::spawn(head_watch::run(root, head));
     }
