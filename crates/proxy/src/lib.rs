@@ -82,7 +82,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use error::{sqlstate, PgError};
-pub use router::{Route, RouteError, RouteFuture, Router, UpstreamAddr};
+pub use router::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 pub use session::switch_message;
 pub use tls::load_or_create_tls;
 

@@ -84,6 +84,7 @@ fn close(p: Parked) {
     let _ = match &p.server {
         UpstreamStream::Unix(s) => s.try_write(&x),
         UpstreamStream::Tcp(s) => s.try_write(&x),
+        UpstreamStream::Tls(_) => Ok(0), // dropped without a Terminate
     };
 }
 
@@ -188,6 +189,8 @@ fn is_quiet(s: &UpstreamStream) -> bool {
     let r = match s {
         UpstreamStream::Unix(s) => s.try_read(&mut b),
         UpstreamStream::Tcp(s) => s.try_read(&mut b),
+        // Cannot peek under TLS: never reused.
+        UpstreamStream::Tls(_) => return false,
     };
     matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

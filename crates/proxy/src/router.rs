@@ -18,6 +18,62 @@ pub enum UpstreamAddr {
         /// Port.
         port: u16,
     },
+    /// TCP, then TLS after an `SSLRequest`, verifying the server's
+    /// certificate for `server_name`, which is also sent as SNI (Neon routes
+    /// by it).
+    Tls {
+        /// Host name or IP address to connect to.
+        host: String,
+        /// Port.
+        port: u16,
+        /// The name the certificate must be valid for.
+        server_name: String,
+        /// Trust roots and settings.
+        tls: UpstreamTls,
+    },
+}
+
+/// rustls client settings for TLS upstreams. Compared and hashed by
+/// identity, so an [`UpstreamAddr`] stays usable as a map key.
+#[derive(Clone)]
+pub struct UpstreamTls(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl UpstreamTls {
+    /// Verify against `roots` (e.g. a private CA).
+    pub fn with_roots(roots: rustls::RootCertStore) -> UpstreamTls {
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("rustls defaults")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        UpstreamTls(std::sync::Arc::new(config))
+    }
+
+    /// Verify against the Mozilla roots (public services such as Neon).
+    pub fn public_roots() -> UpstreamTls {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        UpstreamTls::with_roots(roots)
+    }
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for UpstreamTls {}
+impl std::hash::Hash for UpstreamTls {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::sync::Arc::as_ptr(&self.0).hash(state)
+    }
+}
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamTls")
+    }
 }
 
 impl fmt::Display for UpstreamAddr {
@@ -25,6 +81,12 @@ impl fmt::Display for UpstreamAddr {
         match self {
             UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             UpstreamAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            UpstreamAddr::Tls {
+                host,
+                port,
+                server_name,
+                ..
+            } => write!(f, "tls:{host}:{port} ({server_name})"),
         }
     }
 }

@@ -28,6 +28,8 @@ pub enum UpstreamStream {
     Unix(UnixStream),
     /// TCP.
     Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Connects to `addr`, with `TCP_NODELAY` for TCP.
@@ -38,6 +40,34 @@ pub async fn connect_upstream(addr: &UpstreamAddr) -> io::Result<UpstreamStream>
             let s = TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
             Ok(UpstreamStream::Tcp(s))
+        }
+        UpstreamAddr::Tls {
+            host,
+            port,
+            server_name,
+            tls,
+        } => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            // SSLRequest: length 8, code 80877103.
+            s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await?;
+            if answer[0] != b'S' {
+                return Err(io::Error::other(format!(
+                    "{host}:{port} does not accept TLS"
+                )));
+            }
+            let name =
+                rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| {
+                    io::Error::other(format!("invalid server name {server_name:?}: {e}"))
+                })?;
+            let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
+                .connect(name, s)
+                .await
+                .map_err(|e| io::Error::other(format!("TLS with {server_name}: {e}")))?;
+            Ok(UpstreamStream::Tls(Box::new(tls)))
         }
     }
 }
@@ -97,6 +127,7 @@ impl AsyncRead for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -110,18 +141,21 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -67,6 +67,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(name: &str) -> Cluster {
+        Cluster::start_with(name, |_| {}, &[])
+    }
+
+    /// Like [`start`](Self::start), with `prepare(data_dir)` run after initdb
+    /// (as root; files it writes are given to the server user) and extra
+    /// `-c` settings, e.g. TLS on a loopback TCP port.
+    pub fn start_with(name: &str, prepare: impl FnOnce(&Path), extra: &[&str]) -> Cluster {
         let base = tempfile::Builder::new()
             .prefix("pgtwig-proxy-test-")
             .tempdir_in("/tmp")
@@ -99,6 +106,12 @@ impl Cluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        prepare(&data);
+        if let Ok(entries) = std::fs::read_dir(&data) {
+            for e in entries.flatten() {
+                chown(&e.path());
+            }
+        }
         let port = free_port();
         let log = std::fs::File::create(base.join("log")).unwrap();
         chown(&base.join("log"));
@@ -118,6 +131,7 @@ impl Cluster {
                     "max_connections=40",
                 ])
                 .args(["-c", &format!("cluster_name={name}")])
+                .args(extra.iter().flat_map(|e| ["-c", e]))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log),
