@@ -281,37 +281,24 @@ impl LocalBackend {
             write_private(&self.user, &data.join("recovery.signal"), "")?;
             let pg = self.install_for(&parent_branch)?;
             let log = build.join("server.log");
-            let sock = cluster::socket_dir_for(&self.user, &build)?;
-            cluster::start_with(
-                &pg,
-                &self.user,
-                &data,
-                &sock,
-                &log,
-                crate::engine::START_TIMEOUT,
-                &[],
-            )
-            .map_err(|source| Error::StartFailed {
-                name: name.clone(),
-                source,
-            })?;
-            let recovered = wait_promoted(&sock, &data);
-            if recovered.is_ok() {
-                let mut c = cluster::client_config(&sock, "postgres", "pgtwig history")
-                    .connect(postgres::NoTls)
-                    .map_err(pg_err)?;
-                for setting in [
-                    "restore_command",
-                    "recovery_target_time",
-                    "recovery_target_lsn",
-                    "recovery_target_action",
-                ] {
-                    c.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+            let recovered = self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+                let recovered = wait_promoted(sock, &data);
+                if recovered.is_ok() {
+                    let mut c = cluster::client_config(sock, "postgres", "pgtwig history")
+                        .connect(postgres::NoTls)
                         .map_err(pg_err)?;
+                    for setting in [
+                        "restore_command",
+                        "recovery_target_time",
+                        "recovery_target_lsn",
+                        "recovery_target_action",
+                    ] {
+                        c.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+                            .map_err(pg_err)?;
+                    }
                 }
-            }
-            cluster::stop(&data, &log, crate::engine::STOP_TIMEOUT)?;
-            let _ = fs::remove_dir(&sock);
+                Ok(recovered)
+            })?;
             recovered.map_err(|why| {
                 Error::Other(format!(
                     "recovering \"{parent}\" to that point failed: {why}; it may be later than the latest WAL \
@@ -337,12 +324,7 @@ impl LocalBackend {
             })
         })();
         if result.is_err() {
-            let _ = cluster::stop(
-                &build.join("data"),
-                &build.join("server.log"),
-                crate::engine::STOP_TIMEOUT,
-            );
-            let _ = remove_tree(&build);
+            self.discard_build(&build, &build.join("server.log"));
         }
         result
     }

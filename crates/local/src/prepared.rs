@@ -44,29 +44,15 @@ impl LocalBackend {
             let pg = self.install_for(&parent_branch)?;
             let data = build.join("data");
             let log = build.join("prepare.log");
-            let sock = cluster::socket_dir_for(&self.user, &build)?;
-            cluster::start_with(
-                &pg,
-                &self.user,
-                &data,
-                &sock,
-                &log,
-                START_TIMEOUT,
-                &[
-                    "wal_recycle=off",
-                    "wal_keep_size=0",
-                    "max_wal_senders=0",
-                    "archive_mode=off",
-                ],
-            )
-            .map_err(|source| Error::StartFailed {
-                name: name.clone(),
-                source,
+            let settings = [
+                "wal_recycle=off",
+                "wal_keep_size=0",
+                "max_wal_senders=0",
+                "archive_mode=off",
+            ];
+            self.with_build_server(name, &pg, &build, &log, &settings, |sock| {
+                prepare(sock).map_err(Error::Other)
             })?;
-            let prepared = prepare(&sock);
-            cluster::stop(&data, &log, STOP_TIMEOUT)?;
-            let _ = fs::remove_dir(&sock);
-            prepared.map_err(Error::Other)?;
             let redo = cluster::redo_wal_file(&pg, &data)?;
             let wal = data.join("pg_wal");
             for entry in fs::read_dir(&wal)
@@ -107,12 +93,7 @@ impl LocalBackend {
             })
         })();
         if result.is_err() {
-            let _ = cluster::stop(
-                &build.join("data"),
-                &build.join("prepare.log"),
-                STOP_TIMEOUT,
-            );
-            let _ = remove_tree(&build);
+            self.discard_build(&build, &build.join("prepare.log"));
         }
         result
     }
@@ -134,21 +115,12 @@ impl LocalBackend {
             let data = build.join("data");
             let log = build.join("server.log");
             cluster::initdb(&pg, &self.user, &data, &log)?;
-            let sock = cluster::socket_dir_for(&self.user, &build)?;
-            cluster::start(&pg, &self.user, &data, &sock, &log, START_TIMEOUT).map_err(
-                |source| Error::StartFailed {
-                    name: name.clone(),
-                    source,
-                },
-            )?;
-            let filled = fill(&sock);
-            cluster::stop(&data, &log, STOP_TIMEOUT)?;
-            let _ = fs::remove_dir(&sock);
-            filled.map_err(Error::Other)
+            self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+                fill(sock).map_err(Error::Other)
+            })
         })();
         if let Err(e) = result {
-            let _ = cluster::stop(&build.join("data"), &build.join("server.log"), STOP_TIMEOUT);
-            let _ = remove_tree(&build);
+            self.discard_build(&build, &build.join("server.log"));
             return Err(e);
         }
         // Only the swap needs the lock: the long fill ran beside other commands.
@@ -187,5 +159,39 @@ impl LocalBackend {
             .own(&dir)
             .map_err(io_err("giving the build folder to the server user"))?;
         Ok(dir)
+    }
+
+    /// Run `work` against a server started from `build/data` on a private
+    /// socket, logging to `log`; the server is stopped cleanly whatever
+    /// `work` returns. Shared by the builds that change a branch out of
+    /// sight (anonymize, import, point-in-time recovery).
+    pub(crate) fn with_build_server<T>(
+        &self,
+        name: &BranchName,
+        pg: &crate::pgbin::PgInstall,
+        build: &Path,
+        log: &Path,
+        settings: &[&str],
+        work: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        let data = build.join("data");
+        let sock = cluster::socket_dir_for(&self.user, build)?;
+        cluster::start_with(pg, &self.user, &data, &sock, log, START_TIMEOUT, settings).map_err(
+            |source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            },
+        )?;
+        let result = work(&sock);
+        let stopped = cluster::stop(&data, log, STOP_TIMEOUT);
+        let _ = fs::remove_dir(&sock);
+        stopped?;
+        result
+    }
+
+    /// Throw away a failed build: stop its server if one still runs, remove it.
+    pub(crate) fn discard_build(&self, build: &Path, log: &Path) {
+        let _ = cluster::stop(&build.join("data"), log, STOP_TIMEOUT);
+        let _ = remove_tree(build);
     }
 }
