@@ -87,6 +87,29 @@ pub struct CreateReport {
     pub bytes: u64,
 }
 
+/// What cloning a parent produced (see `LocalBackend::build_clone`).
+#[derive(Debug, Clone)]
+pub(crate) struct Cloned {
+    pub method: CloneMethod,
+    pub parent_was_running: bool,
+    pub fallback_reason: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl Cloned {
+    /// The report for the user once the clone is published as `branch`.
+    pub fn report(self, branch: Branch) -> CreateReport {
+        CreateReport {
+            branch,
+            parent_was_running: self.parent_was_running,
+            fallback_reason: self.fallback_reason,
+            files: self.files,
+            bytes: self.bytes,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("pgtwig has no state for this project in {dir}; run `pgtwig init` in the repository")]
@@ -481,11 +504,11 @@ impl LocalBackend {
         }
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
-        let mut report = self.build_clone(&parent_branch, &build)?;
+        let cloned = self.build_clone(&parent_branch, &build)?;
         let meta = BranchMeta {
             parent: Some(parent.clone()),
             created: now_rfc3339(),
-            clone_method: report.0,
+            clone_method: cloned.method,
             pg_major: parent_branch.meta.pg_major,
             git_branch,
             expires,
@@ -493,13 +516,7 @@ impl LocalBackend {
         failpoint::hit("create.before_publish");
         let branch = self.publish(name, &build, &meta)?;
         failpoint::hit("create.after_publish");
-        Ok(CreateReport {
-            branch,
-            parent_was_running: report.1,
-            fallback_reason: report.2.take(),
-            files: report.3,
-            bytes: report.4,
-        })
+        Ok(cloned.report(branch))
     }
 
     /// Re-derive `name` from its parent's current state, under the same
@@ -531,11 +548,11 @@ impl LocalBackend {
             }
         }
         let build = self.new_build_dir(name)?;
-        let (method, parent_running, fallback, files, bytes) = self.build_clone(&parent, &build)?;
+        let cloned = self.build_clone(&parent, &build)?;
         let meta = BranchMeta {
             parent: Some(parent.name.clone()),
             created: now_rfc3339(),
-            clone_method: method,
+            clone_method: cloned.method,
             pg_major: parent.meta.pg_major,
             git_branch: old.meta.git_branch.clone(),
             expires: old.meta.expires.clone(),
@@ -547,13 +564,7 @@ impl LocalBackend {
         if was_running {
             self.start_locked(name)?;
         }
-        Ok(CreateReport {
-            branch,
-            parent_was_running: parent_running,
-            fallback_reason: fallback,
-            files,
-            bytes,
-        })
+        Ok(cloned.report(branch))
     }
 
     /// Put the finished build `build` in place of existing branch `name`
@@ -652,13 +663,7 @@ impl LocalBackend {
 
     /// Clone `parent`'s data directory into `build/data`: through the backup
     /// API when it runs, directly when it is stopped.
-    /// Returns (method, parent_was_running, fallback_reason, files, bytes).
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn build_clone(
-        &self,
-        parent: &Branch,
-        build: &Path,
-    ) -> Result<(CloneMethod, bool, Option<String>, u64, u64)> {
+    pub(crate) fn build_clone(&self, parent: &Branch, build: &Path) -> Result<Cloned> {
         let t0 = std::time::Instant::now();
         let src = parent.data_dir();
         let dst = build.join("data");
@@ -734,14 +739,13 @@ impl LocalBackend {
                 parent.name
             )));
         }
-        let method = cloner.method();
-        Ok((
-            method,
-            running,
-            cloner.fallback_reason.take(),
-            cloner.files,
-            cloner.bytes,
-        ))
+        Ok(Cloned {
+            method: cloner.method(),
+            parent_was_running: running,
+            fallback_reason: cloner.fallback_reason.take(),
+            files: cloner.files,
+            bytes: cloner.bytes,
+        })
     }
 }
 

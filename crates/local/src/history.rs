@@ -164,7 +164,7 @@ impl LocalBackend {
                 .map_err(io_err("giving the base to the server user"))?;
             let made = self.build_clone(&branch, &build);
             match made {
-                Ok((CloneMethod::CopyOnWrite, ..)) => {
+                Ok(c) if c.method == CloneMethod::CopyOnWrite => {
                     fs::rename(&build, dir.join(secs(now).to_string()))
                         .map_err(io_err("keeping the base"))?;
                 }

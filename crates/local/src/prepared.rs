@@ -39,8 +39,7 @@ impl LocalBackend {
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
         let result = (|| {
-            let (method, parent_running, fallback, files, bytes) =
-                self.build_clone(&parent_branch, &build)?;
+            let cloned = self.build_clone(&parent_branch, &build)?;
             let pg = self.install_for(&parent_branch)?;
             let data = build.join("data");
             let log = build.join("prepare.log");
@@ -78,19 +77,13 @@ impl LocalBackend {
             let meta = BranchMeta {
                 parent: Some(parent.clone()),
                 created: now_rfc3339(),
-                clone_method: method,
+                clone_method: cloned.method,
                 pg_major: parent_branch.meta.pg_major,
                 git_branch: None,
                 expires: None,
             };
             let branch = self.publish(name, &build, &meta)?;
-            Ok(CreateReport {
-                branch,
-                parent_was_running: parent_running,
-                fallback_reason: fallback,
-                files,
-                bytes,
-            })
+            Ok(cloned.report(branch))
         })();
         if result.is_err() {
             self.discard_build(&build, &build.join("prepare.log"));
