@@ -12,7 +12,8 @@
 //!    `GSSENCRequest` is answered `N`. Protocol 3.0 is spoken; a client asking for a newer
 //!    minor version (PG18's 3.2) or sending `_pq_.` options gets `NegotiateProtocolVersion`
 //!    down to 3.0 and the options are dropped. Malformed or oversized packets get a FATAL
-//!    `ErrorResponse` (08P01), never a silent close.
+//!    `ErrorResponse` (08P01), never a silent close. A client opening with a TLS ClientHello
+//!    instead (PostgreSQL 17 `sslnegotiation=direct`) gets TLS first; see "TLS" below.
 //! 2. **Routing.** [`Router::route`] picks the upstream; [`RouteError`]s become FATAL errors
 //!    (3D000, 57P03, XX000); an unreachable upstream gives 08006 with the address in DETAIL.
 //! 3. **Auth passes through.** The client's startup parameters (user, database,
@@ -21,6 +22,24 @@
 //!    unless the client sends them so.
 //! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
 //!    `ReadyForQuery` status and to swap `BackendKeyData` for a proxy-made key.
+//!
+//! # TLS: `sslmode` and PostgreSQL 17's `sslnegotiation=direct`
+//! Both ways of starting TLS are served, with the same certificate, timeout and size limits:
+//! - **SSLRequest** (every libpq; `sslnegotiation=postgres`, the default): `S`, then the TLS
+//!   handshake.
+//! - **Direct** (libpq 17+ `sslnegotiation=direct`): the client opens with a TLS ClientHello
+//!   (first byte `0x16`) instead of a startup packet. The ClientHello must offer ALPN
+//!   `postgresql`; one that does not is refused with a `no_application_protocol` alert
+//!   (PostgreSQL 17 refuses it too, after the handshake). The startup packet (or a
+//!   CancelRequest — libpq 17 sends those the same way) then comes inside TLS.
+//!   Without [`ProxyConfig::tls`] a ClientHello is closed without a word, as PostgreSQL 17
+//!   with `ssl = off` does.
+//!
+//! The server advertises ALPN `postgresql` on both paths ([`Proxy::new`] sets it on the
+//! configuration it is given), so clients that send ALPN get it back; clients that send no
+//! ALPN (libpq before 17, tokio-postgres, JDBC, ...) are accepted after SSLRequest as before,
+//! and ones offering only other protocols get `no_application_protocol` there too, as from
+//! PostgreSQL 17.
 //!
 //! # Pinning: `dbname=app@branch`
 //! A database name with an `@` suffix pins the session to that branch regardless of the
@@ -99,7 +118,9 @@ pub enum OnSwitch {
 /// Proxy settings.
 #[derive(Clone)]
 pub struct ProxyConfig {
-    /// TLS for clients that send `SSLRequest`; `None` answers `N` (no TLS).
+    /// TLS for clients, after `SSLRequest` or direct (`sslnegotiation=direct`); `None`
+    /// answers `N` to `SSLRequest` and closes direct TLS connections. Its ALPN protocols are
+    /// set to exactly `postgresql` by [`Proxy::new`].
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Behaviour on branch switches.
     pub on_switch: OnSwitch,
@@ -210,12 +231,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy routing with `router`; `active` carries the active branch's name.
+    /// A proxy routing with `router`; `active` carries the active branch's name. A TLS
+    /// configuration's ALPN protocols become exactly `postgresql` (a copy is made if needed).
     pub fn new(
-        config: ProxyConfig,
+        mut config: ProxyConfig,
         router: Arc<dyn Router>,
         active: watch::Receiver<String>,
     ) -> Self {
+        config.tls = config.tls.map(tls::with_postgresql_alpn);
         Proxy {
             pool: pool::Pool::new(config.pool_idle_timeout),
             activity: config.busy_poll.map(|_| Arc::default()),

@@ -14,9 +14,11 @@ use tokio::sync::{broadcast, watch};
 use crate::cancel::forward_cancel;
 use crate::error::{sqlstate, PgError};
 use crate::relay::{Relay, RelayEnd};
-use crate::startup::{check_length, parse_first_packet, plan_startup, FirstPacket, Startup};
+use crate::startup::{
+    check_length, parse_first_packet, plan_startup, FirstPacket, Startup, TLS_HANDSHAKE_RECORD,
+};
 use crate::stream::{connect_upstream, ClientStream};
-use crate::{OnSwitch, Proxy, SessionRecord};
+use crate::{tls, OnSwitch, Proxy, SessionRecord};
 
 /// What the startup handshake produced.
 enum Handshake {
@@ -25,23 +27,35 @@ enum Handshake {
 }
 
 /// Reads first packets until a StartupMessage or CancelRequest, answering SSLRequest and
-/// GSSENCRequest on the way.
-async fn handshake(proxy: &Proxy, stream: &mut ClientStream) -> Result<Handshake, HandshakeError> {
-    let mut tls_done = false;
-    let mut gss_refused = false;
+/// GSSENCRequest on the way, or first runs a direct TLS handshake when the client opens with
+/// a ClientHello. Which requests are answered when follows PostgreSQL 17's
+/// `ProcessStartupPacket`: each kind once; after `S` nothing more is negotiated; after direct
+/// TLS an SSLRequest gets `N` (TLS is already in use) and a GSSENCRequest `N`.
+async fn handshake(
+    proxy: &Proxy,
+    stream: &mut ClientStream,
+    peer: SocketAddr,
+) -> Result<Handshake, HandshakeError> {
+    let mut ssl_done = false;
+    let mut gss_done = false;
+    let mut first = true;
     loop {
         let mut len = [0u8; 4];
         stream.read_exact(&mut len).await?;
+        if std::mem::take(&mut first) && len[0] == TLS_HANDSHAKE_RECORD {
+            direct_tls(proxy, stream, peer, len).await?;
+            continue;
+        }
         let body_len = check_length(len, proxy.config.max_startup_packet)?;
         let mut body = vec![0u8; body_len];
         stream.read_exact(&mut body).await?;
         match parse_first_packet(&body)? {
-            FirstPacket::SslRequest if !tls_done => {
-                tls_done = true;
+            FirstPacket::SslRequest if !ssl_done => {
+                ssl_done = true;
                 match &proxy.config.tls {
-                    None => stream.write_all(b"N").await?,
-                    Some(cfg) => {
+                    Some(cfg) if matches!(stream, ClientStream::Plain(_)) => {
                         stream.write_all(b"S").await?;
+                        gss_done = true;
                         let ClientStream::Plain(tcp) =
                             std::mem::replace(stream, ClientStream::Closed)
                         else {
@@ -51,10 +65,12 @@ async fn handshake(proxy: &Proxy, stream: &mut ClientStream) -> Result<Handshake
                         let tls = acceptor.accept(tcp).await?;
                         *stream = ClientStream::Tls(Box::new(tls));
                     }
+                    // No TLS configured, or TLS already up (direct).
+                    _ => stream.write_all(b"N").await?,
                 }
             }
-            FirstPacket::GssEncRequest if !gss_refused && !tls_done => {
-                gss_refused = true;
+            FirstPacket::GssEncRequest if !gss_done => {
+                gss_done = true;
                 stream.write_all(b"N").await?;
             }
             FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
@@ -66,6 +82,46 @@ async fn handshake(proxy: &Proxy, stream: &mut ClientStream) -> Result<Handshake
             }
             FirstPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
             FirstPacket::Startup(s) => return Ok(Handshake::Startup(s)),
+        }
+    }
+}
+
+/// The client opened with a TLS record (`prefix`: its first 4 bytes, already read). With TLS
+/// configured, runs the handshake (ALPN `postgresql` required) and leaves `stream` as TLS;
+/// the startup packet follows inside it, under the same timeout and size limit.
+///
+/// Without TLS the connection is closed without a word, as PostgreSQL 17 does with
+/// `ssl = off` (`ProcessSSLStartup` rejects, the backend exits, nothing is written): a TLS
+/// client could not read a plaintext ErrorResponse, and an `N` means nothing outside an
+/// SSLRequest exchange.
+async fn direct_tls(
+    proxy: &Proxy,
+    stream: &mut ClientStream,
+    peer: SocketAddr,
+    prefix: [u8; 4],
+) -> Result<(), HandshakeError> {
+    let Some(cfg) = &proxy.config.tls else {
+        tracing::debug!("closing {peer}: direct TLS connection, but TLS is not configured");
+        return Err(HandshakeError::Closed);
+    };
+    let ClientStream::Plain(tcp) = std::mem::replace(stream, ClientStream::Closed) else {
+        return Err(HandshakeError::Closed);
+    };
+    match tls::accept_direct(cfg.clone(), tcp, &prefix).await {
+        Ok(tls::Direct::Accepted(tls)) => {
+            *stream = ClientStream::Tls(tls);
+            Ok(())
+        }
+        Ok(tls::Direct::NoAlpn { alpn }) => {
+            tracing::debug!(
+                "refusing {peer}: direct TLS connection without ALPN \"postgresql\" \
+                 (offered: {alpn:?})"
+            );
+            Err(HandshakeError::Closed)
+        }
+        Err(e) => {
+            tracing::debug!("direct TLS handshake with {peer} failed: {e}");
+            Err(HandshakeError::Closed)
         }
     }
 }
@@ -104,8 +160,11 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let mut client = ClientStream::Plain(tcp);
 
-    let hs =
-        tokio::time::timeout(proxy.config.startup_timeout, handshake(&proxy, &mut client)).await;
+    let hs = tokio::time::timeout(
+        proxy.config.startup_timeout,
+        handshake(&proxy, &mut client, peer),
+    )
+    .await;
     let startup = match hs {
         Ok(Ok(Handshake::Startup(s))) => s,
         Ok(Ok(Handshake::Cancel { pid, secret })) => {

@@ -1,5 +1,5 @@
 //! The startup phase's message formats: the client's first packet (SSLRequest, GSSENCRequest,
-//! CancelRequest or StartupMessage), pinning (`dbname=app@branch`), protocol negotiation, and
+//! CancelRequest or StartupMessage — or a TLS ClientHello, see [`TLS_HANDSHAKE_RECORD`]), pinning (`dbname=app@branch`), protocol negotiation, and
 //! the startup message the proxy forwards upstream. Pure functions, no I/O.
 
 use crate::error::{sqlstate, PgError};
@@ -12,6 +12,10 @@ pub const GSSENC_REQUEST_CODE: u32 = 80877104;
 pub const CANCEL_REQUEST_CODE: u32 = 80877102;
 /// Protocol 3.0, the only version the proxy speaks to upstreams.
 pub const PROTOCOL_3_0: u32 = 3 << 16;
+/// First byte of a TLS handshake record: a client opening with a ClientHello (PostgreSQL 17
+/// `sslnegotiation=direct`) instead of a startup packet. Never the first byte of a startup
+/// packet's length word, which would then be over 369 MB.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Smallest first packet: length word plus a request code.
 const MIN_PACKET: usize = 8;

@@ -1,13 +1,90 @@
-//! TLS termination: a self-signed certificate for `localhost` made on first use.
+//! TLS termination: a self-signed certificate for `localhost` made on first use, ALPN
+//! `postgresql`, and PostgreSQL 17's direct TLS handshake (`sslnegotiation=direct`).
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// The ALPN protocol name of the PostgreSQL protocol (PostgreSQL 17, `PG_ALPN_PROTOCOL`).
+pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// A fatal `no_application_protocol` alert (RFC 7301 section 3.2) as a plaintext TLS record:
+/// content type alert (21), legacy record version TLS 1.2, length 2, level fatal (2),
+/// description 120. Sent in answer to a ClientHello, before anything is encrypted.
+const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120];
+
+/// `config` advertising exactly ALPN `postgresql` (a copy when it did not already), as
+/// PostgreSQL 17 does on both TLS paths. rustls then answers a client that offers ALPN but
+/// not `postgresql` with a `no_application_protocol` alert — PostgreSQL's `alpn_cb` does the
+/// same — and accepts a client that offers no ALPN at all (libpq before 17, most drivers).
+pub(crate) fn with_postgresql_alpn(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    if config.alpn_protocols.len() == 1 && config.alpn_protocols[0] == ALPN_POSTGRESQL {
+        return config;
+    }
+    let mut copy = (*config).clone();
+    copy.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Arc::new(copy)
+}
+
+/// How a direct TLS handshake ended.
+pub(crate) enum Direct {
+    /// TLS is up with ALPN `postgresql`; the startup packet follows inside it.
+    Accepted(Box<TlsStream<TcpStream>>),
+    /// The ClientHello did not offer ALPN `postgresql`: it got a `no_application_protocol`
+    /// alert. `alpn` is what it offered, for the log.
+    NoAlpn {
+        /// The protocols offered (`None`: no ALPN extension).
+        alpn: Option<Vec<String>>,
+    },
+}
+
+/// Runs the server side of a direct TLS handshake (PostgreSQL 17 `sslnegotiation=direct`: the
+/// client opens with a ClientHello instead of an SSLRequest) on `tcp`, whose first bytes,
+/// `prefix`, were already read while looking for a startup packet's length word.
+///
+/// The ClientHello must offer ALPN `postgresql`. PostgreSQL 17 checks that only after the
+/// handshake and then closes without a word if ALPN was not used; here a ClientHello without
+/// it is refused before any key exchange with the alert PostgreSQL sends when ALPN is offered
+/// without `postgresql` — so the client learns why, and no TLS session is set up for nothing.
+/// `config` must advertise ALPN `postgresql` (see [`with_postgresql_alpn`]).
+pub(crate) async fn accept_direct(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    prefix: &[u8],
+) -> io::Result<Direct> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    // The bytes already read go to rustls first; a record header alone is 5 bytes, so the
+    // ClientHello is never complete before the acceptor reads more from the socket.
+    acceptor.read_tls(&mut &prefix[..])?;
+    let start = tokio_rustls::LazyConfigAcceptor::new(acceptor, tcp).await?;
+    let offered: Option<Vec<&[u8]>> = start.client_hello().alpn().map(|a| a.collect());
+    if !offered
+        .as_ref()
+        .is_some_and(|a| a.contains(&ALPN_POSTGRESQL))
+    {
+        let alpn = offered.map(|a| {
+            a.iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect()
+        });
+        let mut tcp = start.io;
+        // Best effort: the client may already be gone.
+        let _ = tcp.write_all(&NO_APPLICATION_PROTOCOL_ALERT).await;
+        let _ = tcp.shutdown().await;
+        return Ok(Direct::NoAlpn { alpn });
+    }
+    let tls = start.into_stream(config).await?;
+    debug_assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_POSTGRESQL));
+    Ok(Direct::Accepted(Box::new(tls)))
+}
 
 /// Certificate file name inside the TLS directory.
 pub const CERT_FILE: &str = "cert.pem";
@@ -16,7 +93,7 @@ pub const KEY_FILE: &str = "key.pem";
 
 /// Loads `cert.pem`/`key.pem` from `dir`, or first generates a self-signed certificate for
 /// `localhost`, `127.0.0.1` and `::1` there (key written with mode 0600), and returns a rustls
-/// server configuration for it.
+/// server configuration for it (advertising ALPN `postgresql`).
 pub fn load_or_create_tls(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
@@ -68,7 +145,7 @@ fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<rustls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("TLS certificate")?;
-    Ok(Arc::new(config))
+    Ok(with_postgresql_alpn(Arc::new(config)))
 }
 
 #[cfg(test)]
@@ -80,7 +157,8 @@ mod tests {
     fn creates_once_then_reuses() {
         let dir = tempfile::tempdir().unwrap();
         let tls_dir = dir.path().join("tls");
-        load_or_create_tls(&tls_dir).unwrap();
+        let config = load_or_create_tls(&tls_dir).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"postgresql".to_vec()]);
         let cert1 = fs::read(tls_dir.join(CERT_FILE)).unwrap();
         let mode = fs::metadata(tls_dir.join(KEY_FILE))
             .unwrap()
@@ -97,5 +175,16 @@ mod tests {
         fs::write(dir.path().join(CERT_FILE), "nope").unwrap();
         fs::write(dir.path().join(KEY_FILE), "nope").unwrap();
         assert!(load_or_create_tls(dir.path()).is_err());
+    }
+
+    #[test]
+    fn alpn_is_set_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = load_or_create_tls(dir.path()).unwrap();
+        assert!(Arc::ptr_eq(&config, &with_postgresql_alpn(config.clone())));
+        let mut other = (*config).clone();
+        other.alpn_protocols = vec![b"h2".to_vec(), b"postgresql".to_vec()];
+        let fixed = with_postgresql_alpn(Arc::new(other));
+        assert_eq!(fixed.alpn_protocols, vec![b"postgresql".to_vec()]);
     }
 }

@@ -131,6 +131,18 @@ async fn bad_clients_get_errors_and_leak_nothing() {
         s.write_all(&p[..cut]).await.unwrap();
         drop(s);
     }
+    // A direct TLS ClientHello (PG17 sslnegotiation=direct) while TLS is not configured:
+    // closed without a word, as PostgreSQL 17 with ssl=off does — no plaintext
+    // ErrorResponse a TLS client could not read.
+    let hello = pgtls::client_hello(pgtls::hello_config(&[pgtls::ALPN]));
+    let mut s = TcpStream::connect(("127.0.0.1", env.port)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("a direct TLS connection without TLS configured is closed");
+    assert!(got.is_empty(), "{got:?}");
+    drop(s);
     // SSLRequest then gone; TLS is not configured so 'N' then EOF.
     let mut s = TcpStream::connect(("127.0.0.1", env.port)).await.unwrap();
     s.write_all(&ssl).await.unwrap();

@@ -4,6 +4,8 @@
 //! server binaries run as the `postgres` user and the cluster directory is chowned to it.
 #![allow(dead_code)]
 
+pub mod pgtls;
+
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
