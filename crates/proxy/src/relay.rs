@@ -163,6 +163,15 @@ impl BackendEvents for Events<'_> {
         );
         self.st.swap_key(body, real);
     }
+
+    fn authentication(&mut self, body: &mut [u8]) {
+        // Only a TLS upstream can offer channel binding this proxy cannot carry.
+        if matches!(self.st.upstream, crate::UpstreamAddr::Tls { .. })
+            && crate::scan::hide_channel_binding(body)
+        {
+            tracing::debug!("hid SCRAM-SHA-256-PLUS from the client (TLS upstream)");
+        }
+    }
 }
 
 impl SessionState {

@@ -36,6 +36,34 @@ pub trait BackendEvents {
     fn ready_for_query(&mut self, status: u8) -> bool;
     /// A `BackendKeyData`; `body` is (pid, secret) and may be rewritten in place (same length).
     fn backend_key_data(&mut self, body: &mut [u8]);
+    /// An authentication request (`R`) small enough to be held whole; `body` (the int32 code
+    /// and its data) may be rewritten in place (same length).
+    fn authentication(&mut self, _body: &mut [u8]) {}
+}
+
+/// The SASL mechanism that binds SCRAM to the TLS channel.
+const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+/// What it is renamed to: the same length, a name no client knows, so clients ignore it.
+const SCRAM_PLUS_HIDDEN: &[u8] = b"pgtwig-no-cb-proxy";
+
+/// In an `AuthenticationSASL` body (code 10, then mechanism names), hide
+/// `SCRAM-SHA-256-PLUS`: channel binding ties SCRAM to one TLS connection, and a proxy that
+/// opens its own TLS to the server puts a different one on each side. libpq refuses a server
+/// offering it over a plain connection, and a TLS client would bind to the wrong certificate.
+/// Hidden, clients choose plain SCRAM-SHA-256, which passes through. Returns whether the body
+/// changed.
+pub fn hide_channel_binding(body: &mut [u8]) -> bool {
+    if body.len() < 4 || body[..4] != [0, 0, 0, 10] {
+        return false;
+    }
+    let mut changed = false;
+    for name in body[4..].split_mut(|&b| b == 0) {
+        if name == SCRAM_PLUS {
+            name.copy_from_slice(SCRAM_PLUS_HIDDEN);
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// Result of one [`BackendScanner::scan`] call.
@@ -143,6 +171,19 @@ impl BackendScanner {
                         events.backend_key_data(body);
                     }
                 }
+                b'R' if len < MAX_HELD_MESSAGE => {
+                    let total = 1 + len;
+                    if rest.len() < total {
+                        return Ok(Scanned {
+                            safe: pos,
+                            stop: false,
+                            first_ready_end,
+                        });
+                    }
+                    self.last_type = ty;
+                    events.authentication(&mut buf[pos + 5..pos + total]);
+                    pos += total;
+                }
                 _ => {
                     self.last_type = ty;
                     pos += 5;
@@ -227,6 +268,27 @@ impl FrontendScanner {
     /// True when nothing the client sent is still waiting for an answer.
     pub fn quiescent(&self) -> bool {
         self.awaiting_ready == 0 && !self.open_batch && self.at_boundary() && !self.terminated
+    }
+}
+
+#[cfg(test)]
+mod sasl_tests {
+    #[test]
+    fn channel_binding_is_hidden_in_place() {
+        let mut body = [
+            &[0u8, 0, 0, 10][..],
+            b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0",
+        ]
+        .concat();
+        let len = body.len();
+        assert!(super::hide_channel_binding(&mut body));
+        assert_eq!(body.len(), len);
+        assert_eq!(&body[4..], b"pgtwig-no-cb-proxy\0SCRAM-SHA-256\0\0");
+        // Other authentication requests are left alone.
+        let mut md5 = [0u8, 0, 0, 5, 1, 2, 3, 4];
+        assert!(!super::hide_channel_binding(&mut md5));
+        let mut plain = [&[0u8, 0, 0, 10][..], b"SCRAM-SHA-256\0\0"].concat();
+        assert!(!super::hide_channel_binding(&mut plain));
     }
 }
 
