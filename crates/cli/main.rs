@@ -4,6 +4,7 @@
 //! the library crates, print. All behaviour lives in `pgtwig-core` and the
 //! backends.
 
+mod backend;
 mod commands;
 mod output;
 mod project;

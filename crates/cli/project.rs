@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use pgtwig_core::{home, BackendKind, Config, ProjectHome};
-use pgtwig_local::LocalBackend;
+use pgtwig_core::{home, Config, ProjectHome};
 
 pub struct Project {
     pub config: Config,
@@ -38,17 +37,6 @@ impl Project {
             );
         }
         Ok(())
-    }
-
-    /// The local backend for this project (the only one so far).
-    pub fn local(&self, create: bool) -> Result<LocalBackend> {
-        match self.config.backend {
-            BackendKind::Local => Ok(LocalBackend::open(self.home.clone(), create)?),
-            BackendKind::Neon => anyhow::bail!(
-                "backend \"neon\" in {} is not available in this version of pgtwig; use backend = \"local\"",
-                self.root.join(pgtwig_core::CONFIG_FILE).display()
-            ),
-        }
     }
 }
 

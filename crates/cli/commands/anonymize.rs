@@ -56,14 +56,19 @@ fn salt(project: &Project) -> Result<String> {
 
 pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
+    let backend = backend.local_only(
+        "`pgtwig anonymize`",
+        "Neon makes anonymized branches itself (Create branch → Anonymized data in the console); \
+         point root_branch or your [[map]] parents at that branch",
+    )?;
     let from = args
         .from
         .clone()
         .unwrap_or_else(|| project.config.root_branch.clone());
     let rules = &project.config.anonymize;
     if args.check {
-        return check(&backend, &from, &args.database, rules);
+        return check(backend, &from, &args.database, rules);
     }
     let into = args.into.expect("clap requires --into");
     if rules.columns.is_empty() {

@@ -3,12 +3,15 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use pgtwig_core::BranchName;
+use pgtwig_daemon::DaemonPaths;
 use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
+use pgtwig_neon::PointInTime;
 use serde_json::json;
 
+use crate::backend::{Backend, Neon};
 use crate::output;
 use crate::project::Project;
 
@@ -57,7 +60,13 @@ pub enum BranchCommand {
 
 pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    match project.backend(false)? {
+        Backend::Local(backend) => run_local(cmd, &project, &backend),
+        Backend::Neon(neon) => run_neon(cmd, &project, &neon),
+    }
+}
+
+fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> Result<ExitCode> {
     match cmd {
         BranchCommand::Create { name, from, at } => {
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
@@ -71,17 +80,27 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
                 }
                 None => backend.create(&name, &parent, None)?,
             };
-            print_built("Created", &report, &parent, started, &backend)?;
+            print_built("Created", &report, &parent, started, backend)?;
         }
-        BranchCommand::List { json } => return list(&backend, &project, json),
+        BranchCommand::List { json } => return list(backend, project, json),
         BranchCommand::Delete { name } => {
-            let _drained = drain_sessions(&backend, &name, &project)?;
+            let _drained = drain_sessions(
+                &DaemonPaths::for_backend(backend)?,
+                backend.exists(&name),
+                &name,
+                project,
+            )?;
             backend.delete(&name, &project.config.root_branch)?;
             println!("Deleted branch \"{name}\"");
         }
         BranchCommand::Reset { name, keep_old } => {
             let started = Instant::now();
-            let _drained = drain_sessions(&backend, &name, &project)?;
+            let _drained = drain_sessions(
+                &DaemonPaths::for_backend(backend)?,
+                backend.exists(&name),
+                &name,
+                project,
+            )?;
             let report = backend.reset(&name, keep_old.as_ref())?;
             let parent = report
                 .branch
@@ -89,7 +108,7 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
                 .parent
                 .clone()
                 .expect("a reset branch has a parent");
-            print_built("Reset", &report, &parent, started, &backend)?;
+            print_built("Reset", &report, &parent, started, backend)?;
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
             }
@@ -120,6 +139,136 @@ pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_neon(cmd: BranchCommand, project: &Project, neon: &Neon) -> Result<ExitCode> {
+    let backend = &neon.backend;
+    match cmd {
+        BranchCommand::Create { name, from, at } => {
+            let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
+            project.check_parent(&parent)?;
+            let at = match at {
+                Some(text) => neon_point_in_time(&text)?,
+                None => PointInTime::Head,
+            };
+            let started = Instant::now();
+            let made = backend.create(name.as_str(), parent.as_str(), at, None, None)?;
+            println!(
+                "Created Neon branch \"{name}\" from \"{parent}\"{} ({})",
+                made.endpoint
+                    .as_ref()
+                    .map(|e| format!(", compute {}", e.host))
+                    .unwrap_or_default(),
+                output::duration(started.elapsed())
+            );
+        }
+        BranchCommand::List { json } => return list_neon(neon, project, json),
+        BranchCommand::Delete { name } => {
+            let _drained =
+                drain_sessions(&DaemonPaths::for_neon(&neon.backend)?, true, &name, project)?;
+            backend.delete(name.as_str(), project.config.root_branch.as_str())?;
+            println!("Deleted Neon branch \"{name}\"");
+        }
+        BranchCommand::Reset { name, keep_old } => {
+            let started = Instant::now();
+            let _drained =
+                drain_sessions(&DaemonPaths::for_neon(&neon.backend)?, true, &name, project)?;
+            let b = backend.reset(name.as_str(), keep_old.as_ref().map(|k| k.as_str()))?;
+            println!(
+                "Reset Neon branch \"{name}\" to the current state of \"{}\" ({})",
+                b.parent_name.as_deref().unwrap_or("its parent"),
+                output::duration(started.elapsed())
+            );
+            if let Some(k) = keep_old {
+                println!("Its previous state is kept as branch \"{k}\"");
+            }
+        }
+        BranchCommand::Start { name } => {
+            let started = Instant::now();
+            let (_, endpoint) = backend.endpoint(name.as_str())?;
+            let woke = backend.wake(&endpoint)?;
+            println!(
+                "Neon compute of branch \"{name}\" is {} ({})",
+                if woke { "started" } else { "already running" },
+                output::duration(started.elapsed())
+            );
+        }
+        BranchCommand::Snapshot { .. } => {}
+        BranchCommand::Stop { name } => {
+            bail!(
+                "`pgtwig branch stop {name}` works with the local backend only; Neon suspends a compute itself \
+                 after its suspend_timeout without connections ([neon] suspend_timeout in .pgtwig.toml)"
+            )
+        }
+        BranchCommand::Url { name, database } => println!("{}", neon.url(&name, &database)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--at` for Neon: a time (sent as RFC 3339 UTC) or an LSN.
+fn neon_point_in_time(text: &str) -> Result<PointInTime> {
+    Ok(
+        match pgtwig_local::history::Target::parse(text).map_err(anyhow::Error::msg)? {
+            pgtwig_local::history::Target::Time(t) => {
+                PointInTime::Timestamp(humantime::format_rfc3339_seconds(t).to_string())
+            }
+            pgtwig_local::history::Target::Lsn(l) => PointInTime::Lsn(l),
+        },
+    )
+}
+
+fn list_neon(neon: &Neon, project: &Project, as_json: bool) -> Result<ExitCode> {
+    let branches = neon.backend.list()?;
+    if as_json {
+        let items: Vec<_> = branches
+            .iter()
+            .map(|b| {
+                json!({
+                    "name": b.branch.name,
+                    "parent": b.parent_name,
+                    "parent_exists": b.branch.parent_id.as_ref().map(|_| b.parent_name.is_some()),
+                    "root": b.branch.name == project.config.root_branch.as_str(),
+                    "created": b.branch.created_at,
+                    "running": b.compute_state() == "active",
+                    "compute": b.compute_state(),
+                    "host": b.endpoint.as_ref().map(|e| e.host.clone()),
+                    "expires": b.branch.expires_at,
+                    "git_branch": b.git_branch,
+                    "neon_id": b.branch.id,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![vec![
+        "NAME".to_string(),
+        "PARENT".into(),
+        "CREATED".into(),
+        "COMPUTE".into(),
+        "EXPIRES".into(),
+    ]];
+    for b in &branches {
+        let name = if b.branch.name == project.config.root_branch.as_str() {
+            format!("{} (root)", b.branch.name)
+        } else {
+            b.branch.name.clone()
+        };
+        let parent = match (&b.branch.parent_id, &b.parent_name) {
+            (None, _) => "-".to_string(),
+            (Some(_), Some(p)) => p.clone(),
+            (Some(id), None) => format!("{id} (deleted)"),
+        };
+        rows.push(vec![
+            name,
+            parent,
+            b.branch.created_at.clone().unwrap_or_default(),
+            b.compute_state().to_string(),
+            b.branch.expires_at.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    output::table(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn spawn_snapshot(name: &BranchName) {
     use std::os::unix::process::CommandExt;
     let Ok(exe) = std::env::current_exe() else {
@@ -137,15 +286,15 @@ fn spawn_snapshot(name: &BranchName) {
 /// With the proxy running, end the branch's sessions at their transaction
 /// boundaries and hold new ones off while the returned guard lives, so a
 /// reset or delete never cuts a transaction short.
-fn drain_sessions(
-    backend: &LocalBackend,
+pub fn drain_sessions(
+    paths: &DaemonPaths,
+    exists: bool,
     name: &BranchName,
     project: &Project,
 ) -> Result<Option<std::os::unix::net::UnixStream>> {
-    if *name == project.config.root_branch || !backend.exists(name) {
+    if *name == project.config.root_branch || !exists {
         return Ok(None); // refused below with the usual message
     }
-    let paths = pgtwig_daemon::DaemonPaths::for_backend(backend)?;
     match pgtwig_daemon::control::drain(
         &paths.control,
         name.as_str(),

@@ -11,9 +11,10 @@ use pgtwig_core::fsutil::ProjectLock;
 use pgtwig_core::state::ProjectState;
 use pgtwig_core::BranchName;
 use pgtwig_daemon::control::{self, ClientError, Request, Response};
-use pgtwig_daemon::DaemonPaths;
+use pgtwig_daemon::{Branches, DaemonPaths};
 use serde_json::json;
 
+use crate::backend::Backend;
 use crate::project::Project;
 
 const DETACHED_ENV: &str = "PGTWIG_DETACHED";
@@ -34,7 +35,7 @@ pub struct UpArgs {
 
 pub fn up(args: UpArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
     let mut settings = project.config.proxy.clone();
     if let Some(port) = args.port {
         settings.listen.set_port(port);
@@ -42,7 +43,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
-    let paths = DaemonPaths::for_backend(&backend)?;
+    let paths = backend.daemon_paths()?;
     if args.detach {
         return detach(&paths, &args);
     }
@@ -50,8 +51,24 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     // one repository share a project).
     let worktree = crate::commands::git::follow_worktree(&project, &backend)?;
     let detached = std::env::var_os(DETACHED_ENV).is_some();
+    let url_hint = match &backend {
+        Backend::Local(_) => "postgres://postgres@{listen}/postgres".to_string(),
+        Backend::Neon(_) => {
+            "postgres://ROLE:PASSWORD@{listen}/DATABASE (your Neon role, its password and a database; \
+             the same on every branch)"
+                .to_string()
+        }
+    };
+    let branches = match backend {
+        Backend::Local(b) => Branches::Local(b),
+        Backend::Neon(n) => Branches::Neon {
+            tls: n.upstream_tls()?,
+            connect: n.connect.clone(),
+            backend: n.backend,
+        },
+    };
     pgtwig_daemon::run(
-        backend,
+        branches,
         settings,
         project.config.history_retention,
         worktree,
@@ -61,12 +78,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                 // stdout, and a daemon must not die of EPIPE.
                 use std::io::Write;
                 let _ = writeln!(
-                std::io::stdout(),
-                "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL=postgres://postgres@{}/postgres",
-                status.listen,
-                status.active,
-                status.listen
-            );
+                    std::io::stdout(),
+                    "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL={}",
+                    status.listen,
+                    status.active,
+                    url_hint.replace("{listen}", &status.listen)
+                );
             }
         },
     )?;
@@ -149,11 +166,11 @@ pub struct DownArgs {
 
 pub fn down(args: DownArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
-    let paths = DaemonPaths::for_backend(&backend)?;
-    let req = Request::Shutdown {
-        stop_branches: !args.keep_running,
-    };
+    let backend = project.backend(false)?;
+    let paths = backend.daemon_paths()?;
+    // Neon suspends its computes itself.
+    let stop_branches = !args.keep_running && matches!(backend, Backend::Local(_));
+    let req = Request::Shutdown { stop_branches };
     match control::request(&paths.control, &req, Duration::from_secs(120)) {
         Ok(_) => {
             // Gone when its lock is free.
@@ -171,7 +188,7 @@ pub fn down(args: DownArgs) -> Result<ExitCode> {
         }
         Err(ClientError::NotRunning) => {
             println!("pgtwig daemon is not running");
-            if !args.keep_running {
+            if let (true, Backend::Local(backend)) = (stop_branches, &backend) {
                 for name in backend.names()? {
                     if backend.ready_socket(&name).is_some() {
                         backend.stop(&name)?;
@@ -193,7 +210,7 @@ pub struct UseArgs {
 
 pub fn use_branch(args: UseArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
     let (old, new) = set_active(&project, &backend, &args.branch)?;
     if old.as_ref() == Some(&new) {
         println!("Branch \"{new}\" is already the active branch");
@@ -211,10 +228,13 @@ pub fn use_branch(args: UseArgs) -> Result<ExitCode> {
 /// proxy connections already go to `branch`.
 pub fn set_active(
     project: &Project,
-    backend: &pgtwig_local::LocalBackend,
+    backend: &Backend,
     branch: &BranchName,
 ) -> Result<(Option<BranchName>, BranchName)> {
-    backend.get(branch)?;
+    match backend {
+        Backend::Local(b) => drop(b.get(branch)?),
+        Backend::Neon(n) => drop(n.backend.get(branch.as_str())?),
+    }
     let path = project.home.state_path();
     let old = {
         let _lock = backend.lock()?;
@@ -227,7 +247,7 @@ pub fn set_active(
         .with_context(|| format!("cannot write {}", path.display()))?;
         previous.map(|s| s.active)
     };
-    let paths = DaemonPaths::for_backend(backend)?;
+    let paths = backend.daemon_paths()?;
     match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {
         Ok(_) | Err(ClientError::NotRunning) => {}
         Err(e) => {
@@ -245,23 +265,38 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
-    let paths = DaemonPaths::for_backend(&backend)?;
+    let backend = project.backend(false)?;
+    let paths = backend.daemon_paths()?;
     let active = ProjectState::load(&project.home.state_path()).map(|s| s.active.to_string());
     let daemon = match control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT) {
         Ok(Response::Status(s)) => Some(s),
         Ok(_) | Err(ClientError::NotRunning) => None,
         Err(e) => return Err(e.into()),
     };
-    let running: Vec<String> = backend
-        .names()?
-        .into_iter()
-        .filter(|n| backend.ready_socket(n).is_some())
-        .map(|n| n.to_string())
-        .collect();
+    let running: Vec<String> = match &backend {
+        Backend::Local(backend) => backend
+            .names()?
+            .into_iter()
+            .filter(|n| backend.ready_socket(n).is_some())
+            .map(|n| n.to_string())
+            .collect(),
+        // Neon's computes that run now (Neon suspends them on its own).
+        Backend::Neon(n) => n
+            .backend
+            .list()?
+            .into_iter()
+            .filter(|b| b.compute_state() == "active")
+            .map(|b| b.branch.name)
+            .collect(),
+    };
+    let backend_name = match &backend {
+        Backend::Local(_) => "local".to_string(),
+        Backend::Neon(n) => format!("neon (project {})", n.backend.project_id()),
+    };
     if args.json {
         let out = json!({
             "project": project.config.project,
+            "backend": match &backend { Backend::Local(_) => "local", Backend::Neon(_) => "neon" },
             "active": active.as_ref().ok(),
             "daemon": daemon,
             "running": running,
@@ -269,6 +304,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
+    println!("Backend: {backend_name}");
     match &active {
         Ok(a) => println!("Active branch: {a}"),
         Err(e) => println!("Active branch: unknown ({e})"),

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use pgtwig_core::BranchName;
-use pgtwig_local::LocalBackend;
 use pgtwig_schema::{SchemaDiff, Snapshot};
 
+use crate::backend::Backend;
 use crate::project::Project;
 
 #[derive(Args)]
@@ -16,21 +16,27 @@ pub struct DiffArgs {
     a: BranchName,
     /// The branch to compare to (e.g. the pull request's).
     b: BranchName,
-    /// Database to compare in both branches.
-    #[arg(long, default_value = "postgres")]
-    database: String,
+    /// Database to compare in both branches (default: postgres, or [neon] database).
+    #[arg(long)]
+    database: Option<String>,
     /// Print the difference as JSON (added, removed, changed).
     #[arg(long)]
     json: bool,
 }
 
-fn snapshot(backend: &LocalBackend, branch: &BranchName, database: &str) -> Result<Snapshot> {
-    let socket_dir = backend.start(branch)?;
-    let mut client = pgtwig_local::cluster::client_config(&socket_dir, database, "pgtwig diff")
-        .connect(postgres::NoTls)
-        .with_context(|| {
-            format!("cannot connect to database \"{database}\" on branch \"{branch}\"")
-        })?;
+fn snapshot(backend: &Backend, branch: &BranchName, database: &str) -> Result<Snapshot> {
+    let connected = match backend {
+        Backend::Local(b) => {
+            let socket_dir = b.start(branch)?;
+            pgtwig_local::cluster::client_config(&socket_dir, database, "pgtwig diff")
+                .connect(postgres::NoTls)
+                .map_err(anyhow::Error::from)
+        }
+        Backend::Neon(n) => n.connect(branch, database, "pgtwig diff"),
+    };
+    let mut client = connected.with_context(|| {
+        format!("cannot connect to database \"{database}\" on branch \"{branch}\"")
+    })?;
     Snapshot::read(&mut client)
         .with_context(|| format!("reading the schema of branch \"{branch}\""))
 }
@@ -39,16 +45,21 @@ fn snapshot(backend: &LocalBackend, branch: &BranchName, database: &str) -> Resu
 /// can flag a pull request's migrations); errors exit 2.
 pub fn run(args: DiffArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
-    let a = snapshot(&backend, &args.a, &args.database)?;
-    let b = snapshot(&backend, &args.b, &args.database)?;
+    let backend = project.backend(false)?;
+    let database = match (&args.database, &backend) {
+        (Some(d), _) => d.clone(),
+        (None, Backend::Local(_)) => "postgres".to_string(),
+        (None, Backend::Neon(n)) => n.database.clone(),
+    };
+    let a = snapshot(&backend, &args.a, &database)?;
+    let b = snapshot(&backend, &args.b, &database)?;
     let diff = SchemaDiff::between(&a, &b);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&diff)?);
     } else if diff.is_empty() {
         println!(
             "No schema differences between \"{}\" and \"{}\" (database {})",
-            args.a, args.b, args.database
+            args.a, args.b, database
         );
     } else {
         print!("{}", diff.unified(args.a.as_str(), args.b.as_str()));

@@ -1,6 +1,7 @@
 //! Git integration: the post-checkout hook's command, `uninstall`,
 //! per-pull-request branches (`pr open/close`) and `gc`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime};
@@ -13,6 +14,7 @@ use pgtwig_core::BranchName;
 use pgtwig_git::{Head, HookChange, Worktree};
 use pgtwig_local::LocalBackend;
 
+use crate::backend::Backend;
 use crate::commands::daemon::set_active;
 use crate::output;
 use crate::project::Project;
@@ -75,7 +77,7 @@ fn user_name() -> String {
 /// Make the database follow the checked-out git branch.
 fn follow_checkout() -> Result<()> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
     let cwd = std::env::current_dir()?;
     let wt = Worktree::discover(&cwd)?;
     let Head::Branch(git) = wt.head()? else {
@@ -83,12 +85,13 @@ fn follow_checkout() -> Result<()> {
         return Ok(());
     };
     let state = ProjectState::load(&project.home.state_path()).map_err(anyhow::Error::msg)?;
+    let holders = Holders::of(&backend)?;
     let Some(target) = rules::resolve(
         &project.config.map,
         &git,
         &user_name(),
         &project.config.root_branch,
-        |name| holder(&backend, name),
+        |name| holders.holder(name),
     ) else {
         println!(
             "pgtwig: no [[map]] rule matches git branch \"{git}\"; staying on database branch \"{}\"",
@@ -96,7 +99,7 @@ fn follow_checkout() -> Result<()> {
         );
         return Ok(());
     };
-    if !backend.exists(&target.branch) {
+    if holders.holder(&target.branch).is_none() {
         if target.create == CreatePolicy::Never {
             println!(
                 "pgtwig: database branch \"{}\" does not exist (create = \"never\" for git branch \"{git}\"); \
@@ -107,20 +110,35 @@ fn follow_checkout() -> Result<()> {
         }
         project.check_parent(&target.parent)?;
         let started = Instant::now();
-        match backend.create(&target.branch, &target.parent, Some(git.clone())) {
-            Ok(report) => {
-                println!(
-                    "pgtwig: created database branch \"{}\" from \"{}\" for git branch \"{git}\" ({}, {})",
-                    target.branch,
-                    target.parent,
-                    report.branch.meta.clone_method.describe(),
-                    output::duration(started.elapsed())
-                );
-                run_post_create(&project, &backend, &target.branch, &target.post_create);
+        let made = match &backend {
+            Backend::Local(b) => {
+                match b.create(&target.branch, &target.parent, Some(git.clone())) {
+                    Ok(report) => Some(report.branch.meta.clone_method.describe().to_string()),
+                    // Made meanwhile by another pgtwig (the daemon following HEAD).
+                    Err(pgtwig_local::Error::Exists { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                }
             }
-            // Made meanwhile by another pgtwig (the daemon following HEAD).
-            Err(pgtwig_local::Error::Exists { .. }) => {}
-            Err(e) => return Err(e.into()),
+            Backend::Neon(n) => match n.backend.create(
+                target.branch.as_str(),
+                target.parent.as_str(),
+                pgtwig_neon::PointInTime::Head,
+                Some(git.clone()),
+                None,
+            ) {
+                Ok(_) => Some("Neon branch".to_string()),
+                Err(pgtwig_neon::NeonError::Exists { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some(how) = made {
+            println!(
+                "pgtwig: created database branch \"{}\" from \"{}\" for git branch \"{git}\" ({how}, {})",
+                target.branch,
+                target.parent,
+                output::duration(started.elapsed())
+            );
+            run_post_create(&project, &backend, &target.branch, &target.post_create);
         }
     }
     let follows = state
@@ -153,32 +171,58 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Who holds a database branch name, for collision-free git mapping.
-fn holder(backend: &LocalBackend, name: &BranchName) -> Option<Option<String>> {
-    if !backend.exists(name) {
-        return None;
+/// Which database branches exist and the git branch each was made for, for
+/// collision-free git mapping (one listing, not a lookup per name).
+enum Holders<'a> {
+    Local(&'a LocalBackend),
+    Listed(HashMap<String, Option<String>>),
+}
+
+impl<'a> Holders<'a> {
+    fn of(backend: &'a Backend) -> Result<Holders<'a>> {
+        Ok(match backend {
+            Backend::Local(b) => Holders::Local(b),
+            Backend::Neon(n) => Holders::Listed(
+                n.backend
+                    .list()?
+                    .into_iter()
+                    .map(|b| (b.branch.name, b.git_branch))
+                    .collect(),
+            ),
+        })
     }
-    Some(backend.get(name).ok().and_then(|b| b.meta.git_branch))
+
+    /// `None`: no such branch; `Some(git)`: it exists, made for `git`.
+    fn holder(&self, name: &BranchName) -> Option<Option<String>> {
+        match self {
+            Holders::Local(backend) => {
+                if !backend.exists(name) {
+                    return None;
+                }
+                Some(backend.get(name).ok().and_then(|b| b.meta.git_branch))
+            }
+            Holders::Listed(map) => map.get(name.as_str()).cloned(),
+        }
+    }
 }
 
 /// Run `post_create` commands with DATABASE_URL straight at the new branch.
 /// A failure is reported; the branch stays.
-fn run_post_create(
-    project: &Project,
-    backend: &LocalBackend,
-    branch: &BranchName,
-    commands: &[String],
-) {
+fn run_post_create(project: &Project, backend: &Backend, branch: &BranchName, commands: &[String]) {
     if commands.is_empty() {
         return;
     }
-    let url = match backend
-        .start(branch)
-        .and_then(|_| backend.url(branch, "postgres"))
-    {
+    let url = match backend {
+        Backend::Local(b) => b
+            .start(branch)
+            .and_then(|_| b.url(branch, "postgres"))
+            .map_err(anyhow::Error::from),
+        Backend::Neon(n) => n.url(branch, &n.database),
+    };
+    let url = match url {
         Ok(u) => u,
         Err(e) => {
-            eprintln!("pgtwig: cannot run post_create for \"{branch}\": {e}");
+            eprintln!("pgtwig: cannot run post_create for \"{branch}\": {e:#}");
             return;
         }
     };
@@ -205,10 +249,7 @@ fn run_post_create(
 }
 
 /// Record the work tree the daemon follows; returns (work tree top, HEAD file).
-pub fn follow_worktree(
-    project: &Project,
-    backend: &LocalBackend,
-) -> Result<Option<(PathBuf, PathBuf)>> {
+pub fn follow_worktree(project: &Project, backend: &Backend) -> Result<Option<(PathBuf, PathBuf)>> {
     let Ok(wt) = Worktree::discover(&std::env::current_dir()?) else {
         return Ok(None);
     };
@@ -254,9 +295,9 @@ pub enum PrCommand {
         /// Delete it with `pgtwig gc` after this long (e.g. 7d, 12h).
         #[arg(long)]
         ttl: Option<String>,
-        /// Database name in the printed URL.
-        #[arg(long, default_value = "postgres")]
-        database: String,
+        /// Database name in the printed URL (default: postgres, or [neon] database).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Delete branch pr-NUMBER (if it exists).
     Close { number: u64 },
@@ -264,7 +305,7 @@ pub enum PrCommand {
 
 pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
     match cmd {
         PrCommand::Open {
             number,
@@ -282,28 +323,49 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            if backend.exists(&name) {
+            if backend.exists(&name)? {
                 eprintln!("Branch \"{name}\" is already open");
             } else {
                 let staging = BranchName::parse("staging")?;
-                let parent = from.unwrap_or_else(|| {
-                    if backend.exists(&staging) {
-                        staging
-                    } else {
-                        project.config.root_branch.clone()
-                    }
-                });
+                let parent = match from {
+                    Some(p) => p,
+                    None if backend.exists(&staging)? => staging,
+                    None => project.config.root_branch.clone(),
+                };
                 project.check_parent(&parent)?;
                 let started = Instant::now();
-                let r = backend.create_with(&name, &parent, None, expires)?;
+                let how = match &backend {
+                    Backend::Local(b) => b
+                        .create_with(&name, &parent, None, expires)?
+                        .branch
+                        .meta
+                        .clone_method
+                        .describe()
+                        .to_string(),
+                    // Neon deletes the branch itself when it expires.
+                    Backend::Neon(n) => {
+                        n.backend.create(
+                            name.as_str(),
+                            parent.as_str(),
+                            pgtwig_neon::PointInTime::Head,
+                            None,
+                            expires,
+                        )?;
+                        "Neon branch".to_string()
+                    }
+                };
                 eprintln!(
-                    "Created branch \"{name}\" from \"{parent}\" ({}, {})",
-                    r.branch.meta.clone_method.describe(),
+                    "Created branch \"{name}\" from \"{parent}\" ({how}, {})",
                     output::duration(started.elapsed())
                 );
             }
-            backend.start(&name)?;
-            let url = backend.url(&name, &database)?;
+            let url = match &backend {
+                Backend::Local(b) => {
+                    b.start(&name)?;
+                    b.url(&name, database.as_deref().unwrap_or("postgres"))?
+                }
+                Backend::Neon(n) => n.url(&name, database.as_deref().unwrap_or(&n.database))?,
+            };
             if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|o| !o.is_empty()) {
                 use std::io::Write;
                 let mut f = std::fs::OpenOptions::new()
@@ -322,8 +384,8 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
         }
         PrCommand::Close { number } => {
             let name = BranchName::parse(&format!("pr-{number}"))?;
-            if backend.exists(&name) {
-                backend.delete(&name, &project.config.root_branch)?;
+            if backend.exists(&name)? {
+                delete(&backend, &name, &project)?;
                 println!("Deleted branch \"{name}\"");
             } else {
                 println!("Branch \"{name}\" is already closed");
@@ -333,9 +395,53 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn delete(backend: &Backend, name: &BranchName, project: &Project) -> Result<()> {
+    match backend {
+        Backend::Local(b) => b.delete(name, &project.config.root_branch)?,
+        Backend::Neon(n) => n
+            .backend
+            .delete(name.as_str(), project.config.root_branch.as_str())?,
+    }
+    Ok(())
+}
+
+/// What `gc` needs to know of a branch, on either backend.
+struct GcCandidate {
+    name: String,
+    git_branch: Option<String>,
+    expires: Option<String>,
+}
+
+fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
+    Ok(match backend {
+        Backend::Local(b) => b
+            .list()?
+            .into_iter()
+            .filter_map(|b| {
+                let meta = b.meta?;
+                Some(GcCandidate {
+                    name: b.name.to_string(),
+                    git_branch: meta.git_branch,
+                    expires: meta.expires,
+                })
+            })
+            .collect(),
+        Backend::Neon(n) => n
+            .backend
+            .list()?
+            .into_iter()
+            .map(|b| GcCandidate {
+                name: b.branch.name,
+                git_branch: b.git_branch,
+                expires: b.branch.expires_at,
+            })
+            .collect(),
+    })
+}
+
 pub fn gc(dry_run: bool) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
     let git_branches = Worktree::discover(&project.root)
         .and_then(|wt| wt.local_branches())
         .ok();
@@ -345,14 +451,17 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         .map(|s| s.active);
     let now = SystemTime::now();
     let mut doomed = Vec::new();
-    for b in backend.list()? {
-        let Some(meta) = b.meta else { continue };
-        if b.name == project.config.root_branch || protected.contains(&b.name) {
+    for b in gc_candidates(&backend)? {
+        // Names pgtwig could not have made (Neon branches made elsewhere) are not its to collect.
+        let Ok(name) = BranchName::parse(&b.name) else {
+            continue;
+        };
+        if name == project.config.root_branch || protected.contains(&name) {
             continue;
         }
         // A branch made by a rule with `protected = true` and a template
         // (e.g. "dev-{user}") is protected too.
-        let by_protected_rule = meta.git_branch.as_deref().is_some_and(|g| {
+        let by_protected_rule = b.git_branch.as_deref().is_some_and(|g| {
             rules::resolve(
                 &project.config.map,
                 g,
@@ -360,35 +469,35 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
                 &project.config.root_branch,
                 |_| None,
             )
-            .is_some_and(|t| t.protected && t.branch == b.name)
+            .is_some_and(|t| t.protected && t.branch == name)
         });
         if by_protected_rule {
             continue;
         }
-        let expired = meta
+        let expired = b
             .expires
             .as_deref()
-            .and_then(|e| humantime::parse_rfc3339(e).ok())
+            .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
             .is_some_and(|t| t < now);
-        let git_gone = match (&meta.git_branch, &git_branches) {
+        let git_gone = match (&b.git_branch, &git_branches) {
             (Some(g), Some(list)) => !list.contains(g),
             _ => false,
         };
         let reason = if expired {
-            format!("expired at {}", meta.expires.unwrap_or_default())
+            format!("expired at {}", b.expires.unwrap_or_default())
         } else if git_gone {
             format!(
                 "git branch \"{}\" no longer exists",
-                meta.git_branch.unwrap_or_default()
+                b.git_branch.unwrap_or_default()
             )
         } else {
             continue;
         };
-        if active.as_ref() == Some(&b.name) {
-            println!("keep   {} ({reason}, but it is the active branch)", b.name);
+        if active.as_ref() == Some(&name) {
+            println!("keep   {name} ({reason}, but it is the active branch)");
             continue;
         }
-        doomed.push((b.name, reason));
+        doomed.push((name, reason));
     }
     if doomed.is_empty() {
         println!("Nothing to collect");
@@ -397,7 +506,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         if dry_run {
             println!("would delete {name} ({reason})");
         } else {
-            backend.delete(&name, &project.config.root_branch)?;
+            delete(&backend, &name, &project)?;
             println!("deleted {name} ({reason})");
         }
     }

@@ -108,7 +108,12 @@ fn bar(len: u64, prefix: &str) -> ProgressBar {
 
 pub fn run(args: ImportArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
-    let backend = project.local(false)?;
+    let backend = project.backend(false)?;
+    let backend = backend.local_only(
+        "`pgtwig import`",
+        "data goes into the Neon branch with pg_dump and pg_restore (or Neon's Import Data Assistant); \
+         pgtwig then branches from it",
+    )?;
     let into = args
         .into
         .clone()

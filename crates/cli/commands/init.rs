@@ -8,6 +8,7 @@ use pgtwig_core::names::{self, BranchName};
 use pgtwig_core::state::ProjectState;
 use pgtwig_core::{Config, CONFIG_FILE};
 
+use crate::backend::{Backend, Neon};
 use crate::project::{git_toplevel, Project};
 
 #[derive(Args)]
@@ -15,9 +16,15 @@ pub struct InitArgs {
     /// Project name (default: the repository folder's name).
     #[arg(long)]
     name: Option<BranchName>,
-    /// Name of the root branch (default: main).
+    /// Name of the root branch (default: main, or the Neon project's default branch).
     #[arg(long)]
     root: Option<BranchName>,
+    /// Keep the branches in this Neon project (backend = "neon") instead of on this machine.
+    #[arg(long, value_name = "PROJECT_ID")]
+    neon_project: Option<String>,
+    /// Neon's API (only for a regional or test API).
+    #[arg(long, value_name = "URL", requires = "neon_project", hide = true)]
+    neon_api_url: Option<String>,
 }
 
 pub fn run(args: InitArgs) -> Result<ExitCode> {
@@ -44,6 +51,25 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
             ),
         };
         let mut c = Config::new(project);
+        if let Some(id) = &args.neon_project {
+            c.backend = pgtwig_core::BackendKind::Neon;
+            c.neon = Some(pgtwig_core::config::NeonConfig {
+                project_id: id.clone(),
+                api_url: args
+                    .neon_api_url
+                    .clone()
+                    .unwrap_or_else(|| pgtwig_neon::DEFAULT_BASE_URL.to_string()),
+                role: None,
+                database: "neondb".into(),
+                connect: None,
+                ca_file: None,
+                suspend_timeout: None,
+            });
+            c.root_branch = match args.root.clone() {
+                Some(r) => r,
+                None => neon_default_branch(&c, &top)?,
+            };
+        }
         if let Some(root) = args.root {
             c.root_branch = root;
         }
@@ -53,7 +79,10 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         c
     };
     let project = Project::at(config, top)?;
-    let backend = project.local(true)?;
+    let backend = match project.backend(true)? {
+        Backend::Local(b) => b,
+        Backend::Neon(n) => return init_neon(&project, &n),
+    };
     let root = &project.config.root_branch;
     if backend.exists(root) {
         backend.get(root)?;
@@ -67,6 +96,75 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
             crate::output::duration(started.elapsed())
         );
     }
+    write_state_and_hook(&project)?;
+    println!("State lives in {}", project.home.dir().display());
+    println!(
+        "Connect straight to it: psql \"{}\"",
+        backend.url(root, "postgres")?
+    );
+    if backend.server_user().switch {
+        println!(
+            "(running as root: PostgreSQL servers run as user `{}`)",
+            backend.server_user().name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The Neon project's default branch, as the root of a new config.
+fn neon_default_branch(config: &Config, top: &std::path::Path) -> Result<BranchName> {
+    let project = Project::at(config.clone(), top.to_path_buf())?;
+    let Backend::Neon(n) = project.backend(true)? else {
+        unreachable!("a Neon config")
+    };
+    let branches = n.backend.client().list_branches(n.backend.project_id())?;
+    let default = branches
+        .iter()
+        .find(|b| b.is_default())
+        .or_else(|| branches.iter().find(|b| b.parent_id.is_none()))
+        .context("the Neon project has no branches; create one in the Neon console")?;
+    BranchName::parse(&default.name).with_context(|| {
+        format!(
+            "the Neon project's default branch \"{}\" is not a name pgtwig can use; pass --root with another branch",
+            default.name
+        )
+    })
+}
+
+fn init_neon(project: &Project, neon: &Neon) -> Result<ExitCode> {
+    let root = &project.config.root_branch;
+    match neon.backend.find(root.as_str())? {
+        Some(_) => println!(
+            "Neon project {}: root branch \"{root}\"",
+            neon.backend.project_id()
+        ),
+        None => {
+            let names: Vec<String> = neon
+                .backend
+                .client()
+                .list_branches(neon.backend.project_id())?
+                .into_iter()
+                .map(|b| b.name)
+                .collect();
+            bail!(
+                "Neon project {} has no branch \"{root}\" (it has: {}); set root_branch in {} to one of them",
+                neon.backend.project_id(),
+                names.join(", "),
+                project.root.join(CONFIG_FILE).display()
+            );
+        }
+    }
+    write_state_and_hook(project)?;
+    println!("State lives in {}", project.home.dir().display());
+    println!(
+        "Start the proxy with `pgtwig up`; connect with your Neon role: postgres://ROLE:PASSWORD@{}/{}",
+        project.config.proxy.listen, neon.database
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_state_and_hook(project: &Project) -> Result<()> {
+    let root = &project.config.root_branch;
     let state_path = project.home.state_path();
     if !state_path.exists() {
         ProjectState {
@@ -93,16 +191,5 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         }
         _ => {}
     }
-    println!("State lives in {}", project.home.dir().display());
-    println!(
-        "Connect straight to it: psql \"{}\"",
-        backend.url(root, "postgres")?
-    );
-    if backend.server_user().switch {
-        println!(
-            "(running as root: PostgreSQL servers run as user `{}`)",
-            backend.server_user().name
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

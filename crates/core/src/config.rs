@@ -46,6 +46,54 @@ pub struct Config {
     /// Masking rules for `pgtwig anonymize`.
     #[serde(default, skip_serializing)]
     pub anonymize: crate::anonymize::AnonymizeConfig,
+    /// Where the branches live when `backend = "neon"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neon: Option<NeonConfig>,
+}
+
+/// `[neon]` in `.pgtwig.toml`: the Neon project holding the branches.
+/// The API key is never here (it is a secret; `NEON_API_KEY` or neonctl's
+/// credentials file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeonConfig {
+    /// The Neon project id (Settings → General in the console), e.g. "cool-forest-123456".
+    pub project_id: String,
+    /// Neon's API; another base only for a regional or test API.
+    #[serde(default = "default_neon_api")]
+    pub api_url: String,
+    /// The role in connection strings pgtwig prints (`pr open`, `branch url`,
+    /// `diff`); default: the branch's only role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The database in connection strings pgtwig prints, and the one `diff`
+    /// compares (Neon's default database is "neondb").
+    #[serde(default = "default_neon_database")]
+    pub database: String,
+    /// Connect here ("host:port") instead of the endpoint's own host, e.g.
+    /// through an SSH tunnel. TLS still checks the endpoint's host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<String>,
+    /// A PEM file of certificate authorities to trust for endpoints instead
+    /// of the public ones (relative to the project folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Neon suspends a new branch's compute after this long without
+    /// connections (Neon's default when unset).
+    #[serde(
+        default,
+        with = "optional_duration_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub suspend_timeout: Option<std::time::Duration>,
+}
+
+fn default_neon_database() -> String {
+    "neondb".into()
+}
+
+fn default_neon_api() -> String {
+    "https://console.neon.tech/api/v2".into()
 }
 
 /// `.pgtwig.local.toml`: a developer's own rules, git-ignored, tried first.
@@ -81,7 +129,19 @@ pub struct ProxyConfig {
     pub suspend_timeout: std::time::Duration,
     pub on_switch: OnSwitch,
     /// Answer SSLRequest with TLS (a certificate made locally on first use).
-    pub tls: bool,
+    /// Unset: on for the local backend, off for Neon, where SCRAM channel
+    /// binding cannot cross a proxy that terminates TLS (libpq would bind
+    /// to pgtwig's certificate and Neon would refuse the login); the leg to
+    /// Neon is always TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+}
+
+impl ProxyConfig {
+    /// Whether clients may use TLS to the proxy, given the backend.
+    pub fn tls_enabled(&self, backend: BackendKind) -> bool {
+        self.tls.unwrap_or(backend == BackendKind::Local)
+    }
 }
 
 impl Default for ProxyConfig {
@@ -90,7 +150,7 @@ impl Default for ProxyConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
             suspend_timeout: std::time::Duration::from_secs(15 * 60),
             on_switch: OnSwitch::CloseIdle,
-            tls: true,
+            tls: None,
         }
     }
 }
@@ -114,6 +174,23 @@ mod duration_text {
                 "invalid duration \"{text}\" ({e}); write e.g. \"15m\", \"90s\", \"1h\" or \"0\" for never"
             ))
         })
+    }
+}
+
+/// `duration_text` for optional settings.
+mod optional_duration_text {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_text::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration_text::deserialize(d).map(Some)
     }
 }
 
@@ -150,15 +227,36 @@ impl Config {
             proxy: ProxyConfig::default(),
             map: Vec::new(),
             anonymize: Default::default(),
+            neon: None,
         }
     }
 
     /// Parse configuration text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
-        })
+        })?;
+        if config.backend == BackendKind::Neon {
+            match &config.neon {
+                None => {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: "backend = \"neon\" needs a [neon] section with project_id = \"<your Neon project id>\" \
+                                  (Settings → General in the Neon console)"
+                            .into(),
+                    })
+                }
+                Some(n) if n.project_id.trim().is_empty() => {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: "[neon] project_id is empty; set it to your Neon project id".into(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -208,16 +306,32 @@ impl Config {
             BackendKind::Local => "local",
             BackendKind::Neon => "neon",
         };
+        let neon = match &self.neon {
+            Some(n) => format!(
+                "\n\
+                 [neon]\n\
+                 # The Neon project holding the branches. The API key comes from NEON_API_KEY\n\
+                 # (or `neonctl auth`), never from this file.\n\
+                 project_id = \"{}\"\n\
+                 # The role in connection strings pgtwig prints (default: the branch's only role).\n\
+                 # role = \"neondb_owner\"\n\
+                 # Neon suspends a branch's compute after this long idle (default: Neon's).\n\
+                 # suspend_timeout = \"5m\"\n",
+                n.project_id
+            ),
+            None => String::new(),
+        };
         format!(
             "# pgtwig: a database branch for every git branch. Commit this file.\n\
              # Docs: https://github.com/pgtwig/pgtwig#configuration\n\
              \n\
              # Names the folder holding this project's branches (under PGTWIG_HOME).\n\
              project = \"{}\"\n\
-             # \"local\": PostgreSQL clusters on this machine, cloned copy-on-write.\n\
+             # \"local\": PostgreSQL clusters on this machine, cloned copy-on-write; \"neon\": Neon branches.\n\
              backend = \"{backend}\"\n\
              # The branch every other branch derives from (production data, or an import of it).\n\
              root_branch = \"{}\"\n\
+             {neon}\
              \n\
              [proxy]\n\
              # Where the app's fixed DATABASE_URL points: postgres://postgres@localhost:5432/postgres\n\
@@ -295,6 +409,51 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("close-idle") && e.contains("keep"), "{e}");
+    }
+
+    #[test]
+    fn neon_needs_its_section_and_reads_back() {
+        let e = Config::parse("project = \"a\"\nbackend = \"neon\"\n", Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[neon]") && e.contains("project_id"), "{e}");
+        let e = Config::parse(
+            "project = \"a\"\nbackend = \"neon\"\n[neon]\nproject_id = \"p\"\nrole = 3\n",
+            Path::new("c"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 5") && e.contains("role"), "{e}");
+        let mut c = Config::new(BranchName::parse("shop").unwrap());
+        c.backend = BackendKind::Neon;
+        c.neon = Some(NeonConfig {
+            project_id: "cool-forest-123".into(),
+            api_url: default_neon_api(),
+            role: None,
+            database: default_neon_database(),
+            connect: None,
+            ca_file: None,
+            suspend_timeout: None,
+        });
+        let back = Config::parse(&c.to_commented_toml(), Path::new("x")).unwrap();
+        assert_eq!(back.neon, c.neon);
+        assert!(
+            !back.proxy.tls_enabled(back.backend),
+            "no client TLS by default on Neon"
+        );
+        let c = Config::parse(
+            "project = \"a\"\nbackend = \"neon\"\n[neon]\nproject_id = \"p\"\nsuspend_timeout = \"5m\"\n[proxy]\ntls = true\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.neon.unwrap().suspend_timeout,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert!(c.proxy.tls_enabled(BackendKind::Neon));
+        assert!(Config::new(BranchName::parse("a").unwrap())
+            .proxy
+            .tls_enabled(BackendKind::Local));
     }
 
     #[test]

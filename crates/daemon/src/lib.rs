@@ -4,6 +4,7 @@
 //! control socket.
 //!
 //! - [`router`]: active/pinned branch → upstream socket; wake on connect.
+//! - [`neon_router`]: the same for Neon branches (TLS to their endpoints).
 //! - [`suspend`]: scale to zero after `suspend_timeout` without sessions.
 //! - [`control`]: the control socket protocol, server side here, client side
 //!   for the CLI.
@@ -12,6 +13,7 @@
 
 pub mod control;
 pub mod head_watch;
+pub mod neon_router;
 pub mod port;
 pub mod router;
 pub mod suspend;
@@ -25,14 +27,52 @@ use anyhow::{Context, Result};
 use pgtwig_core::config::{OnSwitch, ProxyConfig as ProxySettings};
 use pgtwig_core::fsutil::ProjectLock;
 use pgtwig_core::state::ProjectState;
+use pgtwig_core::{BackendKind, ProjectHome};
 use pgtwig_local::LocalBackend;
-use pgtwig_proxy::{Proxy, ProxyConfig};
+use pgtwig_neon::NeonBackend;
+use pgtwig_proxy::{Proxy, ProxyConfig, UpstreamTls};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
 use control::{DaemonStatus, Request, Response, SessionStatus};
+use neon_router::NeonRouter;
 use router::{Activity, LocalRouter};
+
+/// Where the daemon's branches live.
+pub enum Branches {
+    Local(LocalBackend),
+    Neon {
+        backend: NeonBackend,
+        /// `[neon] connect`: reach endpoints here instead of their hosts.
+        connect: Option<(String, u16)>,
+        /// Trust roots for the endpoints' certificates.
+        tls: UpstreamTls,
+    },
+}
+
+impl Branches {
+    fn home(&self) -> &ProjectHome {
+        match self {
+            Branches::Local(b) => b.home(),
+            Branches::Neon { backend, .. } => backend.home(),
+        }
+    }
+
+    fn kind(&self) -> BackendKind {
+        match self {
+            Branches::Local(_) => BackendKind::Local,
+            Branches::Neon { .. } => BackendKind::Neon,
+        }
+    }
+
+    fn paths(&self) -> Result<DaemonPaths> {
+        match self {
+            Branches::Local(b) => DaemonPaths::for_backend(b),
+            Branches::Neon { backend, .. } => DaemonPaths::for_neon(backend),
+        }
+    }
+}
 
 /// Paths of a project's daemon files.
 pub struct DaemonPaths {
@@ -45,27 +85,38 @@ pub struct DaemonPaths {
 
 impl DaemonPaths {
     pub fn for_backend(backend: &LocalBackend) -> Result<DaemonPaths> {
-        let dir = backend.home().dir();
         let base = pgtwig_local::cluster::runtime_base(backend.server_user())?;
-        Ok(DaemonPaths {
+        Ok(DaemonPaths::at(backend.home().dir(), &base))
+    }
+
+    /// Neon runs no local servers: the control socket is in pgtwig's own
+    /// runtime folder.
+    pub fn for_neon(backend: &NeonBackend) -> Result<DaemonPaths> {
+        let user = pgtwig_local::server_user::ServerUser::current();
+        let base = pgtwig_local::cluster::runtime_base(&user)?;
+        Ok(DaemonPaths::at(backend.home().dir(), &base))
+    }
+
+    fn at(dir: &std::path::Path, base: &std::path::Path) -> DaemonPaths {
+        DaemonPaths {
             lock: dir.join("daemon.lock"),
             pid: dir.join("daemon.pid"),
             log: dir.join("daemon.log"),
-            control: control::socket_path(&base, dir),
-        })
+            control: control::socket_path(base, dir),
+        }
     }
 }
 
 /// Run the daemon until Ctrl-C, SIGTERM or `pgtwig down`. `on_ready` is
 /// called once it listens (the CLI prints where).
 pub fn run(
-    backend: LocalBackend,
+    backend: Branches,
     settings: ProxySettings,
     history_retention: Duration,
     worktree: Option<(PathBuf, PathBuf)>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
-    let paths = DaemonPaths::for_backend(&backend)?;
+    let paths = backend.paths()?;
     let Some(_daemon_lock) = ProjectLock::try_acquire(&paths.lock)? else {
         let pid = std::fs::read_to_string(&paths.pid).unwrap_or_default();
         anyhow::bail!(
@@ -82,8 +133,15 @@ pub fn run(
             settings.listen
         );
     }
+    let client_tls = settings.tls_enabled(backend.kind());
+    if client_tls && backend.kind() == BackendKind::Neon {
+        tracing::warn!(
+            "[proxy] tls = true with Neon: clients that use TLS to pgtwig must set channel_binding=disable, \
+             because SCRAM channel binding cannot cross a proxy that terminates TLS"
+        );
+    }
     let proxy_config = ProxyConfig {
-        tls: if settings.tls {
+        tls: if client_tls {
             Some(
                 pgtwig_proxy::load_or_create_tls(&backend.home().dir().join("tls"))
                     .context("preparing TLS")?,
@@ -95,6 +153,8 @@ pub fn run(
             OnSwitch::CloseIdle => pgtwig_proxy::OnSwitch::CloseIdle,
             OnSwitch::Keep => pgtwig_proxy::OnSwitch::Keep,
         },
+        // Server connections are kept for reuse only when the server let
+        // the session in without a password; Neon always asks for one.
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the
@@ -114,6 +174,7 @@ pub fn run(
         &paths,
         history_retention,
         worktree,
+        client_tls,
         on_ready,
     ));
     let _ = std::fs::remove_file(&paths.control);
@@ -126,7 +187,7 @@ pub fn run(
 // The daemon's parts, each prepared by `run` before the runtime exists.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    backend: LocalBackend,
+    backend: Branches,
     settings: ProxySettings,
     proxy_config: ProxyConfig,
     state: ProjectState,
@@ -134,61 +195,69 @@ async fn serve(
     paths: &DaemonPaths,
     history_retention: Duration,
     worktree: Option<(PathBuf, PathBuf)>,
+    client_tls: bool,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
-    let backend = Arc::new(backend);
+    let home = backend.home().clone();
     let (active_tx, active_rx) = watch::channel(state.active.to_string());
     let activity = Arc::new(Activity::default());
-    for name in backend.names()? {
-        if backend.ready_socket(&name).is_some() {
-            activity.track(name.as_str());
+    let (router, local, neon): (Arc<dyn pgtwig_proxy::Router>, _, _) = match backend {
+        Branches::Local(b) => {
+            let b = Arc::new(b);
+            for name in b.names()? {
+                if b.ready_socket(&name).is_some() {
+                    activity.track(name.as_str());
+                }
+            }
+            let router = LocalRouter {
+                backend: b.clone(),
+                active: active_rx.clone(),
+                activity: activity.clone(),
+                history_retention,
+            };
+            (Arc::new(router), Some(b), None)
         }
-    }
-    let router = LocalRouter {
-        backend: backend.clone(),
-        active: active_rx.clone(),
-        activity: activity.clone(),
-        history_retention,
+        Branches::Neon {
+            backend,
+            connect,
+            tls,
+        } => {
+            let router = Arc::new(NeonRouter::new(
+                Arc::new(backend),
+                active_rx.clone(),
+                activity.clone(),
+                connect,
+                tls,
+            ));
+            (
+                router.clone() as Arc<dyn pgtwig_proxy::Router>,
+                None,
+                Some(router),
+            )
+        }
     };
-    let proxy = Arc::new(Proxy::new(
-        proxy_config,
-        Arc::new(router),
-        active_rx.clone(),
-    ));
+    let proxy = Arc::new(Proxy::new(proxy_config, router, active_rx.clone()));
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local = listener.local_addr()?;
+    let local_addr = listener.local_addr()?;
     tokio::spawn(proxy.clone().serve(listener));
-    // History for long-running branches: a base at most hourly and pruning
-    // to history_retention happen here too, not only at start.
-    if !history_retention.is_zero() {
-        let b = backend.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                let b = b.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    for name in b.names().unwrap_or_default() {
-                        if b.ready_socket(&name).is_some() {
-                            if let Err(e) = b.snapshot_if_due(&name, history_retention) {
-                                tracing::warn!("no history snapshot of \"{name}\": {e}");
-                            }
-                        }
-                    }
-                })
-                .await;
-            }
-        });
+    if let Some(b) = &local {
+        // History for long-running branches: a base at most hourly and
+        // pruning to history_retention happen here too, not only at start.
+        if !history_retention.is_zero() {
+            tokio::spawn(history_snapshots(b.clone(), history_retention));
+        }
+        // Neon suspends its computes itself.
+        tokio::spawn(suspend::run(
+            b.clone(),
+            proxy.clone(),
+            activity.clone(),
+            settings.suspend_timeout,
+        ));
     }
     if let Some((root, head)) = worktree {
         tokio::spawn(head_watch::run(root, head));
     }
-    tokio::spawn(suspend::run(
-        backend.clone(),
-        proxy.clone(),
-        activity.clone(),
-        settings.suspend_timeout,
-    ));
 
     let _ = std::fs::remove_file(&paths.control);
     let control = UnixListener::bind(&paths.control).with_context(|| {
@@ -200,18 +269,21 @@ async fn serve(
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
     let ctx = Arc::new(ControlCtx {
         activity: activity.clone(),
-        backend: backend.clone(),
+        home,
+        local: local.clone(),
+        neon,
         proxy: proxy.clone(),
         active_tx,
-        listen: local,
+        listen: local_addr,
         settings: settings.clone(),
+        client_tls,
         stop_tx,
     });
     tokio::spawn(control_loop(control, ctx.clone()));
 
     on_ready(&ctx.status());
     tracing::info!(
-        "proxy listening on {local}, routing to branch \"{}\"",
+        "proxy listening on {local_addr}, routing to branch \"{}\"",
         state.active
     );
 
@@ -221,8 +293,7 @@ async fn serve(
         _ = sigterm.recv() => false,
         s = stop_rx.recv() => s.unwrap_or(false),
     };
-    if stop_branches {
-        let b = backend.clone();
+    if let (true, Some(b)) = (stop_branches, local) {
         tokio::task::spawn_blocking(move || -> Result<()> {
             for name in b.names()? {
                 if b.ready_socket(&name).is_some() {
@@ -237,16 +308,38 @@ async fn serve(
     Ok(())
 }
 
+/// Every 10 minutes: history bases of running local branches (see
+/// pgtwig_local::history).
+async fn history_snapshots(backend: Arc<LocalBackend>, retention: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let b = backend.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in b.names().unwrap_or_default() {
+                if b.ready_socket(&name).is_some() {
+                    if let Err(e) = b.snapshot_if_due(&name, retention) {
+                        tracing::warn!("no history snapshot of \"{name}\": {e}");
+                    }
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// How long a reset or delete waits for open transactions on the branch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct ControlCtx {
     activity: Arc<Activity>,
-    backend: Arc<LocalBackend>,
+    home: ProjectHome,
+    local: Option<Arc<LocalBackend>>,
+    neon: Option<Arc<NeonRouter>>,
     proxy: Arc<Proxy>,
     active_tx: watch::Sender<String>,
     listen: SocketAddr,
     settings: ProxySettings,
+    client_tls: bool,
     stop_tx: mpsc::Sender<bool>,
 }
 
@@ -257,7 +350,7 @@ impl ControlCtx {
             pid: std::process::id(),
             listen: self.listen.to_string(),
             active: self.active_tx.borrow().clone(),
-            tls: self.settings.tls,
+            tls: self.client_tls,
             on_switch: match self.settings.on_switch {
                 OnSwitch::CloseIdle => "close-idle".into(),
                 OnSwitch::Keep => "keep".into(),
@@ -302,11 +395,15 @@ impl ControlCtx {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Ok(name) = pgtwig_core::BranchName::parse(branch) {
-            if let Some(socket) = self.backend.ready_socket(&name) {
+        if let (Some(local), Ok(name)) = (&self.local, pgtwig_core::BranchName::parse(branch)) {
+            if let Some(socket) = local.ready_socket(&name) {
                 self.proxy
                     .release_pooled(&pgtwig_proxy::UpstreamAddr::Unix(socket));
             }
+        }
+        if let Some(neon) = &self.neon {
+            // Reset or deleted: look its endpoint up again next time.
+            neon.forget(branch);
         }
         (
             Response::Ok {
@@ -322,7 +419,7 @@ impl ControlCtx {
                 pid: std::process::id(),
             },
             Request::Status => Response::Status(self.status()),
-            Request::ActiveChanged => match ProjectState::load(&self.backend.home().state_path()) {
+            Request::ActiveChanged => match ProjectState::load(&self.home.state_path()) {
                 Ok(state) => {
                     let new = state.active.to_string();
                     let old = self.active_tx.send_replace(new.clone());

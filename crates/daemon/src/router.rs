@@ -67,7 +67,7 @@ impl Activity {
             .collect()
     }
 
-    fn lease(self: &Arc<Self>, branch: &str) -> SessionLease {
+    pub(crate) fn lease(self: &Arc<Self>, branch: &str) -> SessionLease {
         let mut map = self.branches.lock().unwrap_or_else(|e| e.into_inner());
         let entry = map.entry(branch.to_string()).or_insert(BranchActivity {
             sessions: 0,
@@ -83,7 +83,7 @@ impl Activity {
 }
 
 /// Held by the proxy for the life of one session.
-struct SessionLease {
+pub(crate) struct SessionLease {
     activity: Arc<Activity>,
     branch: String,
 }

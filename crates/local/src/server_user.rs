@@ -41,6 +41,22 @@ pub enum ServerUserError {
 }
 
 impl ServerUser {
+    /// The user pgtwig runs as (for files that are pgtwig's own, such as
+    /// the daemon's control socket when no local server is involved).
+    pub fn current() -> ServerUser {
+        let euid = Uid::effective();
+        ServerUser {
+            name: User::from_uid(euid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| euid.to_string()),
+            uid: euid.as_raw(),
+            gid: Gid::effective().as_raw(),
+            switch: false,
+        }
+    }
+
     /// Decide who runs servers whose state lives under `home`.
     pub fn resolve(home: &Path) -> Result<ServerUser, ServerUserError> {
         let euid = Uid::effective();

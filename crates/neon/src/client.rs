@@ -1,12 +1,5 @@
-//! A client for Neon's API v2 (<https://api-docs.neon.tech>): the branch
-//! operations pgtwig needs — create (from a parent, optionally at a time or
-//! LSN, with a read-write endpoint), list (all pages), get, delete, restore
-//! from the parent — and waiting for the operations a call starts.
-//!
-//! Transient failures (429, 5xx, connection errors) are retried with
-//! backoff, honouring `Retry-After`. 401/403/404/422 become errors that say
-//! what to check. The API key comes from `NEON_API_KEY` or neonctl's
-//! credentials file, and never appears in errors, logs or `Debug` output.
+//! The HTTP client for Neon's API v2: requests, retries, errors, and the
+//! shapes pgtwig reads.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -85,6 +78,15 @@ pub enum NeonError {
     },
     #[error("Neon operations did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("database branch \"{name}\" does not exist in Neon project {project}; `pgtwig branch list` shows the branches")]
+    NoBranch { name: String, project: String },
+    #[error("database branch \"{name}\" already exists in Neon project {project}")]
+    Exists { name: String, project: String },
+    /// pgtwig refuses the operation; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot keep pgtwig's notes on Neon branches in {path}: {message}")]
+    Notes { path: String, message: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +101,17 @@ pub struct Branch {
     pub current_state: Option<String>,
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// The project's default branch (older API versions say `primary`).
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default)]
+    pub primary: bool,
+}
+
+impl Branch {
+    pub fn is_default(&self) -> bool {
+        self.default || self.primary
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +122,23 @@ pub struct Endpoint {
     pub branch_id: Option<String>,
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// "active", "idle" (suspended) or "init".
+    #[serde(default)]
+    pub current_state: Option<String>,
+}
+
+impl Endpoint {
+    pub fn is_read_write(&self) -> bool {
+        self.kind.as_deref().is_none_or(|k| k == "read_write")
+    }
+}
+
+/// A Postgres role of a branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    #[serde(default)]
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +353,17 @@ impl NeonClient {
 
     /// Reset a branch to its parent's current state (Neon's restore from the parent).
     pub fn reset_to_parent(&self, project: &str, branch: &Branch) -> Result<(), NeonError> {
+        self.restore_from_parent(project, branch, None)
+    }
+
+    /// [`reset_to_parent`](Self::reset_to_parent), keeping the old state as
+    /// a new branch called `preserve_under_name` when given.
+    pub fn restore_from_parent(
+        &self,
+        project: &str,
+        branch: &Branch,
+        preserve_under_name: Option<&str>,
+    ) -> Result<(), NeonError> {
         let Some(parent) = &branch.parent_id else {
             return Err(NeonError::Invalid {
                 what: format!("resetting branch \"{}\"", branch.name),
@@ -330,7 +371,10 @@ impl NeonClient {
             });
         };
         let what = format!("resetting branch \"{}\"", branch.name);
-        let body = json!({ "source_branch_id": parent });
+        let mut body = json!({ "source_branch_id": parent });
+        if let Some(p) = preserve_under_name {
+            body["preserve_under_name"] = json!(p);
+        }
         let v = self.call(
             Method::POST,
             &format!("/projects/{project}/branches/{}/restore", branch.id),
@@ -351,6 +395,79 @@ impl NeonClient {
             project,
         )?;
         parse(&v["endpoints"], &what)
+    }
+
+    /// Every endpoint of the project (one call, for listings).
+    pub fn list_endpoints(&self, project: &str) -> Result<Vec<Endpoint>, NeonError> {
+        let v = self.call(
+            Method::GET,
+            &format!("/projects/{project}/endpoints"),
+            None,
+            "listing endpoints",
+            project,
+        )?;
+        parse(&v["endpoints"], "listing endpoints")
+    }
+
+    pub fn get_endpoint(&self, project: &str, endpoint_id: &str) -> Result<Endpoint, NeonError> {
+        let what = format!("endpoint {endpoint_id}");
+        let v = self.call(
+            Method::GET,
+            &format!("/projects/{project}/endpoints/{endpoint_id}"),
+            None,
+            &what,
+            project,
+        )?;
+        parse(&v["endpoint"], &what)
+    }
+
+    /// Start a suspended compute and wait until it runs.
+    pub fn start_endpoint(&self, project: &str, endpoint_id: &str) -> Result<(), NeonError> {
+        let what = format!("starting endpoint {endpoint_id}");
+        let v = self.call(
+            Method::POST,
+            &format!("/projects/{project}/endpoints/{endpoint_id}/start"),
+            None,
+            &what,
+            project,
+        )?;
+        self.wait(project, &v["operations"])
+    }
+
+    pub fn roles(&self, project: &str, branch_id: &str) -> Result<Vec<Role>, NeonError> {
+        let what = format!("roles of branch {branch_id}");
+        let v = self.call(
+            Method::GET,
+            &format!("/projects/{project}/branches/{branch_id}/roles"),
+            None,
+            &what,
+            project,
+        )?;
+        parse(&v["roles"], &what)
+    }
+
+    /// A connection string with the role's password, straight to the branch's endpoint.
+    pub fn connection_uri(
+        &self,
+        project: &str,
+        branch_id: &str,
+        database: &str,
+        role: &str,
+    ) -> Result<String, NeonError> {
+        let what = format!("the connection string of branch {branch_id}");
+        let v = self.call(
+            Method::GET,
+            &format!(
+                "/projects/{project}/connection_uri?branch_id={}&database_name={}&role_name={}",
+                query_value(branch_id),
+                query_value(database),
+                query_value(role)
+            ),
+            None,
+            &what,
+            project,
+        )?;
+        parse(&v["uri"], &what)
     }
 
     /// Wait until every operation in `ops` has finished (or one failed).
@@ -397,6 +514,19 @@ fn parse<T: serde::de::DeserializeOwned>(v: &Value, what: &str) -> Result<T, Neo
         status: 200,
         message: format!("unexpected response shape: {e}"),
     })
+}
+
+/// Percent-encode a query parameter value (RFC 3986 unreserved kept).
+fn query_value(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn retry_after(resp: &Response) -> Option<Duration> {

@@ -1,0 +1,138 @@
+//! Routing proxy sessions to Neon branches: the branch's read-write
+//! endpoint over TLS, verified for the endpoint's host name, which is also
+//! sent as SNI (Neon's proxy routes by it). The client's credentials pass
+//! through: a Neon role has the same password on every branch.
+//!
+//! Neon suspends idle computes and wakes them on connect, which can take a
+//! few seconds. The router looks the endpoint up (once per branch and
+//! minute, under the branch's gate, so 50 concurrent first connections make
+//! one API call), starts it through the API when Neon reports it idle, and
+//! waits; the proxy's connect has no timeout shorter than Neon's wake.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgtwig_neon::{Endpoint, NeonBackend, NeonError};
+use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
+use tokio::sync::watch;
+
+use crate::router::Activity;
+
+/// How long a looked-up endpoint is used without asking Neon again.
+const ENDPOINT_TTL: Duration = Duration::from_secs(60);
+
+pub struct NeonRouter {
+    pub backend: Arc<NeonBackend>,
+    pub active: watch::Receiver<String>,
+    pub activity: Arc<Activity>,
+    /// Connect here instead of the endpoint host (`[neon] connect`).
+    pub connect: Option<(String, u16)>,
+    pub tls: UpstreamTls,
+    endpoints: Mutex<HashMap<String, (Endpoint, Instant)>>,
+}
+
+impl NeonRouter {
+    pub fn new(
+        backend: Arc<NeonBackend>,
+        active: watch::Receiver<String>,
+        activity: Arc<Activity>,
+        connect: Option<(String, u16)>,
+        tls: UpstreamTls,
+    ) -> NeonRouter {
+        NeonRouter {
+            backend,
+            active,
+            activity,
+            connect,
+            tls,
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forget what is known about `branch` (reset, delete).
+    pub fn forget(&self, branch: &str) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(branch);
+    }
+
+    fn cached(&self, branch: &str) -> Option<Endpoint> {
+        let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(branch)
+            .filter(|(_, seen)| seen.elapsed() < ENDPOINT_TTL)
+            .map(|(e, _)| e.clone())
+    }
+
+    async fn route_to(&self, branch: String) -> Result<Route, RouteError> {
+        let gate = self.activity.gate(&branch);
+        let _held = gate.lock().await;
+        let endpoint = match self.cached(&branch) {
+            Some(e) => e,
+            None => {
+                let backend = self.backend.clone();
+                let name = branch.clone();
+                let started = Instant::now();
+                let looked_up = tokio::task::spawn_blocking(move || {
+                    let (_, endpoint) = backend.endpoint(&name)?;
+                    let woke = backend.wake(&endpoint)?;
+                    Ok::<_, NeonError>((endpoint, woke))
+                })
+                .await
+                .map_err(|e| RouteError::Other(format!("looking up branch \"{branch}\": {e}")))?;
+                match looked_up {
+                    Ok((endpoint, woke)) => {
+                        if woke {
+                            tracing::info!(
+                                "started Neon compute {} of branch \"{branch}\" in {:?}",
+                                endpoint.id,
+                                started.elapsed()
+                            );
+                        }
+                        self.endpoints
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(branch.clone(), (endpoint.clone(), Instant::now()));
+                        endpoint
+                    }
+                    Err(NeonError::NoBranch { .. }) => {
+                        return Err(RouteError::BranchMissing { branch })
+                    }
+                    Err(e) => {
+                        tracing::error!("branch \"{branch}\": {e}");
+                        return Err(RouteError::StartFailed {
+                            branch,
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+        };
+        let (host, port) = self
+            .connect
+            .clone()
+            .unwrap_or_else(|| (endpoint.host.clone(), 5432));
+        let lease = self.activity.lease(&branch);
+        Ok(Route {
+            branch,
+            addr: UpstreamAddr::Tls {
+                host,
+                port,
+                server_name: endpoint.host,
+                tls: self.tls.clone(),
+            },
+            lease: Box::new(lease),
+        })
+    }
+}
+
+impl Router for NeonRouter {
+    fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
+        let branch = match pinned {
+            Some(p) => p.to_string(),
+            None => self.active.borrow().clone(),
+        };
+        Box::pin(self.route_to(branch))
+    }
+}
