@@ -385,6 +385,13 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
         PrCommand::Close { number } => {
             let name = BranchName::parse(&format!("pr-{number}"))?;
             if backend.exists(&name)? {
+                // As `branch delete`: sessions end at a transaction boundary first.
+                let _drained = crate::commands::branch::drain_sessions(
+                    &backend.daemon_paths()?,
+                    true,
+                    &name,
+                    &project,
+                )?;
                 delete(&backend, &name, &project)?;
                 println!("Deleted branch \"{name}\"");
             } else {

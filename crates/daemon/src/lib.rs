@@ -379,6 +379,7 @@ impl ControlCtx {
     /// returned guard keeps new sessions waiting.
     async fn drain(&self, branch: &str) -> (Response, tokio::sync::OwnedMutexGuard<()>) {
         let gate = self.activity.gate(branch).lock_owned().await;
+        self.activity.forget_ready(branch);
         self.proxy.close_sessions_on(
             branch,
             format!(

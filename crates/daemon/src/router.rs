@@ -21,7 +21,15 @@ pub struct Activity {
     /// session is being routed to it, so 50 concurrent first connections
     /// start one server, and a suspend never races a new session.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sockets of branches seen ready in the last [`READY_FOR`]: a burst of
+    /// connections (a connection per transaction) skips re-reading
+    /// `postmaster.pid` for each. Cleared before a stop, reset or delete.
+    ready: Mutex<HashMap<String, (PathBuf, Instant)>>,
 }
+
+/// How long a branch seen ready is trusted without looking again. Far below
+/// any suspend timeout, so a cached branch is never one being suspended.
+const READY_FOR: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy)]
 pub struct BranchActivity {
@@ -56,6 +64,32 @@ impl Activity {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(branch);
+        self.forget_ready(branch);
+    }
+
+    /// The branch is about to stop or change: look at its server again.
+    pub fn forget_ready(&self, branch: &str) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(branch);
+    }
+
+    fn cached_ready(&self, branch: &str) -> Option<PathBuf> {
+        let map = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(branch)
+            .filter(|(_, seen)| seen.elapsed() < READY_FOR)
+            // One stat, not postmaster.pid: a server stopped behind the
+            // daemon's back (`pgtwig branch stop`) has removed its socket.
+            .filter(|(p, _)| p.exists())
+            .map(|(p, _)| p.clone())
+    }
+
+    fn remember_ready(&self, branch: &str, socket: &std::path::Path) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(branch.to_string(), (socket.to_path_buf(), Instant::now()));
     }
 
     pub fn snapshot(&self) -> Vec<(String, BranchActivity)> {
@@ -112,6 +146,14 @@ pub struct LocalRouter {
 
 impl LocalRouter {
     async fn route_to(&self, branch: String) -> Result<Route, RouteError> {
+        if let Some(socket) = self.activity.cached_ready(&branch) {
+            let lease = self.activity.lease(&branch);
+            return Ok(Route {
+                branch,
+                addr: UpstreamAddr::Unix(socket),
+                lease: Box::new(lease),
+            });
+        }
         let name = BranchName::parse(&branch).map_err(|_| RouteError::BranchMissing {
             branch: branch.clone(),
         })?;
@@ -124,6 +166,7 @@ impl LocalRouter {
             Some(s) => s,
             None => self.start(&name).await?,
         };
+        self.activity.remember_ready(&branch, &socket);
         let lease = self.activity.lease(&branch);
         Ok(Route {
             branch,

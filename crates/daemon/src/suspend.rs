@@ -52,6 +52,7 @@ pub async fn run(
             let Ok(name) = BranchName::parse(&branch) else {
                 continue;
             };
+            activity.forget_ready(&branch);
             let Some(socket) = backend.ready_socket(&name) else {
                 activity.forget(&branch);
                 continue;
