@@ -320,3 +320,44 @@ fn reset_with_open_sessions_closes_them_at_transaction_boundaries() {
         "main"
     );
 }
+
+#[test]
+fn server_connections_are_reused_unless_turned_off() {
+    let env = project();
+    let pid = |d: &Daemon| -> i32 {
+        let mut c = connect(d, "postgres");
+        let pid = c.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+        c.execute("create temp table scratch(x int)", &[]).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+        pid
+    };
+    {
+        let d = up(&env);
+        let first = pid(&d);
+        // The same server process, reset: the temp table is gone.
+        let mut c = connect(&d, "postgres");
+        let again: i32 = c.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+        assert_eq!(again, first, "a trust-authenticated connection is reused");
+        let temp: i64 = c
+            .query_one(
+                "select count(*) from pg_class where relname = 'scratch' and relpersistence = 't'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(temp, 0, "DISCARD ALL ran between the sessions");
+    }
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[proxy]\nsuspend_timeout = \"1s\"\nreuse_connections = false\n",
+    )
+    .unwrap();
+    let d = up(&env);
+    let first = pid(&d);
+    assert_ne!(
+        pid(&d),
+        first,
+        "reuse_connections = false: a fresh server process each time"
+    );
+}

@@ -135,6 +135,11 @@ pub struct ProxyConfig {
     /// Neon is always TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<bool>,
+    /// Keep a server connection that let its session in without a password
+    /// for the next session with the same user, database and options, reset
+    /// with `DISCARD ALL` (PgBouncer's session pooling). Off: every session
+    /// gets a fresh server process (a new `pg_backend_pid()`).
+    pub reuse_connections: bool,
 }
 
 impl ProxyConfig {
@@ -151,6 +156,7 @@ impl Default for ProxyConfig {
             suspend_timeout: std::time::Duration::from_secs(15 * 60),
             on_switch: OnSwitch::CloseIdle,
             tls: None,
+            reuse_connections: true,
         }
     }
 }
@@ -451,6 +457,13 @@ mod tests {
             Some(std::time::Duration::from_secs(300))
         );
         assert!(c.proxy.tls_enabled(BackendKind::Neon));
+        assert!(c.proxy.reuse_connections, "on unless turned off");
+        let c = Config::parse(
+            "project = \"a\"\n[proxy]\nreuse_connections = false\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert!(!c.proxy.reuse_connections);
         assert!(Config::new(BranchName::parse("a").unwrap())
             .proxy
             .tls_enabled(BackendKind::Local));

@@ -155,6 +155,11 @@ pub fn run(
         },
         // Server connections are kept for reuse only when the server let
         // the session in without a password; Neon always asks for one.
+        pool_idle_timeout: if settings.reuse_connections {
+            ProxyConfig::default().pool_idle_timeout
+        } else {
+            None
+        },
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the
