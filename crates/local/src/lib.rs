@@ -8,10 +8,13 @@
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`history`]: WAL archive and base snapshots; branches as of a past time.
+//! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
+//!   up after a command that died mid-build.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
 //!   crash-safe under the project lock.
 
 pub mod backup;
+mod build;
 pub mod clone;
 pub mod cluster;
 pub mod engine;

@@ -1,0 +1,237 @@
+//! Building branches out of sight: a fresh folder in `tmp/`, a clone of
+//! the parent into it (through the backup API when the parent runs),
+//! publishing it by rename, and cleaning up after a command that died
+//! mid-build (see the crash-safety notes in `engine`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use pgtwig_core::fsutil;
+use pgtwig_core::{failpoint, BranchName};
+
+use crate::backup::{self, BackupSession};
+use crate::clone::{CloneMethod, Cloner, Visit};
+use crate::cluster::{self, Status};
+use crate::engine::{
+    io_err, remove_tree, sync_tree, write_meta, write_private, Branch, BranchMeta, CreateReport,
+    Error, LocalBackend, Result, STOP_TIMEOUT,
+};
+
+/// What cloning a parent produced (see `LocalBackend::build_clone`).
+#[derive(Debug, Clone)]
+pub(crate) struct Cloned {
+    pub method: CloneMethod,
+    pub parent_was_running: bool,
+    pub fallback_reason: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl Cloned {
+    /// The report for the user once the clone is published as `branch`.
+    pub fn report(self, branch: Branch) -> CreateReport {
+        CreateReport {
+            branch,
+            parent_was_running: self.parent_was_running,
+            fallback_reason: self.fallback_reason,
+            files: self.files,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl LocalBackend {
+    /// Clean `tmp/` (call with the lock held). Returns what was done.
+    pub(crate) fn recover_interrupted(&self) -> Result<Vec<String>> {
+        let tmp = self.home.tmp_dir();
+        let mut done = Vec::new();
+        let entries = fs::read_dir(&tmp).map_err(io_err(format!("reading {}", tmp.display())))?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in &names {
+            let path = tmp.join(name);
+            if !path.exists() || name.ends_with(".keep") {
+                continue;
+            }
+            if let Some(branch) = name.strip_prefix("old-") {
+                // A reset moved the old branch aside and died.
+                let target = self.home.branches_dir().join(branch);
+                let keep_file = tmp.join(format!("{name}.keep"));
+                let keep_as = fs::read_to_string(&keep_file)
+                    .ok()
+                    .map(|k| k.trim().to_string());
+                if !target.exists() {
+                    fs::rename(&path, &target).map_err(io_err("restoring a branch"))?;
+                    done.push(format!(
+                        "restored branch \"{branch}\" after an interrupted reset"
+                    ));
+                } else if let Some(k) =
+                    keep_as.filter(|k| !self.home.branches_dir().join(k).exists())
+                {
+                    fs::rename(&path, self.home.branches_dir().join(&k))
+                        .map_err(io_err("keeping the old branch"))?;
+                    done.push(format!(
+                        "finished an interrupted reset: old \"{branch}\" kept as \"{k}\""
+                    ));
+                } else {
+                    remove_tree(&path)?;
+                }
+                let _ = fs::remove_file(&keep_file);
+                continue;
+            }
+            // An import fills its build without the lock (it can take long):
+            // leave it alone while the process that owns it lives.
+            if let Some(pid) = name
+                .strip_prefix("fill-")
+                .and_then(|r| r.rsplit('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                if pid == std::process::id() as i32
+                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                {
+                    continue;
+                }
+                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+            }
+            remove_tree(&path)?;
+            done.push(format!("removed {name}, left by an interrupted command"));
+        }
+        for name in names.iter().filter(|n| n.ends_with(".keep")) {
+            let _ = fs::remove_file(tmp.join(name));
+        }
+        if !done.is_empty() {
+            fsutil::sync_dir(&self.home.branches_dir()).ok();
+            for line in &done {
+                tracing::warn!("{line}");
+            }
+        }
+        Ok(done)
+    }
+
+    /// A fresh, empty folder in `tmp/` to build a branch in.
+    pub(crate) fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
+        let dir = self
+            .home
+            .tmp_dir()
+            .join(format!("new-{name}-{}", std::process::id()));
+        if dir.exists() {
+            remove_tree(&dir)?;
+        }
+        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        self.user
+            .own(&dir)
+            .map_err(io_err("giving the build folder to the server user"))?;
+        Ok(dir)
+    }
+
+    /// Write metadata, flush everything, and rename the build into place.
+    pub(crate) fn publish(
+        &self,
+        name: &BranchName,
+        build: &Path,
+        meta: &BranchMeta,
+    ) -> Result<Branch> {
+        write_meta(build, meta)?;
+        let t0 = std::time::Instant::now();
+        sync_tree(build)?;
+        tracing::debug!("flushed the new branch in {:?}", t0.elapsed());
+        let dir = self.branch_dir(name);
+        fs::rename(build, &dir).map_err(io_err(format!("publishing {}", dir.display())))?;
+        fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
+        Ok(Branch {
+            name: name.clone(),
+            meta: meta.clone(),
+            dir,
+        })
+    }
+
+    /// Clone `parent`'s data directory into `build/data`: through the backup
+    /// API when it runs, directly when it is stopped.
+    pub(crate) fn build_clone(&self, parent: &Branch, build: &Path) -> Result<Cloned> {
+        let t0 = std::time::Instant::now();
+        let src = parent.data_dir();
+        let dst = build.join("data");
+        let pg = self.install_for(parent)?;
+        tracing::debug!("found server binaries in {:?}", t0.elapsed());
+        let mut cloner = Cloner::new(&self.user);
+        let status = cluster::status(&src);
+        let running = status.is_running();
+        let first_wal = if let Status::Running { socket_dir, .. } = status {
+            cloner.tolerate_vanishing = true;
+            let session = BackupSession::begin(&socket_dir, pg.major, "pgtwig branch clone")?;
+            failpoint::hit("create.in_backup");
+            cloner
+                .clone_tree(&src, &dst, &backup::live_exclusion)
+                .map_err(io_err(format!("cloning {}", src.display())))?;
+            cloner
+                .clone_file(
+                    &src.join("global/pg_control"),
+                    &dst.join("global/pg_control"),
+                )
+                .map_err(io_err("cloning pg_control"))?;
+            failpoint::hit("create.before_backup_stop");
+            let end = session.finish()?;
+            write_private(&self.user, &dst.join("backup_label"), &end.backup_label)?;
+            if let Some(map) = &end.tablespace_map {
+                write_private(&self.user, &dst.join("tablespace_map"), map)?;
+            }
+            backup::start_wal_file(&end.backup_label).ok_or_else(|| {
+                Error::Other(format!(
+                    "unexpected backup_label from the parent:\n{}",
+                    end.backup_label
+                ))
+            })?
+        } else {
+            let redo = cluster::redo_wal_file(&pg, &src)?;
+            cloner
+                .clone_tree(&src, &dst, &|rel, is_dir| {
+                    if is_dir && rel == Path::new("pg_wal") {
+                        Visit::EmptyDir
+                    } else {
+                        backup::stopped_exclusion(rel, is_dir)
+                    }
+                })
+                .map_err(io_err(format!("cloning {}", src.display())))?;
+            redo
+        };
+        tracing::debug!("cloned data files in {:?}", t0.elapsed());
+        // WAL last: for a live parent it now holds the backup's end.
+        let wal_src = src.join("pg_wal");
+        let wal_dst = dst.join("pg_wal");
+        let archive_status = wal_dst.join("archive_status");
+        if !archive_status.exists() {
+            cloner
+                .make_dir(&wal_src.join("archive_status"), &archive_status)
+                .map_err(io_err("creating pg_wal/archive_status"))?;
+        }
+        let mut wal: Vec<String> = fs::read_dir(&wal_src)
+            .map_err(io_err(format!("reading {}", wal_src.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| backup::wal_needed(n, &first_wal))
+            .collect();
+        wal.sort();
+        for name in &wal {
+            cloner
+                .clone_file(&wal_src.join(name), &wal_dst.join(name))
+                .map_err(io_err(format!("cloning WAL {name}")))?;
+        }
+        if !wal_dst.join(&first_wal).exists() {
+            return Err(Error::Other(format!(
+                "WAL file {first_wal} that the clone needs was already recycled by the parent \"{}\" \
+                 (it writes WAL faster than wal_keep_size keeps it); nothing was created, try again",
+                parent.name
+            )));
+        }
+        Ok(Cloned {
+            method: cloner.method(),
+            parent_was_running: running,
+            fallback_reason: cloner.fallback_reason.take(),
+            files: cloner.files,
+            bytes: cloner.bytes,
+        })
+    }
+}
