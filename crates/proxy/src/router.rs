@@ -41,13 +41,16 @@ pub struct UpstreamTls(pub std::sync::Arc<rustls::ClientConfig>);
 impl UpstreamTls {
     /// Verify against `roots` (e.g. a private CA).
     pub fn with_roots(roots: rustls::RootCertStore) -> UpstreamTls {
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("rustls defaults")
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // As libpq 17 does: PostgreSQL 17 checks it when a client offers
+        // ALPN, older servers and Neon ignore it.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         UpstreamTls(std::sync::Arc::new(config))
     }
 
@@ -157,4 +160,13 @@ pub trait Router: Send + Sync + 'static {
     /// meaning the active branch. May take a while (it may start a stopped server); many
     /// concurrent calls are fine.
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn upstream_tls_offers_alpn_postgresql() {
+        let tls = super::UpstreamTls::with_roots(rustls::RootCertStore::empty());
+        assert_eq!(tls.0.alpn_protocols, vec![b"postgresql".to_vec()]);
+    }
 }
