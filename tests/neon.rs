@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::{git, up, Daemon, Fs, TestEnv};
 use pgtwig_neon_standin::StandIn;
@@ -307,5 +306,4 @@ fn neon_errors_say_what_to_do_and_never_show_the_key() {
         err.contains("[neon]") && err.contains("project_id"),
         "{err}"
     );
-    let _ = Duration::ZERO;
 }

@@ -17,7 +17,7 @@ use pgtwig_neon::{Endpoint, NeonBackend, NeonError};
 use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 use tokio::sync::watch;
 
-use crate::router::Activity;
+use crate::router::{wanted_branch, Activity};
 
 /// How long a looked-up endpoint is used without asking Neon again.
 const ENDPOINT_TTL: Duration = Duration::from_secs(60);
@@ -129,10 +129,6 @@ impl NeonRouter {
 
 impl Router for NeonRouter {
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
-        let branch = match pinned {
-            Some(p) => p.to_string(),
-            None => self.active.borrow().clone(),
-        };
-        Box::pin(self.route_to(branch))
+        Box::pin(self.route_to(wanted_branch(pinned, &self.active)))
     }
 }

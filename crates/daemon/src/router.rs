@@ -217,12 +217,16 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
+/// The branch a session asked for: the one it pinned, else the active one.
+pub(crate) fn wanted_branch(pinned: Option<&str>, active: &watch::Receiver<String>) -> String {
+    match pinned {
+        Some(p) => p.to_string(),
+        None => active.borrow().clone(),
+    }
+}
+
 impl Router for LocalRouter {
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
-        let branch = match pinned {
-            Some(p) => p.to_string(),
-            None => self.active.borrow().clone(),
-        };
-        Box::pin(self.route_to(branch))
+        Box::pin(self.route_to(wanted_branch(pinned, &self.active)))
     }
 }

@@ -41,6 +41,16 @@ impl Cloned {
 }
 
 impl LocalBackend {
+    /// Take the project lock for making branch `name`, refusing a name
+    /// already taken (checked under the lock, so two makers cannot race).
+    pub(crate) fn lock_for_new(&self, name: &BranchName) -> Result<fsutil::ProjectLock> {
+        let lock = self.lock()?;
+        if self.exists(name) {
+            return Err(Error::Exists { name: name.clone() });
+        }
+        Ok(lock)
+    }
+
     /// Clean `tmp/` (call with the lock held). Returns what was done.
     pub(crate) fn recover_interrupted(&self) -> Result<Vec<String>> {
         let tmp = self.home.tmp_dir();

@@ -364,10 +364,7 @@ impl LocalBackend {
 
     /// Create the root branch with `initdb`.
     pub fn create_root(&self, name: &BranchName, git_branch: Option<String>) -> Result<Branch> {
-        let _lock = self.lock()?;
-        if self.exists(name) {
-            return Err(Error::Exists { name: name.clone() });
-        }
+        let _lock = self.lock_for_new(name)?;
         let pg = pgbin::newest()?;
         let build = self.new_build_dir(name)?;
         cluster::initdb(
@@ -405,10 +402,7 @@ impl LocalBackend {
         git_branch: Option<String>,
         expires: Option<String>,
     ) -> Result<CreateReport> {
-        let _lock = self.lock()?;
-        if self.exists(name) {
-            return Err(Error::Exists { name: name.clone() });
-        }
+        let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
         let cloned = self.build_clone(&parent_branch, &build)?;

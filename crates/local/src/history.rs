@@ -208,10 +208,7 @@ impl LocalBackend {
         parent: &BranchName,
         target: &Target,
     ) -> Result<CreateReport> {
-        let _lock = self.lock()?;
-        if self.exists(name) {
-            return Err(Error::Exists { name: name.clone() });
-        }
+        let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
         let all = bases(&parent_branch.dir);
         let base = match target {

@@ -32,10 +32,7 @@ impl LocalBackend {
         parent: &BranchName,
         prepare: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
     ) -> Result<CreateReport> {
-        let _lock = self.lock()?;
-        if self.exists(name) {
-            return Err(Error::Exists { name: name.clone() });
-        }
+        let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
         let result = (|| {

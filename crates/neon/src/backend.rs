@@ -304,10 +304,10 @@ impl NeonBackend {
     }
 
     /// Start the compute if Neon suspended it, and wait until it runs.
-    /// Returns whether it had to be started.
+    /// `endpoint` is as just read (from [`endpoint`](Self::endpoint)), so
+    /// its state is current. Returns whether it had to be started.
     pub fn wake(&self, endpoint: &Endpoint) -> Result<bool, NeonError> {
-        let current = self.client.get_endpoint(&self.project, &endpoint.id)?;
-        if current.current_state.as_deref() == Some("active") {
+        if endpoint.current_state.as_deref() == Some("active") {
             return Ok(false);
         }
         self.client.start_endpoint(&self.project, &endpoint.id)?;
