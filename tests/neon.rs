@@ -160,6 +160,25 @@ fn git_checkouts_follow_neon_branches_through_the_proxy() {
         "{err}"
     );
 
+    // A branch whose compute was deleted in Neon's console: 57P03 saying so.
+    env.ok(&["branch", "create", "nocompute"]);
+    n.cloud.remove_compute("nocompute");
+    let err = postgres::Client::connect(&n.app_url(&d, "neondb@nocompute"), postgres::NoTls)
+        .err()
+        .expect("no compute to route to");
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a dropped socket");
+    assert_eq!(db.code().code(), "57P03", "{db}");
+    assert!(
+        db.message().contains("\"nocompute\" could not be started")
+            && db
+                .detail()
+                .is_some_and(|d| d.contains("no read-write compute")),
+        "{db:?}"
+    );
+    env.ok(&["branch", "delete", "nocompute"]);
+
     // status on Neon: the backend, the active branch, the open session.
     let status: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
     assert_eq!(status["backend"], "neon");

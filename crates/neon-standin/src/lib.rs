@@ -175,6 +175,14 @@ impl StandIn {
         }
     }
 
+    /// Delete the branch's compute, as Neon's "Delete compute" does: the
+    /// branch and its data stay, with no endpoint to connect to.
+    pub fn remove_compute(&self, branch_name: &str) {
+        self.suspend(branch_name);
+        let ep = self.endpoint_of(branch_name);
+        self.inner.lock().endpoints.retain(|e| e.id != ep);
+    }
+
     /// How many times the branch's compute was started: its first start at
     /// creation (or a restore's restart) and every wake after a suspend.
     /// In API-only mode, every change of the endpoint from idle to active.
