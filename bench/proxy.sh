@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Proxy overhead benchmark: pgbench side by side against one pgtwig branch:
-#   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy (crates/proxy/examples/fixed_route: TCP in,
-#   Unix socket to the server; current-thread runtime with and without busy-polling, and a
-#   2-worker runtime) and PgBouncer (session pooling, same shape).
+#   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy
+#   (crates/proxy/examples/fixed_route: TCP in, Unix socket to the server; current-thread
+#   runtime with and without busy-polling, and a 2-worker runtime), the minimal relay
+#   (crates/proxy/examples/minimal_relay: the cheapest user-space relay, a reference) and
+#   PgBouncer (session pooling, same shape). Reports TPS, latency, the ratio to direct TCP and
+#   the relay process's CPU time per transaction.
 # Usage: bench/proxy.sh      (env: DURATION=10 seconds per run, ROUNDS=1 runs per cell, median
-#                            shown; SCALE=10)
+#                            shown; SCALE=10; MODE="-S -c 8 -j 2" runs that pgbench mode only)
 # Needs PostgreSQL 15 binaries, pgbench, psql and pgbouncer. Runs the servers as `postgres`
 # when invoked as root.
 set -euo pipefail
@@ -26,8 +29,9 @@ while True:
 if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); else AS=(); fi
 
 echo "building pgtwig and fixed_route (release)..." >&2
-(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route)
+(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route --example minimal_relay)
 PROXY_BIN=$TARGET_DIR/release/examples/fixed_route
+MINIMAL_BIN=$TARGET_DIR/release/examples/minimal_relay
 PGTWIG=$TARGET_DIR/release/pgtwig
 
 WORK=$(mktemp -d /tmp/pgtwig-bench.XXXXXX)
@@ -78,6 +82,9 @@ PIDS+=($!)
 PROXY_MT_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_MT_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime multi --workers 2 2>"$WORK/proxy-mt.log" &
 PIDS+=($!)
+MINIMAL_PORT=$(free_port)
+"$MINIMAL_BIN" "127.0.0.1:$MINIMAL_PORT" "$SOCK/.s.PGSQL.$PGPORT" 2>"$WORK/minimal.log" &
+PIDS+=($!)
 
 BOUNCER_PORT=$(free_port)
 cat >"$WORK/pgbouncer.ini" <<INI
@@ -100,7 +107,7 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $DAEMON_PORT $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $BOUNCER_PORT; do
+for port in $DAEMON_PORT $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $MINIMAL_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
 
@@ -111,25 +118,47 @@ TARGETS=(
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
   "pgtwig-proxy (current, no busy-poll)|-h 127.0.0.1 -p $PROXY_NB_PORT"
   "pgtwig-proxy (2 workers)|-h 127.0.0.1 -p $PROXY_MT_PORT"
+  "minimal relay (reference)|-h 127.0.0.1 -p $MINIMAL_PORT"
   "pgbouncer (session)|-h 127.0.0.1 -p $BOUNCER_PORT"
 )
-MODES=(
-  "-S -c 8 -j 2"
-  "-S -c 1"
-  "-S -C -c 8 -j 2"
-)
+if [ -n "${MODE:-}" ]; then
+  MODES=("$MODE")
+else
+  MODES=(
+    "-S -c 8 -j 2"
+    "-S -c 1"
+    "-S -C -c 8 -j 2"
+  )
+fi
+
+# The relay process listening on a port (none for the direct rows), for its CPU time.
+listener_pid() { ss -ltnpH "sport = :$1" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1; }
+# utime + stime of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 
 # Each (mode, target) pair runs ROUNDS times, targets interleaved within a round so that
-# background load hits them alike; the table shows the median round.
-run_one() { # mode conn -> "tps lat"
-  local out
+# background load hits them alike; the table shows the median round. Besides TPS and latency,
+# the relay's own CPU time per transaction: far steadier than TPS between runs, it says what
+# the relay costs the machine.
+run_one() { # mode conn -> "tps lat cpu_us_per_txn"
+  local out pid c0 c1 n
+  pid=
+  # The direct rows have no relay (the port is the server's own).
+  [ "${2##* }" != "$PGPORT" ] && pid=$(listener_pid "${2##* }")
+  [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
   # shellcheck disable=SC2086
   out=$(pgbench $1 -T "$DURATION" $2 -U postgres postgres 2>&1) || { echo "$out" >&2; exit 1; }
-  echo "$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1) $(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')"
+  [ -n "$pid" ] && c1=$(cpu_ticks "$pid")
+  n=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
+  local cpu=-
+  [ -n "$pid" ] && [ -n "$n" ] && [ "$n" -gt 0 ] &&
+    cpu=$(awk -v d="$((c1 - c0))" -v t="$TICK" -v n="$n" 'BEGIN{printf "%.1f", d / t * 1e6 / n}')
+  echo "$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1) $(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p') $cpu"
 }
 median() { sort -n | awk '{v[NR]=$0} END{print v[int((NR+1)/2)]}'; }
 
-printf '%-38s %-18s %10s %12s %9s\n' target mode tps "lat avg ms" "vs tcp"
+printf '%-38s %-18s %10s %12s %9s %14s\n' target mode tps "lat avg ms" "vs tcp" "relay µs/txn"
 for mode in "${MODES[@]}"; do
   declare -A RES=()
   for _ in $(seq "$ROUNDS"); do
@@ -142,10 +171,12 @@ for mode in "${MODES[@]}"; do
   for t in "${TARGETS[@]}"; do
     name=${t%%|*}
     row=$(printf '%s' "${RES[$name]}" | median)
-    tps=${row%% *}; lat=${row#* }
+    read -r tps lat _ <<<"$row"
+    # The CPU column is the median of its own, not the median-TPS round's.
+    cpu=$(printf '%s' "${RES[$name]}" | awk '{print $3}' | median)
     ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}')
     [ "$name" = "direct unix" ] && ratio="($ratio)"
-    printf '%-38s %-18s %10.0f %12s %9s\n' "$name" "$mode" "$tps" "$lat" "$ratio"
+    printf '%-38s %-18s %10.0f %12s %9s %14s\n' "$name" "$mode" "$tps" "$lat" "$ratio" "$cpu"
   done
   unset RES
 done

@@ -69,7 +69,8 @@
 //! # Performance
 //! One task per session drives both directions (no locks, one write per read, no
 //! per-message allocation). [`ProxyConfig::busy_poll`] keeps the runtime polling briefly
-//! after traffic instead of sleeping, which saves most wake-ups on a small VM. Run `serve` on
+//! after traffic instead of sleeping, which saves most wake-ups on a small VM, and stops
+//! while the machine's CPUs are saturated. Run `serve` on
 //! its own current-thread runtime. Measured figures: `BENCH_NOTES.md` in this crate.
 //!
 //! # Cancel requests
@@ -135,7 +136,9 @@ pub struct ProxyConfig {
     /// Keep polling for this long after any session activity before sleeping (default
     /// 200 µs; `None` turns it off). An idle proxy still sleeps; an active one spends a
     /// little CPU to skip most wake-ups, which on a small VM makes a single connection's
-    /// round trips faster than direct TCP (see `BENCH_NOTES.md`).
+    /// round trips faster than direct TCP (see `BENCH_NOTES.md`). On Linux spinning pauses
+    /// by itself while the CPUs are saturated (the spinning thread gets under 85 % of the
+    /// time it spins), where it would only take CPU from the servers.
     pub busy_poll: Option<Duration>,
 }
 
