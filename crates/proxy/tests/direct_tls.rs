@@ -159,18 +159,14 @@ async fn alpn_on_the_sslrequest_path_and_clients_without_it() {
     );
 
     // psql 15 (libpq 15: SSLRequest, no ALPN) with sslmode=require.
-    let out = env
-        .psql(
+    assert_eq!(
+        env.psql_ok(
             "dbname=postgres sslmode=require",
-            "select branch from marker",
+            "select branch from marker"
         )
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .await,
+        "main"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "main");
     let out = env
         .psql("dbname=postgres sslmode=require", "\\conninfo")
         .await;

@@ -12,15 +12,11 @@ use support::*;
 async fn psql_pgbench_and_tokio_postgres_reach_the_active_branch() {
     let env = Env::start(config()).await;
 
-    let out = env
-        .psql("dbname=postgres", "select branch from marker")
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        env.psql_ok("dbname=postgres", "select branch from marker")
+            .await,
+        "main"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "main");
     env.wait_drained().await;
 
     let (client, conn) = env.connect("postgres").await;
@@ -127,19 +123,12 @@ async fn psql_pgbench_and_tokio_postgres_reach_the_active_branch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_database_name_goes_to_that_branch() {
     let env = Env::start(config()).await;
-    let out = env
-        .psql(
-            "dbname=postgres@feature",
-            "select branch, current_database() from marker",
-        )
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        env.psql_ok(
+            "dbname=postgres@feature",
+            "select branch, current_database() from marker"
+        )
+        .await,
         "feature|postgres"
     );
 
@@ -321,18 +310,14 @@ async fn tls_with_sslmode_require() {
         ..config()
     })
     .await;
-    let out = env
-        .psql(
+    assert_eq!(
+        env.psql_ok(
             "dbname=postgres sslmode=require",
-            "select branch from marker",
+            "select branch from marker"
         )
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .await,
+        "main"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "main");
     let out = env
         .psql("dbname=postgres sslmode=require", "\\conninfo")
         .await;
@@ -343,26 +328,20 @@ async fn tls_with_sslmode_require() {
     );
     // verify-ca against the generated certificate works too.
     let cert = tls_dir.path().join("cert.pem");
-    let out = env
-        .psql(
+    assert_eq!(
+        env.psql_ok(
             &format!(
                 "dbname=postgres@feature sslmode=verify-full sslrootcert={}",
                 cert.display()
             ),
-            "select branch from marker",
+            "select branch from marker"
         )
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .await,
+        "feature"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "feature");
     // Without TLS on the client side the proxy still serves plain connections.
-    let out = env
-        .psql("dbname=postgres sslmode=disable", "select 1")
+    env.psql_ok("dbname=postgres sslmode=disable", "select 1")
         .await;
-    assert!(out.status.success());
 
     // tokio-postgres over rustls, trusting the generated certificate.
     let mut roots = rustls::RootCertStore::empty();

@@ -348,6 +348,18 @@ impl Env {
             .unwrap()
     }
 
+    /// Runs `sql` through psql like [`Env::psql`], asserts it succeeded (showing psql's
+    /// errors if not) and returns its output, trimmed.
+    pub async fn psql_ok(&self, extra: &str, sql: &str) -> String {
+        let out = self.psql(extra, sql).await;
+        assert!(
+            out.status.success(),
+            "psql \"{extra}\" -c \"{sql}\" failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Waits until the proxy has no sessions and the router no leases.
     pub async fn wait_drained(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
