@@ -326,3 +326,45 @@ fn neon_errors_say_what_to_do_and_never_show_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn init_with_a_neon_project_writes_a_config_that_works() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    let cloud = StandIn::api_only();
+    std::env::set_var("NEON_API_KEY", cloud.api_key());
+    let api = cloud.api_base();
+
+    // A project id Neon does not know: the error names it, and no config is left behind.
+    let err = env.fails(&[
+        "init",
+        "--neon-project",
+        "no-such-project",
+        "--neon-api-url",
+        &api,
+    ]);
+    assert!(err.contains("no-such-project"), "{err}");
+    assert!(!env.repo.join(".pgtwig.toml").exists());
+
+    let out = env.ok(&[
+        "init",
+        "--neon-project",
+        cloud.project_id(),
+        "--neon-api-url",
+        &api,
+    ]);
+    assert!(
+        out.contains("Neon project proj-1: root branch \"main\""),
+        "the root is the project's default branch: {out}"
+    );
+    let config = std::fs::read_to_string(env.repo.join(".pgtwig.toml")).unwrap();
+    assert!(config.contains("backend = \"neon\""), "{config}");
+    assert!(config.contains("root_branch = \"main\""), "{config}");
+    // The API it was made with is the one later commands use.
+    assert!(config.contains(&format!("api_url = \"{api}\"")), "{config}");
+    let before = cloud.requests().len();
+    assert!(env.ok(&["branch", "list"]).contains("main (root)"));
+    assert!(
+        cloud.requests().len() > before,
+        "branch list asked the stand-in"
+    );
+}

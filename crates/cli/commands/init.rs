@@ -53,18 +53,11 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         let mut c = Config::new(project);
         if let Some(id) = &args.neon_project {
             c.backend = pgtwig_core::BackendKind::Neon;
-            c.neon = Some(pgtwig_core::config::NeonConfig {
-                project_id: id.clone(),
-                api_url: args
-                    .neon_api_url
-                    .clone()
-                    .unwrap_or_else(|| pgtwig_neon::DEFAULT_BASE_URL.to_string()),
-                role: None,
-                database: "neondb".into(),
-                connect: None,
-                ca_file: None,
-                suspend_timeout: None,
-            });
+            let mut neon = pgtwig_core::config::NeonConfig::new(id.clone());
+            if let Some(url) = &args.neon_api_url {
+                neon.api_url = url.clone();
+            }
+            c.neon = Some(neon);
             c.root_branch = match args.root.clone() {
                 Some(r) => r,
                 None => neon_default_branch(&c, &top)?,

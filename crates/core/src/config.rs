@@ -88,12 +88,30 @@ pub struct NeonConfig {
     pub suspend_timeout: Option<std::time::Duration>,
 }
 
+/// Neon's public API, the default `api_url`.
+pub const DEFAULT_NEON_API_URL: &str = "https://console.neon.tech/api/v2";
+
 fn default_neon_database() -> String {
     "neondb".into()
 }
 
 fn default_neon_api() -> String {
-    "https://console.neon.tech/api/v2".into()
+    DEFAULT_NEON_API_URL.into()
+}
+
+impl NeonConfig {
+    /// `[neon]` for `project_id`, everything else at its default.
+    pub fn new(project_id: impl Into<String>) -> NeonConfig {
+        NeonConfig {
+            project_id: project_id.into(),
+            api_url: default_neon_api(),
+            role: None,
+            database: default_neon_database(),
+            connect: None,
+            ca_file: None,
+            suspend_timeout: None,
+        }
+    }
 }
 
 /// `.pgtwig.local.toml`: a developer's own rules, git-ignored, tried first.
@@ -312,21 +330,7 @@ impl Config {
             BackendKind::Local => "local",
             BackendKind::Neon => "neon",
         };
-        let neon = match &self.neon {
-            Some(n) => format!(
-                "\n\
-                 [neon]\n\
-                 # The Neon project holding the branches. The API key comes from NEON_API_KEY\n\
-                 # (or `neonctl auth`), never from this file.\n\
-                 project_id = \"{}\"\n\
-                 # The role in connection strings pgtwig prints (default: the branch's only role).\n\
-                 # role = \"neondb_owner\"\n\
-                 # Neon suspends a branch's compute after this long idle (default: Neon's).\n\
-                 # suspend_timeout = \"5m\"\n",
-                n.project_id
-            ),
-            None => String::new(),
-        };
+        let neon = self.neon.as_ref().map(neon_section).unwrap_or_default();
         format!(
             "# pgtwig: a database branch for every git branch. Commit this file.\n\
              # Docs: https://github.com/pgtwig/pgtwig#configuration\n\
@@ -361,6 +365,55 @@ impl Config {
             self.project, self.root_branch, self.proxy.listen, self.root_branch
         )
     }
+}
+
+/// The `[neon]` part of [`Config::to_commented_toml`]: every setting that differs from its
+/// default, and the commonly changed ones commented out when they do not.
+fn neon_section(n: &NeonConfig) -> String {
+    let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = format!(
+        "\n\
+         [neon]\n\
+         # The Neon project holding the branches. The API key comes from NEON_API_KEY\n\
+         # (or `neonctl auth`), never from this file.\n\
+         project_id = {}\n",
+        quoted(&n.project_id)
+    );
+    if n.api_url != DEFAULT_NEON_API_URL {
+        out += &format!(
+            "# Neon's API (a regional or test one).\napi_url = {}\n",
+            quoted(&n.api_url)
+        );
+    }
+    out += "# The role in connection strings pgtwig prints (default: the branch's only role).\n";
+    match &n.role {
+        Some(role) => out += &format!("role = {}\n", quoted(role)),
+        None => out += "# role = \"neondb_owner\"\n",
+    }
+    if n.database != default_neon_database() {
+        out += &format!(
+            "# The database in printed connection strings, and the one `diff` compares.\ndatabase = {}\n",
+            quoted(&n.database)
+        );
+    }
+    if let Some(connect) = &n.connect {
+        out += &format!(
+            "# Reach endpoints here instead of their own hosts.\nconnect = {}\n",
+            quoted(connect)
+        );
+    }
+    if let Some(ca) = &n.ca_file {
+        out += &format!(
+            "# Certificate authorities to trust for endpoints.\nca_file = {}\n",
+            quoted(&ca.to_string_lossy())
+        );
+    }
+    out += "# Neon suspends a branch's compute after this long idle (default: Neon's).\n";
+    match n.suspend_timeout {
+        Some(d) => out += &format!("suspend_timeout = \"{}\"\n", humantime::format_duration(d)),
+        None => out += "# suspend_timeout = \"5m\"\n",
+    }
+    out
 }
 
 #[cfg(test)]
@@ -432,17 +485,22 @@ mod tests {
         assert!(e.contains("line 5") && e.contains("role"), "{e}");
         let mut c = Config::new(BranchName::parse("shop").unwrap());
         c.backend = BackendKind::Neon;
-        c.neon = Some(NeonConfig {
-            project_id: "cool-forest-123".into(),
-            api_url: default_neon_api(),
-            role: None,
-            database: default_neon_database(),
-            connect: None,
-            ca_file: None,
-            suspend_timeout: None,
-        });
+        c.neon = Some(NeonConfig::new("cool-forest-123"));
         let back = Config::parse(&c.to_commented_toml(), Path::new("x")).unwrap();
         assert_eq!(back.neon, c.neon);
+        // Every setting pgtwig init (or a user) sets survives being written.
+        c.neon = Some(NeonConfig {
+            api_url: "http://127.0.0.1:9/api/v2".into(),
+            role: Some("app_owner".into()),
+            database: "shop".into(),
+            connect: Some("127.0.0.1:5433".into()),
+            ca_file: Some("certs/neon \"ca\".pem".into()),
+            suspend_timeout: Some(std::time::Duration::from_secs(300)),
+            ..NeonConfig::new("cool-forest-123")
+        });
+        let text = c.to_commented_toml();
+        let back = Config::parse(&text, Path::new("x")).unwrap();
+        assert_eq!(back.neon, c.neon, "{text}");
         assert!(
             !back.proxy.tls_enabled(back.backend),
             "no client TLS by default on Neon"

@@ -9,8 +9,6 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub const DEFAULT_BASE_URL: &str = "https://console.neon.tech/api/v2";
-
 /// An API key that prints as `***`.
 #[derive(Clone)]
 pub struct ApiKey(String);
@@ -58,8 +56,8 @@ pub enum NeonError {
     Unauthorized,
     #[error("Neon denied {what} (403): the API key has no access to project {project}; check the key's organization and project")]
     Forbidden { what: String, project: String },
-    #[error("Neon has no {what} (404): check the project id in .pgtwig.toml and the branch name")]
-    NotFound { what: String },
+    #[error("Neon answered 404 Not Found to {what} in project {project}: check the project id ([neon] project_id in .pgtwig.toml, or --neon-project) and the branch name")]
+    NotFound { what: String, project: String },
     #[error("Neon rejected {what} (422): {message}")]
     Invalid { what: String, message: String },
     #[error("Neon API error on {what} ({status}): {message}")]
@@ -547,7 +545,10 @@ fn error_for(resp: Response, what: &str, project: &str) -> NeonError {
             what: what.into(),
             project: project.into(),
         },
-        StatusCode::NOT_FOUND => NeonError::NotFound { what: what.into() },
+        StatusCode::NOT_FOUND => NeonError::NotFound {
+            what: what.into(),
+            project: project.into(),
+        },
         StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST | StatusCode::CONFLICT => {
             NeonError::Invalid {
                 what: what.into(),
