@@ -70,8 +70,8 @@
 //! One task per session drives both directions (no locks, one write per read, no
 //! per-message allocation). [`ProxyConfig::busy_poll`] keeps the runtime polling briefly
 //! after traffic instead of sleeping, which saves most wake-ups on a small VM, and stops
-//! while the machine's CPUs are saturated. Run `serve` on
-//! its own current-thread runtime. Measured figures: `BENCH_NOTES.md` in this crate.
+//! while the machine's CPUs are saturated. Run `serve` on its own current-thread runtime.
+//! Measured figures: `BENCH_NOTES.md` in this crate.
 //!
 //! # Cancel requests
 //! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy

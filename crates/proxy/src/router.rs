@@ -50,7 +50,7 @@ impl UpstreamTls {
         .with_no_client_auth();
         // As libpq 17 does: PostgreSQL 17 checks it when a client offers
         // ALPN, older servers and Neon ignore it.
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        config.alpn_protocols = vec![crate::tls::ALPN_POSTGRESQL.to_vec()];
         UpstreamTls(std::sync::Arc::new(config))
     }
 

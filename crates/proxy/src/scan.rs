@@ -136,7 +136,10 @@ impl BackendScanner {
                 )));
             }
             match ty {
-                b'Z' | b'K' => {
+                // Held whole so they can be read (and BackendKeyData or an authentication
+                // request rewritten) in place. An 'R' too big to hold (SASL data) is passed on
+                // unread like any other message.
+                b'Z' | b'K' | b'R' if ty != b'R' || len < MAX_HELD_MESSAGE => {
                     let total = 1 + len;
                     if total > MAX_HELD_MESSAGE
                         || (ty == b'Z' && len != 5)
@@ -158,31 +161,20 @@ impl BackendScanner {
                     self.last_type = ty;
                     let body = &mut buf[pos + 5..pos + total];
                     pos += total;
-                    if ty == b'Z' {
-                        first_ready_end.get_or_insert(pos);
-                        if events.ready_for_query(body[0]) {
-                            return Ok(Scanned {
-                                safe: pos,
-                                stop: true,
-                                first_ready_end,
-                            });
+                    match ty {
+                        b'Z' => {
+                            first_ready_end.get_or_insert(pos);
+                            if events.ready_for_query(body[0]) {
+                                return Ok(Scanned {
+                                    safe: pos,
+                                    stop: true,
+                                    first_ready_end,
+                                });
+                            }
                         }
-                    } else {
-                        events.backend_key_data(body);
+                        b'K' => events.backend_key_data(body),
+                        _ => events.authentication(body),
                     }
-                }
-                b'R' if len < MAX_HELD_MESSAGE => {
-                    let total = 1 + len;
-                    if rest.len() < total {
-                        return Ok(Scanned {
-                            safe: pos,
-                            stop: false,
-                            first_ready_end,
-                        });
-                    }
-                    self.last_type = ty;
-                    events.authentication(&mut buf[pos + 5..pos + total]);
-                    pos += total;
                 }
                 _ => {
                     self.last_type = ty;

@@ -1,6 +1,7 @@
 //! The startup phase's message formats: the client's first packet (SSLRequest, GSSENCRequest,
-//! CancelRequest or StartupMessage — or a TLS ClientHello, see [`TLS_HANDSHAKE_RECORD`]), pinning (`dbname=app@branch`), protocol negotiation, and
-//! the startup message the proxy forwards upstream. Pure functions, no I/O.
+//! CancelRequest or StartupMessage — or a TLS ClientHello, see [`TLS_HANDSHAKE_RECORD`]),
+//! pinning (`dbname=app@branch`), protocol negotiation, and the startup message the proxy
+//! forwards upstream. Pure functions, no I/O.
 
 use crate::error::{sqlstate, PgError};
 

@@ -50,8 +50,9 @@ pub async fn connect_upstream(addr: &UpstreamAddr) -> io::Result<UpstreamStream>
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
-            // SSLRequest: length 8, code 80877103.
-            s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+            let mut request = bytes::BytesMut::new();
+            postgres_protocol::message::frontend::ssl_request(&mut request);
+            s.write_all(&request).await?;
             let mut answer = [0u8; 1];
             s.read_exact(&mut answer).await?;
             if answer[0] != b'S' {
