@@ -9,15 +9,14 @@
 //! one API call), starts it through the API when Neon reports it idle, and
 //! waits; the proxy's connect has no timeout shorter than Neon's wake.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgtwig_neon::{Endpoint, NeonBackend, NeonError};
 use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 use tokio::sync::watch;
 
-use crate::router::{wanted_branch, Activity};
+use crate::router::{wanted_branch, Activity, Recent};
 
 /// How long a looked-up endpoint is used without asking Neon again.
 const ENDPOINT_TTL: Duration = Duration::from_secs(60);
@@ -29,7 +28,7 @@ pub struct NeonRouter {
     /// Connect here instead of the endpoint host (`[neon] connect`).
     pub connect: Option<(String, u16)>,
     pub tls: UpstreamTls,
-    endpoints: Mutex<HashMap<String, (Endpoint, Instant)>>,
+    endpoints: Recent<Endpoint>,
 }
 
 impl NeonRouter {
@@ -46,29 +45,19 @@ impl NeonRouter {
             activity,
             connect,
             tls,
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: Recent::new(ENDPOINT_TTL),
         }
     }
 
     /// Forget what is known about `branch` (reset, delete).
     pub fn forget(&self, branch: &str) {
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(branch);
-    }
-
-    fn cached(&self, branch: &str) -> Option<Endpoint> {
-        let map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(branch)
-            .filter(|(_, seen)| seen.elapsed() < ENDPOINT_TTL)
-            .map(|(e, _)| e.clone())
+        self.endpoints.forget(branch);
     }
 
     async fn route_to(&self, branch: String) -> Result<Route, RouteError> {
         let gate = self.activity.gate(&branch);
         let _held = gate.lock().await;
-        let endpoint = match self.cached(&branch) {
+        let endpoint = match self.endpoints.get(&branch) {
             Some(e) => e,
             None => {
                 let backend = self.backend.clone();
@@ -90,10 +79,7 @@ impl NeonRouter {
                                 started.elapsed()
                             );
                         }
-                        self.endpoints
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(branch.clone(), (endpoint.clone(), Instant::now()));
+                        self.endpoints.put(&branch, endpoint.clone());
                         endpoint
                     }
                     Err(NeonError::NoBranch { .. }) => {

@@ -5,16 +5,53 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
 use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr};
 use tokio::sync::watch;
 
+/// A value per branch remembered for a short while (a ready socket, a Neon
+/// endpoint), so a burst of connections asks the slow source once.
+pub(crate) struct Recent<T> {
+    ttl: Duration,
+    map: Mutex<HashMap<String, (T, Instant)>>,
+}
+
+impl<T: Clone> Recent<T> {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Recent {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The value remembered for `branch`, if it is younger than the TTL.
+    pub(crate) fn get(&self, branch: &str) -> Option<T> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(branch)
+            .filter(|(_, seen)| seen.elapsed() < self.ttl)
+            .map(|(v, _)| v.clone())
+    }
+
+    pub(crate) fn put(&self, branch: &str, value: T) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(branch.to_string(), (value, Instant::now()));
+    }
+
+    pub(crate) fn forget(&self, branch: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(branch);
+    }
+}
+
 /// Sessions and last use per branch, shared by the router (which counts)
 /// and the suspender (which stops what nobody uses).
-#[derive(Default)]
 pub struct Activity {
     branches: Mutex<HashMap<String, BranchActivity>>,
     /// One async lock per branch: held while a branch starts, stops, or a
@@ -24,12 +61,22 @@ pub struct Activity {
     /// Sockets of branches seen ready in the last [`READY_FOR`]: a burst of
     /// connections (a connection per transaction) skips re-reading
     /// `postmaster.pid` for each. Cleared before a stop, reset or delete.
-    ready: Mutex<HashMap<String, (PathBuf, Instant)>>,
+    ready: Recent<PathBuf>,
 }
 
 /// How long a branch seen ready is trusted without looking again. Far below
 /// any suspend timeout, so a cached branch is never one being suspended.
-const READY_FOR: std::time::Duration = std::time::Duration::from_millis(250);
+const READY_FOR: Duration = Duration::from_millis(250);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            branches: Mutex::default(),
+            gates: Mutex::default(),
+            ready: Recent::new(READY_FOR),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct BranchActivity {
@@ -69,27 +116,13 @@ impl Activity {
 
     /// The branch is about to stop or change: look at its server again.
     pub fn forget_ready(&self, branch: &str) {
-        self.ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(branch);
+        self.ready.forget(branch);
     }
 
     fn cached_ready(&self, branch: &str) -> Option<PathBuf> {
-        let map = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(branch)
-            .filter(|(_, seen)| seen.elapsed() < READY_FOR)
-            // One stat, not postmaster.pid: a server stopped behind the
-            // daemon's back (`pgtwig branch stop`) has removed its socket.
-            .filter(|(p, _)| p.exists())
-            .map(|(p, _)| p.clone())
-    }
-
-    fn remember_ready(&self, branch: &str, socket: &std::path::Path) {
-        self.ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(branch.to_string(), (socket.to_path_buf(), Instant::now()));
+        // One stat, not postmaster.pid: a server stopped behind the daemon's
+        // back (`pgtwig branch stop`) has removed its socket.
+        self.ready.get(branch).filter(|socket| socket.exists())
     }
 
     pub fn snapshot(&self) -> Vec<(String, BranchActivity)> {
@@ -166,7 +199,7 @@ impl LocalRouter {
             Some(s) => s,
             None => self.start(&name).await?,
         };
-        self.activity.remember_ready(&branch, &socket);
+        self.activity.ready.put(&branch, socket.clone());
         let lease = self.activity.lease(&branch);
         Ok(Route {
             branch,
@@ -228,5 +261,24 @@ pub(crate) fn wanted_branch(pinned: Option<&str>, active: &watch::Receiver<Strin
 impl Router for LocalRouter {
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
         Box::pin(self.route_to(wanted_branch(pinned, &self.active)))
+    }
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn remembers_until_the_ttl_or_forget() {
+        let recent = Recent::new(Duration::from_millis(50));
+        assert_eq!(recent.get("main"), None);
+        recent.put("main", 1);
+        recent.put("dev", 2);
+        assert_eq!(recent.get("main"), Some(1));
+        recent.forget("main");
+        assert_eq!(recent.get("main"), None);
+        assert_eq!(recent.get("dev"), Some(2), "other branches stay");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(recent.get("dev"), None, "older than the TTL");
     }
 }
