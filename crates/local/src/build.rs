@@ -1,7 +1,9 @@
 //! Building branches out of sight: a fresh folder in `tmp/`, a clone of
-//! the parent into it (through the backup API when the parent runs),
-//! publishing it by rename, and cleaning up after a command that died
-//! mid-build (see the crash-safety notes in `engine`).
+//! the parent into it (through the backup API when the parent runs), a
+//! server run from it while a build is changed (anonymize, import,
+//! point-in-time recovery), publishing it by rename, and cleaning up after
+//! a failed build or a command that died mid-build (see the crash-safety
+//! notes in `engine`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use crate::clone::{CloneMethod, Cloner, Visit};
 use crate::cluster::{self, Status};
 use crate::engine::{
     io_err, remove_tree, sync_tree, write_meta, write_private, Branch, BranchMeta, CreateReport,
-    Error, LocalBackend, Result, STOP_TIMEOUT,
+    Error, LocalBackend, Result, START_TIMEOUT, STOP_TIMEOUT,
 };
 
 /// What cloning a parent produced (see `LocalBackend::build_clone`).
@@ -121,20 +123,68 @@ impl LocalBackend {
         Ok(done)
     }
 
-    /// A fresh, empty folder in `tmp/` to build a branch in.
+    /// A fresh, empty folder in `tmp/` to build a branch in (under the project
+    /// lock: a leftover of the same name is from a dead process and goes).
     pub(crate) fn new_build_dir(&self, name: &BranchName) -> Result<PathBuf> {
-        let dir = self
-            .home
-            .tmp_dir()
-            .join(format!("new-{name}-{}", std::process::id()));
+        let dir = self.build_dir_path("new", name);
         if dir.exists() {
             remove_tree(&dir)?;
         }
+        self.make_build_dir(dir)
+    }
+
+    /// A build folder in tmp/ made without the lock, named so that
+    /// recover_interrupted() leaves it alone while its process lives.
+    pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
+        self.make_build_dir(self.build_dir_path("fill", name))
+    }
+
+    fn build_dir_path(&self, kind: &str, name: &BranchName) -> PathBuf {
+        self.home
+            .tmp_dir()
+            .join(format!("{kind}-{name}-{}", std::process::id()))
+    }
+
+    fn make_build_dir(&self, dir: PathBuf) -> Result<PathBuf> {
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         self.user
             .own(&dir)
             .map_err(io_err("giving the build folder to the server user"))?;
         Ok(dir)
+    }
+
+    /// Run `work` against a server started from `build/data` on a private
+    /// socket, logging to `log`; the server is stopped cleanly whatever
+    /// `work` returns. Shared by the builds that change a branch out of
+    /// sight (anonymize, import, point-in-time recovery).
+    pub(crate) fn with_build_server<T>(
+        &self,
+        name: &BranchName,
+        pg: &crate::pgbin::PgInstall,
+        build: &Path,
+        log: &Path,
+        settings: &[&str],
+        work: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        let data = build.join("data");
+        let sock = cluster::socket_dir_for(&self.user, build)?;
+        cluster::start_with(pg, &self.user, &data, &sock, log, START_TIMEOUT, settings).map_err(
+            |source| Error::StartFailed {
+                name: name.clone(),
+                source,
+            },
+        )?;
+        let result = work(&sock);
+        let stopped = cluster::stop(&data, log, STOP_TIMEOUT);
+        let _ = fs::remove_dir(&sock);
+        stopped?;
+        result
+    }
+
+    /// Throw away a failed build: stop its server if one still runs, remove it.
+    pub(crate) fn discard_build(&self, build: &Path, log: &Path) {
+        let _ = cluster::stop(&build.join("data"), log, STOP_TIMEOUT);
+        let _ = remove_tree(build);
     }
 
     /// Write metadata, flush everything, and rename the build into place.

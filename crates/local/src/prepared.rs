@@ -4,15 +4,15 @@
 //! from the build folder in `tmp/` and publish by rename only when done.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pgtwig_core::BranchName;
 
 use crate::clone::CloneMethod;
 use crate::cluster;
 use crate::engine::{
-    io_err, now_rfc3339, remove_tree, sync_tree, write_meta, Branch, BranchMeta, CreateReport,
-    Error, LocalBackend, Result, START_TIMEOUT, STOP_TIMEOUT,
+    io_err, now_rfc3339, sync_tree, write_meta, Branch, BranchMeta, CreateReport, Error,
+    LocalBackend, Result,
 };
 use crate::pgbin;
 
@@ -135,53 +135,5 @@ impl LocalBackend {
         } else {
             self.publish(name, &build, &meta)
         }
-    }
-
-    /// A build folder in tmp/ made without the lock, named so that
-    /// recover_interrupted() leaves it alone while its process lives.
-    pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
-        let dir = self
-            .home
-            .tmp_dir()
-            .join(format!("fill-{name}-{}", std::process::id()));
-        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        self.user
-            .own(&dir)
-            .map_err(io_err("giving the build folder to the server user"))?;
-        Ok(dir)
-    }
-
-    /// Run `work` against a server started from `build/data` on a private
-    /// socket, logging to `log`; the server is stopped cleanly whatever
-    /// `work` returns. Shared by the builds that change a branch out of
-    /// sight (anonymize, import, point-in-time recovery).
-    pub(crate) fn with_build_server<T>(
-        &self,
-        name: &BranchName,
-        pg: &crate::pgbin::PgInstall,
-        build: &Path,
-        log: &Path,
-        settings: &[&str],
-        work: impl FnOnce(&Path) -> Result<T>,
-    ) -> Result<T> {
-        let data = build.join("data");
-        let sock = cluster::socket_dir_for(&self.user, build)?;
-        cluster::start_with(pg, &self.user, &data, &sock, log, START_TIMEOUT, settings).map_err(
-            |source| Error::StartFailed {
-                name: name.clone(),
-                source,
-            },
-        )?;
-        let result = work(&sock);
-        let stopped = cluster::stop(&data, log, STOP_TIMEOUT);
-        let _ = fs::remove_dir(&sock);
-        stopped?;
-        result
-    }
-
-    /// Throw away a failed build: stop its server if one still runs, remove it.
-    pub(crate) fn discard_build(&self, build: &Path, log: &Path) {
-        let _ = cluster::stop(&build.join("data"), log, STOP_TIMEOUT);
-        let _ = remove_tree(build);
     }
 }

@@ -59,15 +59,8 @@ impl ServerUser {
 
     /// Decide who runs servers whose state lives under `home`.
     pub fn resolve(home: &Path) -> Result<ServerUser, ServerUserError> {
-        let euid = Uid::effective();
-        if !euid.is_root() {
-            let me = User::from_uid(euid).ok().flatten();
-            return Ok(ServerUser {
-                name: me.map(|u| u.name).unwrap_or_else(|| euid.to_string()),
-                uid: euid.as_raw(),
-                gid: Gid::effective().as_raw(),
-                switch: false,
-            });
+        if !Uid::effective().is_root() {
+            return Ok(ServerUser::current());
         }
         let lookup = |name: &str| -> Result<Option<User>, ServerUserError> {
             User::from_name(name)
