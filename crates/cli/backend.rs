@@ -211,6 +211,59 @@ impl Backend {
         })
     }
 
+    /// The database connection strings name unless told otherwise:
+    /// "postgres" locally, `[neon] database` on Neon.
+    pub fn default_database(&self) -> &str {
+        match self {
+            Backend::Local(_) => "postgres",
+            Backend::Neon(n) => &n.database,
+        }
+    }
+
+    /// A connection string straight to branch `name` (not through the
+    /// proxy); a local branch's server is started first.
+    pub fn url(&self, name: &BranchName, database: &str) -> Result<String> {
+        match self {
+            Backend::Local(b) => {
+                b.start(name)?;
+                Ok(b.url(name, database)?)
+            }
+            Backend::Neon(n) => n.url(name, database),
+        }
+    }
+
+    /// Make `name` from `parent` as it is now, noting the git branch it is
+    /// for and when it expires (RFC 3339; Neon deletes it then, locally
+    /// `gc` does). Returns how it was made, for messages. A branch that
+    /// already exists is an error [`already_exists`] recognizes.
+    pub fn create(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+        expires: Option<String>,
+    ) -> Result<String> {
+        Ok(match self {
+            Backend::Local(b) => b
+                .create_with(name, parent, git_branch, expires)?
+                .branch
+                .meta
+                .clone_method
+                .describe()
+                .to_string(),
+            Backend::Neon(n) => {
+                n.backend.create(
+                    name.as_str(),
+                    parent.as_str(),
+                    pgtwig_neon::PointInTime::Head,
+                    git_branch,
+                    expires,
+                )?;
+                "Neon branch".to_string()
+            }
+        })
+    }
+
     /// An error for a command that has no meaning on this backend.
     pub fn local_only(&self, what: &str, why: &str) -> Result<&LocalBackend> {
         match self {
@@ -222,4 +275,15 @@ impl Backend {
             }
         }
     }
+}
+
+/// Whether `e` is [`Backend::create`] finding the name taken.
+pub fn already_exists(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<pgtwig_local::Error>(),
+        Some(pgtwig_local::Error::Exists { .. })
+    ) || matches!(
+        e.downcast_ref::<pgtwig_neon::NeonError>(),
+        Some(pgtwig_neon::NeonError::Exists { .. })
+    )
 }

@@ -46,11 +46,10 @@ fn snapshot(backend: &Backend, branch: &BranchName, database: &str) -> Result<Sn
 pub fn run(args: DiffArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.backend(false)?;
-    let database = match (&args.database, &backend) {
-        (Some(d), _) => d.clone(),
-        (None, Backend::Local(_)) => "postgres".to_string(),
-        (None, Backend::Neon(n)) => n.database.clone(),
-    };
+    let database = args
+        .database
+        .clone()
+        .unwrap_or_else(|| backend.default_database().to_string());
     let a = snapshot(&backend, &args.a, &database)?;
     let b = snapshot(&backend, &args.b, &database)?;
     let diff = SchemaDiff::between(&a, &b);

@@ -14,7 +14,7 @@ use pgtwig_core::BranchName;
 use pgtwig_git::{Head, HookChange, Worktree};
 use pgtwig_local::LocalBackend;
 
-use crate::backend::Backend;
+use crate::backend::{already_exists, Backend};
 use crate::commands::daemon::set_active;
 use crate::output;
 use crate::project::Project;
@@ -110,26 +110,11 @@ fn follow_checkout() -> Result<()> {
         }
         project.check_parent(&target.parent)?;
         let started = Instant::now();
-        let made = match &backend {
-            Backend::Local(b) => {
-                match b.create(&target.branch, &target.parent, Some(git.clone())) {
-                    Ok(report) => Some(report.branch.meta.clone_method.describe().to_string()),
-                    // Made meanwhile by another pgtwig (the daemon following HEAD).
-                    Err(pgtwig_local::Error::Exists { .. }) => None,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Backend::Neon(n) => match n.backend.create(
-                target.branch.as_str(),
-                target.parent.as_str(),
-                pgtwig_neon::PointInTime::Head,
-                Some(git.clone()),
-                None,
-            ) {
-                Ok(_) => Some("Neon branch".to_string()),
-                Err(pgtwig_neon::NeonError::Exists { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
+        let made = match backend.create(&target.branch, &target.parent, Some(git.clone()), None) {
+            Ok(how) => Some(how),
+            // Made meanwhile by another pgtwig (the daemon following HEAD).
+            Err(e) if already_exists(&e) => None,
+            Err(e) => return Err(e),
         };
         if let Some(how) = made {
             println!(
@@ -212,14 +197,7 @@ fn run_post_create(project: &Project, backend: &Backend, branch: &BranchName, co
     if commands.is_empty() {
         return;
     }
-    let url = match backend {
-        Backend::Local(b) => b
-            .start(branch)
-            .and_then(|_| b.url(branch, "postgres"))
-            .map_err(anyhow::Error::from),
-        Backend::Neon(n) => n.url(branch, &n.database),
-    };
-    let url = match url {
+    let url = match backend.url(branch, backend.default_database()) {
         Ok(u) => u,
         Err(e) => {
             eprintln!("pgtwig: cannot run post_create for \"{branch}\": {e:#}");
@@ -334,38 +312,14 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                 };
                 project.check_parent(&parent)?;
                 let started = Instant::now();
-                let how = match &backend {
-                    Backend::Local(b) => b
-                        .create_with(&name, &parent, None, expires)?
-                        .branch
-                        .meta
-                        .clone_method
-                        .describe()
-                        .to_string(),
-                    // Neon deletes the branch itself when it expires.
-                    Backend::Neon(n) => {
-                        n.backend.create(
-                            name.as_str(),
-                            parent.as_str(),
-                            pgtwig_neon::PointInTime::Head,
-                            None,
-                            expires,
-                        )?;
-                        "Neon branch".to_string()
-                    }
-                };
+                let how = backend.create(&name, &parent, None, expires)?;
                 eprintln!(
                     "Created branch \"{name}\" from \"{parent}\" ({how}, {})",
                     output::duration(started.elapsed())
                 );
             }
-            let url = match &backend {
-                Backend::Local(b) => {
-                    b.start(&name)?;
-                    b.url(&name, database.as_deref().unwrap_or("postgres"))?
-                }
-                Backend::Neon(n) => n.url(&name, database.as_deref().unwrap_or(&n.database))?,
-            };
+            let database = database.as_deref().unwrap_or(backend.default_database());
+            let url = backend.url(&name, database)?;
             if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|o| !o.is_empty()) {
                 use std::io::Write;
                 let mut f = std::fs::OpenOptions::new()
