@@ -267,6 +267,9 @@ fn pull_request_branches_on_neon() {
     assert_eq!(pr["parent"], "staging");
     // Idempotent, then closed.
     assert_eq!(env.ok(&["pr", "open", "42"]).trim(), url);
+    // `branch url` names the same database ([neon] database) as `pr open`.
+    assert_eq!(env.ok(&["branch", "url", "pr-42"]).trim(), url);
+    assert!(url.contains("/neondb"), "{url}");
     env.ok(&["pr", "close", "42"]);
     assert!(env.ok(&["pr", "close", "42"]).contains("already closed"));
     assert!(!n.cloud.branch_names().contains(&"pr-42".to_string()));

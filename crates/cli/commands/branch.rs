@@ -52,9 +52,9 @@ pub enum BranchCommand {
     /// Print a connection string straight to a branch's server (its Unix socket).
     Url {
         name: BranchName,
-        /// Database name in the URL.
-        #[arg(long, default_value = "postgres")]
-        database: String,
+        /// Database name in the URL (default: postgres, or [neon] database).
+        #[arg(long)]
+        database: Option<String>,
     },
 }
 
@@ -134,7 +134,10 @@ fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> R
                 println!("Branch \"{name}\" was not running");
             }
         }
-        BranchCommand::Url { name, database } => println!("{}", backend.url(&name, &database)?),
+        BranchCommand::Url { name, database } => println!(
+            "{}",
+            backend.url(&name, database.as_deref().unwrap_or("postgres"))?
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -198,7 +201,10 @@ fn run_neon(cmd: BranchCommand, project: &Project, neon: &Neon) -> Result<ExitCo
                  after its suspend_timeout without connections ([neon] suspend_timeout in .pgtwig.toml)"
             )
         }
-        BranchCommand::Url { name, database } => println!("{}", neon.url(&name, &database)?),
+        BranchCommand::Url { name, database } => println!(
+            "{}",
+            neon.url(&name, database.as_deref().unwrap_or(&neon.database))?
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
