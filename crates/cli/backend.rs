@@ -264,6 +264,15 @@ impl Backend {
         })
     }
 
+    /// Delete branch `name`; never `root` (both backends refuse it).
+    pub fn delete(&self, name: &BranchName, root: &BranchName) -> Result<()> {
+        match self {
+            Backend::Local(b) => b.delete(name, root)?,
+            Backend::Neon(n) => n.backend.delete(name.as_str(), root.as_str())?,
+        }
+        Ok(())
+    }
+
     /// An error for a command that has no meaning on this backend.
     pub fn local_only(&self, what: &str, why: &str) -> Result<&LocalBackend> {
         match self {

@@ -346,7 +346,7 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                     &name,
                     &project,
                 )?;
-                delete(&backend, &name, &project)?;
+                backend.delete(&name, &project.config.root_branch)?;
                 println!("Deleted branch \"{name}\"");
             } else {
                 println!("Branch \"{name}\" is already closed");
@@ -354,16 +354,6 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn delete(backend: &Backend, name: &BranchName, project: &Project) -> Result<()> {
-    match backend {
-        Backend::Local(b) => b.delete(name, &project.config.root_branch)?,
-        Backend::Neon(n) => n
-            .backend
-            .delete(name.as_str(), project.config.root_branch.as_str())?,
-    }
-    Ok(())
 }
 
 /// What `gc` needs to know of a branch, on either backend.
@@ -467,7 +457,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         if dry_run {
             println!("would delete {name} ({reason})");
         } else {
-            delete(&backend, &name, &project)?;
+            backend.delete(&name, &project.config.root_branch)?;
             println!("deleted {name} ({reason})");
         }
     }
