@@ -289,14 +289,14 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             .map(|b| b.branch.name)
             .collect(),
     };
-    let backend_name = match &backend {
-        Backend::Local(_) => "local".to_string(),
-        Backend::Neon(n) => format!("neon (project {})", n.backend.project_id()),
+    let (kind, backend_name) = match &backend {
+        Backend::Local(_) => ("local", "local".to_string()),
+        Backend::Neon(n) => ("neon", format!("neon (project {})", n.backend.project_id())),
     };
     if args.json {
         let out = json!({
             "project": project.config.project,
-            "backend": match &backend { Backend::Local(_) => "local", Backend::Neon(_) => "neon" },
+            "backend": kind,
             "active": active.as_ref().ok(),
             "daemon": daemon,
             "running": running,
