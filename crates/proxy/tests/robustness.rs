@@ -204,34 +204,6 @@ async fn bad_clients_get_errors_and_leak_nothing() {
 
     // Still up, and back to the baseline.
     proxy_works(&env).await;
-    env.wait_drained().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = fd_count();
-        if now <= baseline {
-            break;
-        }
-        if Instant::now() > deadline {
-            let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .map(|e| format!("{:?}", std::fs::read_link(e.unwrap().path())))
-                .collect();
-            panic!(
-                "fd count {now} did not return to {baseline}: {fds:?}\nbaseline: {baseline_fds:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // No server backends left behind either.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // (Only the parked, reusable connections stay.)
-    let q = "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()";
-    while env.main.psql(q) != env.proxy.pooled_connections().to_string() {
-        assert!(
-            Instant::now() < deadline,
-            "server backends left: {}",
-            env.main.psql("select query from pg_stat_activity")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.assert_nothing_leaked(baseline, &format!("baseline: {baseline_fds:?}"))
+        .await;
 }

@@ -360,6 +360,42 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// After misbehaving clients: waits until the proxy is drained, this process is back to
+    /// at most `baseline_fds` open file descriptors, and the main server has no client
+    /// backends but the proxy's parked, reusable connections. Panics after 5 s of each with
+    /// what is left (and `context`).
+    pub async fn assert_nothing_leaked(&self, baseline_fds: usize, context: &str) {
+        self.wait_drained().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = fd_count();
+            if now <= baseline_fds {
+                break;
+            }
+            if Instant::now() > deadline {
+                let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .map(|e| format!("{:?}", std::fs::read_link(e.unwrap().path())))
+                    .collect();
+                panic!(
+                    "fd count {now} did not return to {baseline_fds}: {fds:?}, pooled {}\n{context}",
+                    self.proxy.pooled_connections()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let q = "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()";
+        while self.main.psql(q) != self.proxy.pooled_connections().to_string() {
+            assert!(
+                Instant::now() < deadline,
+                "server backends left: {}",
+                self.main.psql("select query from pg_stat_activity")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the proxy has no sessions and the router no leases.
     pub async fn wait_drained(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
