@@ -35,6 +35,8 @@ enum Command {
     Use(commands::daemon::UseArgs),
     /// Show the active branch, the proxy and its sessions.
     Status(commands::daemon::StatusArgs),
+    /// Print a DATABASE_URL through the proxy with the proxy password (for other users, containers).
+    Url(commands::url::UrlArgs),
     /// Branches for pull requests (CI): pr-NUMBER.
     #[command(subcommand)]
     Pr(commands::git::PrCommand),
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         Command::Down(args) => commands::daemon::down(args),
         Command::Use(args) => commands::daemon::use_branch(args),
         Command::Status(args) => commands::daemon::status(args),
+        Command::Url(args) => commands::url::run(args),
         Command::Pr(cmd) => commands::git::pr(cmd),
         Command::Gc { dry_run } => commands::git::gc(dry_run),
         Command::Uninstall => commands::git::uninstall(),

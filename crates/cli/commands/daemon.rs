@@ -1,6 +1,5 @@
 //! `pgtwig up / down / use / status`: the daemon and the active branch.
 
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -25,9 +24,10 @@ pub struct UpArgs {
     /// Port to listen on (overrides `listen` in .pgtwig.toml; same address).
     #[arg(long)]
     port: Option<u16>,
-    /// Address to listen on, e.g. 127.0.0.1:5432 (overrides .pgtwig.toml).
+    /// Address to listen on, e.g. localhost:5432 (127.0.0.1 and ::1), 127.0.0.1:5432 or
+    /// 172.17.0.1:5432 for containers (overrides .pgtwig.toml).
     #[arg(long, conflicts_with = "port")]
-    listen: Option<SocketAddr>,
+    listen: Option<pgtwig_core::ListenAddr>,
     /// Run in the background; logs go to the project's daemon.log.
     #[arg(long, short)]
     detach: bool,
@@ -38,21 +38,31 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     let backend = project.backend(false)?;
     let mut settings = project.config.proxy.clone();
     if let Some(port) = args.port {
-        settings.listen.set_port(port);
+        settings.listen.port = port;
     }
-    if let Some(listen) = args.listen {
-        settings.listen = listen;
+    if let Some(listen) = &args.listen {
+        settings.listen = listen.clone();
     }
     let paths = backend.daemon_paths()?;
+    let detached = std::env::var_os(DETACHED_ENV).is_some();
+    // On the terminal, not only in daemon.log: this is the moment the user decides.
+    if let Some(warning) =
+        pgtwig_daemon::exposure_warning(&settings.listen, matches!(backend, Backend::Local(_)))
+    {
+        if !detached {
+            eprintln!("pgtwig: warning: {warning}");
+        }
+    }
     if args.detach {
         return detach(&paths, &args);
     }
     // The daemon follows the work tree it is started in (git worktrees of
     // one repository share a project).
     let worktree = crate::commands::git::follow_worktree(&project, &backend)?;
-    let detached = std::env::var_os(DETACHED_ENV).is_some();
     let url_hint = match &backend {
-        Backend::Local(_) => "postgres://postgres@{listen}/postgres".to_string(),
+        Backend::Local(_) => "postgres://postgres@{listen}/postgres \
+                              (other users and containers: `pgtwig url`)"
+            .to_string(),
         Backend::Neon(_) => {
             "postgres://ROLE:PASSWORD@{listen}/DATABASE (your Neon role, its password and a database; \
              the same on every branch)"
@@ -80,7 +90,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                 let _ = writeln!(
                     std::io::stdout(),
                     "pgtwig proxy on {} → branch \"{}\" (Ctrl-C to stop)\n  DATABASE_URL={}",
-                    status.listen,
+                    status.addresses.join(" and "),
                     status.active,
                     url_hint.replace("{listen}", &status.listen)
                 );
@@ -109,7 +119,7 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
     if let Some(p) = args.port {
         cmd.args(["--port", &p.to_string()]);
     }
-    if let Some(l) = args.listen {
+    if let Some(l) = &args.listen {
         cmd.args(["--listen", &l.to_string()]);
     }
     cmd.env(DETACHED_ENV, "1")
@@ -140,7 +150,7 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
             {
                 println!(
                     "pgtwig daemon running (pid {pid}) on {} → branch \"{}\"; logs: {}",
-                    s.listen,
+                    s.addresses.join(" and "),
                     s.active,
                     paths.log.display()
                 );
@@ -310,17 +320,25 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         Err(e) => println!("Active branch: unknown ({e})"),
     }
     match &daemon {
-        Some(d) => println!(
-            "Proxy: listening on {} (pid {}), on switch: {}, suspend after: {}",
-            d.listen,
-            d.pid,
-            d.on_switch,
-            if d.suspend_timeout_secs == 0 {
-                "never".to_string()
-            } else {
-                format!("{} s idle", d.suspend_timeout_secs)
+        Some(d) => {
+            println!(
+                "Proxy: listening on {} (pid {}), on switch: {}, suspend after: {}",
+                d.addresses.join(" and "),
+                d.pid,
+                d.on_switch,
+                if d.suspend_timeout_secs == 0 {
+                    "never".to_string()
+                } else {
+                    format!("{} s idle", d.suspend_timeout_secs)
+                }
+            );
+            if let Some(socket) = &d.unix_socket {
+                println!("Proxy socket: {socket}");
             }
-        ),
+            if !d.password_required.is_empty() {
+                println!("Password needed: {} (`pgtwig url`)", d.password_required);
+            }
+        }
         None => println!("Proxy: not running (start it with `pgtwig up`)"),
     }
     if running.is_empty() {

@@ -140,8 +140,9 @@ pub enum OnSwitch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    /// Address the proxy listens on. Anything but loopback is warned about.
-    pub listen: std::net::SocketAddr,
+    /// Where the proxy listens: "localhost:5432" (default) is 127.0.0.1 and ::1. Anything
+    /// but loopback is warned about, and its clients always need the proxy password.
+    pub listen: crate::ListenAddr,
     /// Stop a branch's server after this long without sessions; "0" never.
     #[serde(with = "duration_text")]
     pub suspend_timeout: std::time::Duration,
@@ -170,7 +171,7 @@ impl ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
+            listen: crate::ListenAddr::localhost(5432),
             suspend_timeout: std::time::Duration::from_secs(15 * 60),
             on_switch: OnSwitch::CloseIdle,
             tls: None,
@@ -451,7 +452,7 @@ mod tests {
             Path::new("c"),
         )
         .unwrap();
-        assert_eq!(c.proxy.listen.port(), 6000);
+        assert_eq!(c.proxy.listen.port, 6000);
         assert_eq!(c.proxy.suspend_timeout, std::time::Duration::ZERO);
         assert_eq!(c.proxy.on_switch, OnSwitch::Keep);
         let e = Config::parse(

@@ -14,10 +14,13 @@ pub mod config;
 pub mod failpoint;
 pub mod fsutil;
 pub mod home;
+pub mod listen;
 pub mod names;
+pub mod proxy_password;
 pub mod rules;
 pub mod state;
 
 pub use config::{BackendKind, Config, CONFIG_FILE};
 pub use home::ProjectHome;
+pub use listen::ListenAddr;
 pub use names::BranchName;

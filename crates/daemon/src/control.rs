@@ -39,7 +39,17 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DaemonStatus {
     pub pid: u32,
+    /// The configured address with the port in use, e.g. "localhost:5432".
     pub listen: String,
+    /// Every TCP address bound, e.g. ["127.0.0.1:5432", "[::1]:5432"].
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The proxy's Unix socket (`.s.PGSQL.<port>`): `psql -h <its folder>`.
+    #[serde(default)]
+    pub unix_socket: Option<String>,
+    /// Who must authenticate with the proxy password.
+    #[serde(default)]
+    pub password_required: String,
     pub active: String,
     pub tls: bool,
     pub on_switch: String,

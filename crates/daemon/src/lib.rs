@@ -12,11 +12,13 @@
 //! - [`port`]: binding the proxy port with a useful error.
 
 pub mod control;
+pub mod fd_limit;
 pub mod head_watch;
 pub mod neon_router;
 pub mod port;
 pub mod router;
 pub mod suspend;
+pub mod unix_socket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -126,12 +128,11 @@ pub fn run(
     };
     std::fs::write(&paths.pid, format!("{}\n", std::process::id()))?;
     let state = ProjectState::load(&backend.home().state_path()).map_err(anyhow::Error::msg)?;
-    let listener = port::bind(settings.listen)?;
-    if !settings.listen.ip().is_loopback() {
-        tracing::warn!(
-            "listening on {} (not loopback): other machines can reach your branches through pgtwig",
-            settings.listen
-        );
+    fd_limit::raise();
+    let client_auth = client_auth(&backend)?;
+    let listeners = port::bind_all(&settings.listen)?;
+    if let Some(warning) = exposure_warning(&settings.listen, client_auth.is_some()) {
+        tracing::warn!("{warning}");
     }
     let client_tls = settings.tls_enabled(backend.kind());
     if client_tls && backend.kind() == BackendKind::Neon {
@@ -160,6 +161,7 @@ pub fn run(
         } else {
             None
         },
+        client_auth,
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the
@@ -175,7 +177,7 @@ pub fn run(
         settings,
         proxy_config,
         state,
-        listener,
+        listeners,
         &paths,
         history_retention,
         worktree,
@@ -196,7 +198,7 @@ async fn serve(
     settings: ProxySettings,
     proxy_config: ProxyConfig,
     state: ProjectState,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     paths: &DaemonPaths,
     history_retention: Duration,
     worktree: Option<(PathBuf, PathBuf)>,
@@ -242,10 +244,26 @@ async fn serve(
         }
     };
     let proxy = Arc::new(Proxy::new(proxy_config, router, active_rx.clone()));
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local_addr = listener.local_addr()?;
-    tokio::spawn(proxy.clone().serve(listener));
+    let mut addresses = Vec::new();
+    let mut accept = Vec::new();
+    for l in listeners {
+        addresses.push(l.local_addr()?);
+        accept.push(pgtwig_proxy::Listener::Tcp(
+            tokio::net::TcpListener::from_std(l)?,
+        ));
+    }
+    let port = addresses.first().map_or(settings.listen.port, |a| a.port());
+    let unix_socket = unix_socket::path(home.dir(), port)?;
+    let unix = pgtwig_proxy::bind_unix(&unix_socket, 0o666).with_context(|| {
+        format!(
+            "cannot create the proxy's Unix socket {}",
+            unix_socket.display()
+        )
+    })?;
+    accept.push(pgtwig_proxy::Listener::Unix(
+        tokio::net::UnixListener::from_std(unix)?,
+    ));
+    tokio::spawn(proxy.clone().serve_all(accept));
     if let Some(b) = &local {
         // History for long-running branches: a base at most hourly and
         // pruning to history_retention happen here too, not only at start.
@@ -279,7 +297,12 @@ async fn serve(
         neon,
         proxy: proxy.clone(),
         active_tx,
-        listen: local_addr,
+        listen: pgtwig_core::ListenAddr {
+            port,
+            ..settings.listen.clone()
+        },
+        addresses,
+        unix_socket: unix_socket.clone(),
         settings: settings.clone(),
         client_tls,
         stop_tx,
@@ -288,7 +311,9 @@ async fn serve(
 
     on_ready(&ctx.status());
     tracing::info!(
-        "proxy listening on {local_addr}, routing to branch \"{}\"",
+        "proxy listening on {} and {}, routing to branch \"{}\"",
+        ctx.addresses_text(),
+        unix_socket.display(),
         state.active
     );
 
@@ -309,8 +334,51 @@ async fn serve(
         })
         .await??;
     }
+    let _ = std::fs::remove_file(&unix_socket);
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// How clients authenticate. Local branches trust their private socket, so the proxy itself
+/// admits only the daemon's own user without a password (see pgtwig_proxy's `auth`); Neon
+/// checks every login itself, so credentials pass through.
+fn client_auth(backend: &Branches) -> Result<Option<pgtwig_proxy::ClientAuth>> {
+    match backend {
+        Branches::Neon { .. } => Ok(None),
+        Branches::Local(b) => {
+            let password = pgtwig_core::proxy_password::load_or_create(b.home())
+                .map_err(anyhow::Error::msg)
+                .context(
+                    "the proxy password protects every branch; pgtwig does not start without it",
+                )?;
+            Ok(Some(pgtwig_proxy::ClientAuth {
+                owner_uid: nix::unistd::geteuid().as_raw(),
+                secret: pgtwig_proxy::ScramSecret::from_password(&password),
+                hint: "clients of other OS users, containers and other machines need the proxy password: \
+                       `pgtwig url` prints a DATABASE_URL with it"
+                    .into(),
+            }))
+        }
+    }
+}
+
+/// What to tell the user about who can reach the proxy at `listen`, when it is more than
+/// this machine.
+pub fn exposure_warning(listen: &pgtwig_core::ListenAddr, password: bool) -> Option<String> {
+    if listen.is_loopback() {
+        return None;
+    }
+    Some(if password {
+        format!(
+            "listening on {listen} (not loopback): other machines can reach the proxy; every client \
+             there must give the proxy password (`pgtwig url` prints it), and gets superuser on your branches with it"
+        )
+    } else {
+        format!(
+            "listening on {listen} (not loopback): other machines can reach the proxy; Neon checks \
+             their logins"
+        )
+    })
 }
 
 /// Every 10 minutes: history bases of running local branches (see
@@ -342,18 +410,37 @@ struct ControlCtx {
     neon: Option<Arc<NeonRouter>>,
     proxy: Arc<Proxy>,
     active_tx: watch::Sender<String>,
-    listen: SocketAddr,
+    listen: pgtwig_core::ListenAddr,
+    addresses: Vec<SocketAddr>,
+    unix_socket: PathBuf,
     settings: ProxySettings,
     client_tls: bool,
     stop_tx: mpsc::Sender<bool>,
 }
 
 impl ControlCtx {
+    fn addresses_text(&self) -> String {
+        let list: Vec<String> = self.addresses.iter().map(|a| a.to_string()).collect();
+        list.join(" and ")
+    }
+
+    /// Who must give the proxy password (for `status`).
+    fn proxy_password_required(&self) -> String {
+        if self.local.is_some() {
+            "every client that is not this daemon's OS user".into()
+        } else {
+            "no: Neon checks every login".into()
+        }
+    }
+
     fn status(&self) -> DaemonStatus {
         let now = SystemTime::now();
         DaemonStatus {
             pid: std::process::id(),
             listen: self.listen.to_string(),
+            addresses: self.addresses.iter().map(|a| a.to_string()).collect(),
+            unix_socket: Some(self.unix_socket.display().to_string()),
+            password_required: self.proxy_password_required(),
             active: self.active_tx.borrow().clone(),
             tls: self.client_tls,
             on_switch: match self.settings.on_switch {

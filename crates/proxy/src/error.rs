@@ -22,6 +22,13 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// `internal_error`.
     pub const INTERNAL_ERROR: &str = "XX000";
+    /// `invalid_password`: the client's SCRAM proof did not match the proxy password.
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// `invalid_authorization_specification`: the client cannot authenticate the way the
+    /// proxy asks (e.g. it insists on channel binding, or sent no SASL response).
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// `too_many_connections`: the proxy is out of file descriptors.
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
 }
 
 /// A Postgres error the proxy reports to a client (always `FATAL`: the connection closes after it).

@@ -80,12 +80,16 @@
 
 #![warn(missing_docs)]
 
+mod auth;
 mod cancel;
 mod error;
+mod listen;
+pub mod peer;
 mod pool;
 mod relay;
 mod router;
 mod scan;
+mod scram;
 mod session;
 mod spin;
 mod startup;
@@ -93,7 +97,6 @@ mod stream;
 mod tls;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -101,8 +104,11 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use auth::{ClientAuth, ClientPeer};
 pub use error::{sqlstate, PgError};
+pub use listen::{bind_tcp, bind_unix, Listener, LISTEN_BACKLOG};
 pub use router::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
+pub use scram::ScramSecret;
 pub use session::switch_message;
 pub use tls::load_or_create_tls;
 
@@ -140,6 +146,11 @@ pub struct ProxyConfig {
     /// by itself while the CPUs are saturated (the spinning thread gets under 85 % of the
     /// time it spins), where it would only take CPU from the servers.
     pub busy_poll: Option<Duration>,
+    /// Client authentication: `Some` admits only the owner without a password and makes
+    /// everyone else pass SCRAM-SHA-256 (see "Who gets in" in the crate docs); `None` relays
+    /// the upstream's own authentication (upstreams that check passwords themselves, such as
+    /// Neon).
+    pub client_auth: Option<ClientAuth>,
 }
 
 impl Default for ProxyConfig {
@@ -151,6 +162,7 @@ impl Default for ProxyConfig {
             max_startup_packet: 10_000,
             pool_idle_timeout: Some(Duration::from_secs(30)),
             busy_poll: Some(Duration::from_micros(200)),
+            client_auth: None,
         }
     }
 }
@@ -164,6 +176,10 @@ impl std::fmt::Debug for ProxyConfig {
             .field("max_startup_packet", &self.max_startup_packet)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("busy_poll", &self.busy_poll)
+            .field(
+                "client_auth",
+                &self.client_auth.as_ref().map(|a| a.owner_uid),
+            )
             .finish()
     }
 }
@@ -175,8 +191,8 @@ pub struct SessionInfo {
     pub id: u64,
     /// The branch the session is on.
     pub branch: String,
-    /// The client's address.
-    pub client_addr: SocketAddr,
+    /// Where the client connected from.
+    pub client_addr: ClientPeer,
     /// When the session was routed.
     pub started: SystemTime,
     /// The client named the branch (`dbname=app@branch`).
@@ -193,7 +209,7 @@ pub struct SessionInfo {
 
 pub(crate) struct SessionRecord {
     branch: String,
-    client_addr: SocketAddr,
+    client_addr: ClientPeer,
     started: SystemTime,
     pinned: bool,
     user: Option<String>,
@@ -265,12 +281,19 @@ impl Proxy {
         let _ = self.drains.send((branch.to_string(), message));
     }
 
-    /// Accepts connections on `listener` forever, one task per connection. Accept errors
-    /// (e.g. out of file descriptors) are logged and retried after a short pause; a bad
-    /// client only ever ends its own task.
+    /// Accepts connections on `listener` forever; see [`Proxy::serve_all`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        self.serve_all(vec![Listener::Tcp(listener)]).await
+    }
+
+    /// Accepts connections on every listener forever, one task per connection. Accept errors
+    /// are logged and retried after a short pause; when the process is out of file
+    /// descriptors, the waiting client is accepted with a reserved one and told 53300 (see
+    /// `listen.rs`). A bad client only ever ends its own task. Dropping the future stops
+    /// accepting (sessions already running go on).
+    pub async fn serve_all(self: Arc<Self>, listeners: Vec<Listener>) -> std::io::Result<()> {
         // The busy-poll loop runs inside this future (not a spawned task), so dropping
-        // `serve` stops it too.
+        // `serve` stops it too; so do the accept loops, owned by the JoinSet.
         let activity = self.activity.clone();
         let window = self.config.busy_poll;
         let spinner = async move {
@@ -280,21 +303,21 @@ impl Proxy {
             }
         };
         tokio::pin!(spinner);
+        let mut accepting = tokio::task::JoinSet::new();
+        for listener in listeners {
+            accepting.spawn(listen::accept_loop(self.clone(), listener));
+        }
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        tokio::spawn(session::run(self.clone(), tcp, peer));
-                    }
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
                 _ = sweep.tick() => self.pool.sweep(),
                 () = &mut spinner => {}
+                Some(done) = accepting.join_next() => {
+                    if let Ok(Err(e)) = done {
+                        return Err(e);
+                    }
+                }
             }
         }
     }

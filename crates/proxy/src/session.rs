@@ -2,15 +2,14 @@
 //! negotiation), routing, connecting upstream, then the relay with branch-switch handling.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};
 
+use crate::auth::{authenticate, identify, AuthFailure, ClientPeer, PeerIdentity};
 use crate::cancel::forward_cancel;
 use crate::error::{sqlstate, PgError};
 use crate::relay::{Relay, RelayEnd};
@@ -34,7 +33,7 @@ enum Handshake {
 async fn handshake(
     proxy: &Proxy,
     stream: &mut ClientStream,
-    peer: SocketAddr,
+    peer: &ClientPeer,
 ) -> Result<Handshake, HandshakeError> {
     let mut ssl_done = false;
     let mut gss_done = false;
@@ -97,7 +96,7 @@ async fn handshake(
 async fn direct_tls(
     proxy: &Proxy,
     stream: &mut ClientStream,
-    peer: SocketAddr,
+    peer: &ClientPeer,
     prefix: [u8; 4],
 ) -> Result<(), HandshakeError> {
     let Some(cfg) = &proxy.config.tls else {
@@ -156,13 +155,10 @@ async fn send_error(stream: &mut ClientStream, err: &PgError) {
 
 /// Runs one client connection to the end. Never panics on client input; every refusal is an
 /// ErrorResponse.
-pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
-    let mut client = ClientStream::Plain(tcp);
-
+pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: ClientPeer) {
     let hs = tokio::time::timeout(
         proxy.config.startup_timeout,
-        handshake(&proxy, &mut client, peer),
+        handshake(&proxy, &mut client, &peer),
     )
     .await;
     let startup = match hs {
@@ -195,6 +191,15 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     };
 
     let plan = plan_startup(&startup);
+    // PostgreSQL sends NegotiateProtocolVersion before anything else, authentication included.
+    if let Some(nego) = &plan.negotiate {
+        if client.write_all(nego).await.is_err() {
+            return;
+        }
+    }
+    if !admit(&proxy, &mut client, &peer, &startup).await {
+        return;
+    }
     let pinned = plan.pinned.clone();
     // Subscribed before routing, so a drain of the branch this session is
     // about to land on cannot slip between routing and the relay loop.
@@ -206,11 +211,6 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    if let Some(nego) = &plan.negotiate {
-        if client.write_all(nego).await.is_err() {
-            return;
-        }
-    }
     let status = Arc::new(AtomicU8::new(0));
     let reused = proxy.pool.take(&route.addr, &plan.upstream_packet);
     let mut relay = match reused {
@@ -224,6 +224,10 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         None => {
             let mut server = match connect_upstream(&route.addr).await {
                 Ok(s) => s,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    send_error(&mut client, &crate::listen::too_many_connections()).await;
+                    return;
+                }
                 Err(e) => {
                     let err = PgError::fatal(
                         sqlstate::CONNECTION_FAILURE,
@@ -324,6 +328,53 @@ pub(crate) async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             .put(route.addr.clone(), plan.upstream_packet, parked);
     }
     drop(route.lease);
+}
+
+/// Lets the client in, or tells it why not (see `auth.rs`): the proxy's owner as is,
+/// everyone else after SCRAM with the proxy password. True when the session may go on.
+async fn admit(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    peer: &ClientPeer,
+    startup: &Startup,
+) -> bool {
+    let Some(auth) = &proxy.config.client_auth else {
+        return true;
+    };
+    let why = match identify(peer) {
+        PeerIdentity::User(uid) if uid == auth.owner_uid => return true,
+        PeerIdentity::User(uid) => format!("uid {uid}"),
+        PeerIdentity::Unknown(reason) => reason,
+    };
+    let user = startup.get_str("user").unwrap_or_default();
+    let outcome = tokio::time::timeout(
+        proxy.config.startup_timeout,
+        authenticate(client, auth, &user),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => {
+            tracing::debug!("{peer} ({why}) authenticated with the proxy password");
+            true
+        }
+        Ok(Err(AuthFailure::Refused(e))) => {
+            tracing::info!("refused {peer} ({why}): {}", e.message);
+            send_error(client, &e).await;
+            false
+        }
+        Ok(Err(AuthFailure::Closed)) => {
+            tracing::debug!("{peer} ({why}) left when asked for the proxy password");
+            false
+        }
+        Err(_elapsed) => {
+            let e = PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "timeout waiting for the password exchange",
+            );
+            send_error(client, &e).await;
+            false
+        }
+    }
 }
 
 fn plan_database(startup: &Startup) -> Option<String> {

@@ -18,6 +18,8 @@ pub enum ClientStream {
     Plain(TcpStream),
     /// TLS terminated by the proxy.
     Tls(Box<TlsStream<TcpStream>>),
+    /// The proxy's Unix socket (libpq never asks for TLS there).
+    Unix(UnixStream),
     /// Placeholder while the stream is being upgraded to TLS.
     Closed,
 }
@@ -86,6 +88,10 @@ macro_rules! delegate {
             }
             ClientStream::Tls($s) => {
                 let $s = Pin::new(&mut **$s);
+                $e
+            }
+            ClientStream::Unix($s) => {
+                let $s = Pin::new($s);
                 $e
             }
             ClientStream::Closed => $closed,
