@@ -231,6 +231,13 @@ impl LocalRouter {
             Err(pgtwig_local::Error::NotFound { .. }) => Err(RouteError::BranchMissing {
                 branch: name.to_string(),
             }),
+            Err(e) if out_of_descriptors(&e) => {
+                tracing::warn!("cannot start branch \"{name}\": out of file descriptors ({e})");
+                Err(RouteError::TooManyConnections(format!(
+                    "pgtwig could not start database branch \"{name}\": {}",
+                    first_line(&e.to_string())
+                )))
+            }
             Err(e) => {
                 tracing::error!("branch \"{name}\" failed to start: {e}");
                 Err(RouteError::StartFailed {
@@ -244,6 +251,23 @@ impl LocalRouter {
             }
         }
     }
+}
+
+/// True when `e` (or what caused it) is EMFILE/ENFILE.
+fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.raw_os_error(),
+                Some(nix::libc::EMFILE) | Some(nix::libc::ENFILE)
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn first_line(s: &str) -> &str {

@@ -110,6 +110,9 @@ impl From<&RouteError> for PgError {
                 format!("the server of database branch \"{branch}\" could not be started"),
             )
             .detail(detail.clone()),
+            RouteError::TooManyConnections(detail) => {
+                crate::listen::too_many_connections().detail(detail.clone())
+            }
             RouteError::Other(msg) => PgError::fatal(sqlstate::INTERNAL_ERROR, msg.clone()),
         }
     }

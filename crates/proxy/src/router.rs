@@ -128,6 +128,9 @@ pub enum RouteError {
         /// Shown as the error's DETAIL.
         detail: String,
     },
+    /// SQLSTATE 53300: the daemon is out of file descriptors (or another resource a session
+    /// needs); the string says which.
+    TooManyConnections(String),
     /// SQLSTATE XX000.
     Other(String),
 }
@@ -144,6 +147,7 @@ impl fmt::Display for RouteError {
                     "database branch \"{branch}\" could not be started: {detail}"
                 )
             }
+            RouteError::TooManyConnections(m) => write!(f, "too many connections: {m}"),
             RouteError::Other(m) => f.write_str(m),
         }
     }
