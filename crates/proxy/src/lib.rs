@@ -82,6 +82,7 @@
 
 mod cancel;
 mod error;
+pub mod peer;
 mod pool;
 mod relay;
 mod router;
