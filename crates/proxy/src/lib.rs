@@ -303,9 +303,14 @@ impl Proxy {
             }
         };
         tokio::pin!(spinner);
+        let budget = Arc::new(listen::SessionBudget::from_limits());
+        tracing::debug!(
+            "at most {} sessions at once (open-file limit)",
+            budget.max()
+        );
         let mut accepting = tokio::task::JoinSet::new();
         for listener in listeners {
-            accepting.spawn(listen::accept_loop(self.clone(), listener));
+            accepting.spawn(listen::accept_loop(self.clone(), listener, budget.clone()));
         }
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

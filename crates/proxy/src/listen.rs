@@ -2,10 +2,16 @@
 //! when the process runs out of file descriptors.
 //!
 //! Out of descriptors, `accept` fails with EMFILE and the client would wait in the backlog
-//! until its own timeout, then see a dropped connection. Instead, as nginx and PgBouncer do
-//! in spirit, the proxy keeps one descriptor in reserve (`/dev/null`): on EMFILE it closes the
-//! reserve, accepts the waiting client with the freed descriptor, answers it `53300 too many
-//! connections` and closes it, then takes the reserve again.
+//! until its own timeout, then see a dropped connection. Two defences, so every client gets
+//! an answer:
+//! - **A session budget** ([`SessionBudget`]): each session costs two descriptors (client and
+//!   server), so the proxy admits at most (soft `RLIMIT_NOFILE` − descriptors open at start −
+//!   [`FD_HEADROOM`]) / 2 sessions at once, as PgBouncer's `max_client_conn` does; the one over
+//!   it is accepted and told `53300 too many connections`. The headroom keeps descriptors for
+//!   what the daemon itself needs (starting a branch, reading its pid file, the control socket).
+//! - **A reserved descriptor** (`/dev/null`) per listener for when something else used them up
+//!   anyway: on EMFILE the proxy closes the reserve, accepts the waiting client with the freed
+//!   descriptor, answers it 53300, closes it, and takes the reserve again.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +34,76 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// How long a client refused for lack of descriptors gets to read its error.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Descriptors kept free for the daemon's own work beyond the sessions' two each.
+pub const FD_HEADROOM: u64 = 16;
+
+/// How many sessions may run at once given the open-file limit (see the module docs).
+pub(crate) struct SessionBudget {
+    max: usize,
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one session against the budget until dropped.
+pub(crate) struct BudgetSlot(Arc<SessionBudget>);
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl SessionBudget {
+    /// The budget for the current soft limit and the descriptors open now.
+    pub(crate) fn from_limits() -> SessionBudget {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let open = open_descriptors().unwrap_or(64);
+        let max = (soft.saturating_sub(open + FD_HEADROOM) / 2).max(1);
+        SessionBudget {
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+            running: Default::default(),
+        }
+    }
+
+    /// A slot for one more session, or None when the budget is spent. `parked`: idle server
+    /// connections kept for reuse, one descriptor each.
+    fn claim(self: &Arc<Self>, parked: usize) -> Option<BudgetSlot> {
+        use std::sync::atomic::Ordering;
+        let mut now = self.running.load(Ordering::Relaxed);
+        loop {
+            if now + parked.div_ceil(2) >= self.max {
+                return None;
+            }
+            match self.running.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(BudgetSlot(self.clone())),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// The most sessions at once.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// Descriptors this process has open (Linux `/proc/self/fd`, macOS `/dev/fd`).
+fn open_descriptors() -> Option<u64> {
+    let dir = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    Some(std::fs::read_dir(dir).ok()?.count() as u64)
+}
 
 /// A socket the proxy accepts clients on.
 pub enum Listener {
@@ -114,7 +190,11 @@ pub(crate) fn too_many_connections() -> PgError {
 }
 
 /// Accepts on `listener` until the listener itself fails for good.
-pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: Listener) -> io::Result<()> {
+pub(crate) async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: Listener,
+    budget: Arc<SessionBudget>,
+) -> io::Result<()> {
     let reserve = Arc::new(Reserve::take());
     loop {
         let accepted = match &listener {
@@ -133,9 +213,22 @@ pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: Listener) -> io::Re
             }),
         };
         match accepted {
-            Ok((client, peer)) => {
-                tokio::spawn(crate::session::run(proxy.clone(), client, peer));
-            }
+            Ok((client, peer)) => match budget.claim(proxy.pool.len()) {
+                Some(slot) => {
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        crate::session::run(proxy, client, peer).await;
+                        drop(slot);
+                    });
+                }
+                None => {
+                    tracing::warn!(
+                        "{} sessions, the most the open-file limit allows: refusing {peer} with 53300",
+                        budget.max()
+                    );
+                    tokio::spawn(refuse(client));
+                }
+            },
             Err(e) if out_of_descriptors(&e) && reserve.release() => {
                 tracing::warn!("out of file descriptors: refusing a client with 53300 ({e})");
                 let refused = match &listener {
