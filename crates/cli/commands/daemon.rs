@@ -214,32 +214,57 @@ pub fn down(args: DownArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct UseArgs {
-    /// The branch new proxy connections should go to.
+    /// The branch new proxy connections from this work tree should go to.
     branch: BranchName,
+    /// The work tree whose branch this sets (default: the one you are in).
+    #[arg(long, value_name = "PATH")]
+    worktree: Option<std::path::PathBuf>,
 }
 
 pub fn use_branch(args: UseArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.backend(false)?;
-    let (old, new) = set_active(&project, &backend, &args.branch)?;
+    let worktree = match &args.worktree {
+        Some(p) => Some(
+            pgtwig_git::Worktree::discover(p)?
+                .root()
+                .map(std::path::Path::to_path_buf)
+                .with_context(|| format!("{} is not a git work tree", p.display()))?,
+        ),
+        None => current_worktree(),
+    };
+    let (old, new) = set_active(&project, &backend, &args.branch, worktree.as_deref())?;
+    let place = worktree
+        .as_ref()
+        .map(|w| format!(" for work tree {}", w.display()))
+        .unwrap_or_default();
     if old.as_ref() == Some(&new) {
-        println!("Branch \"{new}\" is already the active branch");
+        println!("Branch \"{new}\" is already the active branch{place}");
     } else {
         println!(
-            "Active branch: \"{new}\"{}",
+            "Active branch{place}: \"{new}\"{}",
             old.map(|o| format!(" (was \"{o}\")")).unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Make `branch` active: write state.json under the project lock, then tell
-/// a running daemon and wait for its answer, so that when this returns new
-/// proxy connections already go to `branch`.
+/// The top of the git work tree the current directory is in, if any.
+pub fn current_worktree() -> Option<std::path::PathBuf> {
+    let wt = pgtwig_git::Worktree::discover(&std::env::current_dir().ok()?).ok()?;
+    wt.root()
+        .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()))
+}
+
+/// Make `branch` the active branch of `worktree` (None or the main work tree: the project's
+/// main active branch): write state.json under the project lock, then tell a running daemon
+/// and wait for its answer, so that when this returns new proxy connections from that work
+/// tree already go to `branch`.
 pub fn set_active(
     project: &Project,
     backend: &Backend,
     branch: &BranchName,
+    worktree: Option<&std::path::Path>,
 ) -> Result<(Option<BranchName>, BranchName)> {
     match backend {
         Backend::Local(b) => drop(b.get(branch)?),
@@ -248,14 +273,13 @@ pub fn set_active(
     let path = project.home.state_path();
     let old = {
         let _lock = backend.lock()?;
-        let previous = ProjectState::load(&path).ok();
-        ProjectState {
-            active: branch.clone(),
-            worktree: previous.as_ref().and_then(|s| s.worktree.clone()),
-        }
-        .save(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-        previous.map(|s| s.active)
+        let mut state =
+            ProjectState::load(&path).unwrap_or_else(|_| ProjectState::new(branch.clone()));
+        let old = state.set_branch(worktree, branch.clone());
+        state
+            .save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        old
     };
     let paths = backend.daemon_paths()?;
     match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {
@@ -338,6 +362,40 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             if !d.password_required.is_empty() {
                 println!("Password needed: {} (`pgtwig url`)", d.password_required);
             }
+            if !d.worktrees.is_empty() || d.main_worktree.is_some() {
+                println!("Work trees (clients are routed by the one they run in):");
+                let count = |path: &str| {
+                    d.sessions
+                        .iter()
+                        .filter(|s| s.worktree.as_deref() == Some(path))
+                        .count()
+                };
+                if let (Some(main), Ok(a)) = (&d.main_worktree, &active) {
+                    println!("  {main} → {a} (main; {} session(s))", count(main));
+                }
+                for w in &d.worktrees {
+                    println!(
+                        "  {} → {} ({} session(s))",
+                        w.path,
+                        w.branch,
+                        count(&w.path)
+                    );
+                }
+                let elsewhere = d
+                    .sessions
+                    .iter()
+                    .filter(|s| {
+                        s.worktree
+                            .as_deref()
+                            .is_some_and(|w| w.starts_with("main work tree's branch"))
+                    })
+                    .count();
+                if elsewhere > 0 {
+                    println!(
+                        "  {elsewhere} session(s) from no known work tree, on the main one's branch (see below)"
+                    );
+                }
+            }
         }
         None => println!("Proxy: not running (start it with `pgtwig up`)"),
     }
@@ -354,7 +412,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             println!("  {b}: {} session(s) through the proxy", sessions.len());
             for s in sessions {
                 println!(
-                    "    {} user={} db={} app={}{}{} ({} s)",
+                    "    {} user={} db={} app={}{}{} ({} s){}",
                     s.client,
                     s.user.as_deref().unwrap_or("?"),
                     s.database.as_deref().unwrap_or("?"),
@@ -365,7 +423,11 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                     } else {
                         ""
                     },
-                    s.seconds
+                    s.seconds,
+                    s.worktree
+                        .as_deref()
+                        .map(|w| format!(" — {w}"))
+                        .unwrap_or_default()
                 );
             }
         }

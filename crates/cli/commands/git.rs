@@ -126,34 +126,25 @@ fn follow_checkout() -> Result<()> {
             run_post_create(&project, &backend, &target.branch, &target.post_create);
         }
     }
-    let follows = state
-        .worktree
-        .as_ref()
-        .is_none_or(|w| wt.root().is_some_and(|r| same_dir(w, r)));
-    if !follows {
-        println!(
-            "pgtwig: database branch \"{}\" is ready; the proxy follows the work tree {}",
-            target.branch,
-            state
-                .worktree
-                .as_ref()
-                .map(|w| w.display().to_string())
-                .unwrap_or_default()
-        );
-        return Ok(());
-    }
-    let (old, new) = set_active(&project, &backend, &target.branch)?;
+    // Each work tree has its own active branch: clients running in it are routed there.
+    let root = wt
+        .root()
+        .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()));
+    let main = root.as_deref().is_none_or(|r| state.is_main_worktree(r));
+    let (old, new) = set_active(&project, &backend, &target.branch, root.as_deref())?;
     if old.as_ref() != Some(&new) {
-        println!("pgtwig: database branch \"{new}\"");
+        if main {
+            println!("pgtwig: database branch \"{new}\"");
+        } else {
+            println!(
+                "pgtwig: database branch \"{new}\" for work tree {}",
+                root.as_deref()
+                    .map(|r| r.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(())
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 /// Which database branches exist and the git branch each was made for, for
@@ -226,8 +217,11 @@ fn run_post_create(project: &Project, backend: &Backend, branch: &BranchName, co
     }
 }
 
-/// Record the work tree the daemon follows; returns (work tree top, HEAD file).
-pub fn follow_worktree(project: &Project, backend: &Backend) -> Result<Option<(PathBuf, PathBuf)>> {
+/// Record the work tree the daemon follows (the main one); returns it and its repository.
+pub fn follow_worktree(
+    project: &Project,
+    backend: &Backend,
+) -> Result<Option<pgtwig_daemon::FollowedWorktree>> {
     let Ok(wt) = Worktree::discover(&std::env::current_dir()?) else {
         return Ok(None);
     };
@@ -241,7 +235,11 @@ pub fn follow_worktree(project: &Project, backend: &Backend) -> Result<Option<(P
         state.worktree = Some(root.clone());
         state.save(&path)?;
     }
-    Ok(Some((root, wt.head_file())))
+    Ok(Some(pgtwig_daemon::FollowedWorktree {
+        root,
+        head_file: wt.head_file(),
+        common_dir: wt.common_dir().to_path_buf(),
+    }))
 }
 
 pub fn uninstall() -> Result<ExitCode> {

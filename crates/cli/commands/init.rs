@@ -163,6 +163,7 @@ fn write_state_and_hook(project: &Project) -> Result<()> {
         ProjectState {
             active: root.clone(),
             worktree: Some(project.root.clone()),
+            worktrees: Default::default(),
         }
         .save(&state_path)
         .with_context(|| format!("cannot write {}", state_path.display()))?;

@@ -10,12 +10,68 @@ use crate::names::BranchName;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectState {
-    /// The branch new proxy connections go to.
+    /// The branch of the main work tree: where new proxy connections go unless they come
+    /// from another work tree of the repository (or pin a branch).
     pub active: BranchName,
-    /// The git work tree whose checkouts switch `active` (set by `init` and
-    /// `up`); checkouts in other worktrees of the repository only create.
+    /// The main work tree, whose checkouts switch `active` (set by `init` and `up`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worktree: Option<std::path::PathBuf>,
+    /// The active branch of every other work tree (its top folder, canonical), set by
+    /// checkouts there and `pgtwig use` run there: clients running in that work tree go to it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub worktrees: std::collections::BTreeMap<std::path::PathBuf, BranchName>,
+}
+
+impl ProjectState {
+    /// A state whose main work tree's branch is `active`.
+    pub fn new(active: BranchName) -> ProjectState {
+        ProjectState {
+            active,
+            worktree: None,
+            worktrees: Default::default(),
+        }
+    }
+
+    /// True when `dir` is the main work tree (or no main work tree is recorded).
+    pub fn is_main_worktree(&self, dir: &Path) -> bool {
+        match &self.worktree {
+            None => true,
+            Some(main) => same_dir(main, dir),
+        }
+    }
+
+    /// The active branch of work tree `dir`: its own, else the main work tree's.
+    pub fn branch_of(&self, dir: Option<&Path>) -> &BranchName {
+        match dir {
+            Some(d) if !self.is_main_worktree(d) => self
+                .worktrees
+                .iter()
+                .find(|(w, _)| same_dir(w, d))
+                .map(|(_, b)| b)
+                .unwrap_or(&self.active),
+            _ => &self.active,
+        }
+    }
+
+    /// Makes `branch` the active branch of work tree `dir` (None: the main one); returns the
+    /// one it replaces.
+    pub fn set_branch(&mut self, dir: Option<&Path>, branch: BranchName) -> Option<BranchName> {
+        match dir {
+            Some(d) if !self.is_main_worktree(d) => {
+                let key = d.canonicalize().unwrap_or_else(|_| d.to_path_buf());
+                let old = self.worktrees.insert(key, branch);
+                old.or_else(|| Some(self.active.clone()))
+            }
+            _ => Some(std::mem::replace(&mut self.active, branch)),
+        }
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 impl ProjectState {

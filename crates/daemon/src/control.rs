@@ -32,7 +32,7 @@ pub enum Request {
 #[serde(tag = "response", rename_all = "kebab-case")]
 pub enum Response {
     Ok { pid: u32 },
-    Status(DaemonStatus),
+    Status(Box<DaemonStatus>),
     Error { message: String },
 }
 
@@ -55,6 +55,19 @@ pub struct DaemonStatus {
     pub on_switch: String,
     pub suspend_timeout_secs: u64,
     pub sessions: Vec<SessionStatus>,
+    /// The main work tree (its branch is `active`).
+    #[serde(default)]
+    pub main_worktree: Option<String>,
+    /// Every other work tree with a branch of its own.
+    #[serde(default)]
+    pub worktrees: Vec<WorktreeStatus>,
+}
+
+/// A work tree and its active branch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorktreeStatus {
+    pub path: String,
+    pub branch: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -67,6 +80,9 @@ pub struct SessionStatus {
     pub pinned: bool,
     pub in_transaction: bool,
     pub seconds: u64,
+    /// The client's work tree, or why it went to the main work tree's branch.
+    #[serde(default)]
+    pub worktree: Option<String>,
 }
 
 /// Where a project's control socket lives: the runtime folder (short path,

@@ -11,6 +11,7 @@
 //! - [`head_watch`]: follow checkouts that skip the git hook.
 //! - [`port`]: binding the proxy port with a useful error.
 
+pub mod client_worktree;
 pub mod control;
 pub mod fd_limit;
 pub mod head_watch;
@@ -19,6 +20,7 @@ pub mod port;
 pub mod router;
 pub mod suspend;
 pub mod unix_socket;
+pub mod worktree_routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +78,16 @@ impl Branches {
     }
 }
 
+/// The work tree the daemon was started in (the project's main one) and its repository.
+pub struct FollowedWorktree {
+    /// Its top folder.
+    pub root: PathBuf,
+    /// Its HEAD file (watched for checkouts that skip the hook).
+    pub head_file: PathBuf,
+    /// The repository's git common dir: clients in any work tree of it are routed by it.
+    pub common_dir: PathBuf,
+}
+
 /// Paths of a project's daemon files.
 pub struct DaemonPaths {
     /// Held (flock) for the daemon's whole life: one daemon per project.
@@ -115,7 +127,7 @@ pub fn run(
     backend: Branches,
     settings: ProxySettings,
     history_retention: Duration,
-    worktree: Option<(PathBuf, PathBuf)>,
+    worktree: Option<FollowedWorktree>,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
     let paths = backend.paths()?;
@@ -201,12 +213,18 @@ async fn serve(
     listeners: Vec<std::net::TcpListener>,
     paths: &DaemonPaths,
     history_retention: Duration,
-    worktree: Option<(PathBuf, PathBuf)>,
+    worktree: Option<FollowedWorktree>,
     client_tls: bool,
     on_ready: impl FnOnce(&DaemonStatus),
 ) -> Result<()> {
     let home = backend.home().clone();
     let (active_tx, active_rx) = watch::channel(state.active.to_string());
+    let worktrees = Arc::new(worktree_routes::WorktreeRoutes::new(
+        worktree
+            .as_ref()
+            .map(|w| (w.common_dir.as_path(), w.root.as_path())),
+    ));
+    worktrees.update(&state);
     let activity = Arc::new(Activity::default());
     let (router, local, neon): (Arc<dyn pgtwig_proxy::Router>, _, _) = match backend {
         Branches::Local(b) => {
@@ -219,6 +237,7 @@ async fn serve(
             let router = LocalRouter {
                 backend: b.clone(),
                 active: active_rx.clone(),
+                worktrees: worktrees.clone(),
                 activity: activity.clone(),
                 history_retention,
             };
@@ -235,6 +254,7 @@ async fn serve(
                 activity.clone(),
                 connect,
                 tls,
+                worktrees.clone(),
             ));
             (
                 router.clone() as Arc<dyn pgtwig_proxy::Router>,
@@ -278,8 +298,8 @@ async fn serve(
             settings.suspend_timeout,
         ));
     }
-    if let Some((root, head)) = worktree {
-        tokio::spawn(head_watch::run(root, head));
+    if let Some(w) = worktree {
+        tokio::spawn(head_watch::run(w.root, w.head_file));
     }
 
     let _ = std::fs::remove_file(&paths.control);
@@ -297,6 +317,7 @@ async fn serve(
         neon,
         proxy: proxy.clone(),
         active_tx,
+        worktrees,
         listen: pgtwig_core::ListenAddr {
             port,
             ..settings.listen.clone()
@@ -410,6 +431,7 @@ struct ControlCtx {
     neon: Option<Arc<NeonRouter>>,
     proxy: Arc<Proxy>,
     active_tx: watch::Sender<String>,
+    worktrees: Arc<worktree_routes::WorktreeRoutes>,
     listen: pgtwig_core::ListenAddr,
     addresses: Vec<SocketAddr>,
     unix_socket: PathBuf,
@@ -461,6 +483,17 @@ impl ControlCtx {
                     pinned: s.pinned,
                     in_transaction: s.in_transaction,
                     seconds: now.duration_since(s.started).unwrap_or_default().as_secs(),
+                    worktree: s.scope,
+                })
+                .collect(),
+            main_worktree: self.worktrees.main().map(|m| m.display().to_string()),
+            worktrees: self
+                .worktrees
+                .list()
+                .into_iter()
+                .map(|(path, branch)| control::WorktreeStatus {
+                    path: path.display().to_string(),
+                    branch,
                 })
                 .collect(),
         }
@@ -511,7 +544,7 @@ impl ControlCtx {
             Request::Ping => Response::Ok {
                 pid: std::process::id(),
             },
-            Request::Status => Response::Status(self.status()),
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::ActiveChanged => match ProjectState::load(&self.home.state_path()) {
                 Ok(state) => {
                     let new = state.active.to_string();
@@ -519,6 +552,7 @@ impl ControlCtx {
                     if old != new {
                         tracing::info!("active branch: \"{old}\" → \"{new}\"");
                     }
+                    self.worktrees.update(&state);
                     Response::Ok {
                         pid: std::process::id(),
                     }

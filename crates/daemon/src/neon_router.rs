@@ -28,6 +28,8 @@ pub struct NeonRouter {
     /// Connect here instead of the endpoint host (`[neon] connect`).
     pub connect: Option<(String, u16)>,
     pub tls: UpstreamTls,
+    /// The branch of each work tree, for clients running in one.
+    pub worktrees: Arc<crate::worktree_routes::WorktreeRoutes>,
     endpoints: Recent<Endpoint>,
 }
 
@@ -38,10 +40,12 @@ impl NeonRouter {
         activity: Arc<Activity>,
         connect: Option<(String, u16)>,
         tls: UpstreamTls,
+        worktrees: Arc<crate::worktree_routes::WorktreeRoutes>,
     ) -> NeonRouter {
         NeonRouter {
             backend,
             active,
+            worktrees,
             activity,
             connect,
             tls,
@@ -109,6 +113,8 @@ impl NeonRouter {
                 tls: self.tls.clone(),
             },
             lease: Box::new(lease),
+            follow: None,
+            scope: None,
         })
     }
 }
@@ -116,5 +122,15 @@ impl NeonRouter {
 impl Router for NeonRouter {
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
         Box::pin(self.route_to(wanted_branch(pinned, &self.active)))
+    }
+
+    fn route_client<'a>(
+        &'a self,
+        pinned: Option<&str>,
+        client: &pgtwig_proxy::ClientInfo,
+    ) -> RouteFuture<'a> {
+        crate::router::route_by_worktree(&self.worktrees, &self.active, pinned, client, |b| {
+            Box::pin(self.route_to(b))
+        })
     }
 }

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
-use pgtwig_proxy::{Route, RouteError, RouteFuture, Router, UpstreamAddr};
+use pgtwig_proxy::{ClientInfo, Route, RouteError, RouteFuture, Router, UpstreamAddr};
 use tokio::sync::watch;
+
+use crate::worktree_routes::WorktreeRoutes;
 
 /// A value per branch remembered for a short while (a ready socket, a Neon
 /// endpoint), so a burst of connections asks the slow source once.
@@ -172,6 +174,8 @@ impl Drop for SessionLease {
 pub struct LocalRouter {
     pub backend: Arc<LocalBackend>,
     pub active: watch::Receiver<String>,
+    /// The branch of each work tree, for clients running in one.
+    pub worktrees: Arc<WorktreeRoutes>,
     pub activity: Arc<Activity>,
     /// For base snapshots after a wake (see pgtwig_local::history).
     pub history_retention: std::time::Duration,
@@ -185,6 +189,8 @@ impl LocalRouter {
                 branch,
                 addr: UpstreamAddr::Unix(socket),
                 lease: Box::new(lease),
+                follow: None,
+                scope: None,
             });
         }
         let name = BranchName::parse(&branch).map_err(|_| RouteError::BranchMissing {
@@ -205,6 +211,8 @@ impl LocalRouter {
             branch,
             addr: UpstreamAddr::Unix(socket),
             lease: Box::new(lease),
+            follow: None,
+            scope: None,
         })
     }
 
@@ -286,6 +294,38 @@ impl Router for LocalRouter {
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_> {
         Box::pin(self.route_to(wanted_branch(pinned, &self.active)))
     }
+
+    fn route_client<'a>(&'a self, pinned: Option<&str>, client: &ClientInfo) -> RouteFuture<'a> {
+        route_by_worktree(&self.worktrees, &self.active, pinned, client, |b| {
+            Box::pin(self.route_to(b))
+        })
+    }
+}
+
+/// Routes an unpinned session to its work tree's branch (see `worktree_routes`), through
+/// `route_to`; pinned sessions go where they asked.
+pub(crate) fn route_by_worktree<'a>(
+    worktrees: &WorktreeRoutes,
+    active: &watch::Receiver<String>,
+    pinned: Option<&str>,
+    client: &ClientInfo,
+    route_to: impl FnOnce(String) -> RouteFuture<'a>,
+) -> RouteFuture<'a> {
+    if let Some(p) = pinned {
+        return route_to(p.to_string());
+    }
+    let resolved = worktrees.resolve(client);
+    let branch = match &resolved.follow {
+        Some(rx) => rx.borrow().clone(),
+        None => active.borrow().clone(),
+    };
+    let routed = route_to(branch);
+    Box::pin(async move {
+        let mut route = routed.await?;
+        route.follow = resolved.follow;
+        route.scope = resolved.scope;
+        Ok(route)
+    })
 }
 
 #[cfg(test)]

@@ -67,6 +67,11 @@ impl Worktree {
         self.repo.path()
     }
 
+    /// The repository's git dir shared by all its work trees (`.git` of the main one).
+    pub fn common_dir(&self) -> &Path {
+        self.repo.commondir()
+    }
+
     /// The file whose changes mean "something was checked out".
     pub fn head_file(&self) -> PathBuf {
         self.repo.path().join("HEAD")

@@ -20,6 +20,8 @@ impl Router for Fixed {
                 branch: "main".to_string(),
                 addr: self.0.clone(),
                 lease: Box::new(()),
+                follow: None,
+                scope: None,
             })
         })
     }

@@ -67,8 +67,15 @@ impl std::fmt::Display for ClientPeer {
 /// Who the kernel says is connecting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
-    /// The socket belongs to this uid.
-    User(u32),
+    /// The client's socket belongs to `uid`.
+    User {
+        /// Owner of the client socket.
+        uid: u32,
+        /// The client socket's inode (loopback TCP), to find the process holding it.
+        socket_inode: Option<u64>,
+        /// The client process (Unix socket: the kernel says).
+        pid: Option<u32>,
+    },
     /// Not determinable; the reason is logged.
     Unknown(String),
 }
@@ -77,7 +84,14 @@ pub enum PeerIdentity {
 /// read of the socket table): cheap, but run off the relay thread by the caller.
 pub fn identify(peer: &ClientPeer) -> PeerIdentity {
     match *peer {
-        ClientPeer::Unix { uid: Some(uid), .. } => PeerIdentity::User(uid),
+        ClientPeer::Unix {
+            uid: Some(uid),
+            pid,
+        } => PeerIdentity::User {
+            uid,
+            socket_inode: None,
+            pid,
+        },
         ClientPeer::Unix { uid: None, .. } => {
             PeerIdentity::Unknown("the kernel gave no peer credentials".into())
         }
@@ -86,7 +100,11 @@ pub fn identify(peer: &ClientPeer) -> PeerIdentity {
                 return PeerIdentity::Unknown(format!("{} is not a loopback address", remote.ip()));
             }
             match crate::peer::tcp_peer_owner(local, remote) {
-                Ok(Some(owner)) => PeerIdentity::User(owner.uid),
+                Ok(Some(owner)) => PeerIdentity::User {
+                    uid: owner.uid,
+                    socket_inode: Some(owner.inode),
+                    pid: None,
+                },
                 Ok(None) => PeerIdentity::Unknown(format!(
                     "no socket of this machine is {remote} (another network namespace?)"
                 )),

@@ -104,10 +104,11 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use auth::PeerIdentity;
 pub use auth::{ClientAuth, ClientPeer};
 pub use error::{sqlstate, PgError};
 pub use listen::{bind_tcp, bind_unix, Listener, LISTEN_BACKLOG};
-pub use router::{Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
+pub use router::{ClientInfo, Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 pub use scram::ScramSecret;
 pub use session::switch_message;
 pub use tls::load_or_create_tls;
@@ -193,6 +194,8 @@ pub struct SessionInfo {
     pub branch: String,
     /// Where the client connected from.
     pub client_addr: ClientPeer,
+    /// What the router routed by (e.g. the client's work tree), if anything.
+    pub scope: Option<String>,
     /// When the session was routed.
     pub started: SystemTime,
     /// The client named the branch (`dbname=app@branch`).
@@ -210,6 +213,7 @@ pub struct SessionInfo {
 pub(crate) struct SessionRecord {
     branch: String,
     client_addr: ClientPeer,
+    scope: Option<String>,
     started: SystemTime,
     pinned: bool,
     user: Option<String>,
@@ -336,6 +340,7 @@ impl Proxy {
                 id,
                 branch: r.branch.clone(),
                 client_addr: r.client_addr,
+                scope: r.scope.clone(),
                 started: r.started,
                 pinned: r.pinned,
                 in_transaction: matches!(r.status.load(Ordering::Relaxed), b'T' | b'E'),

@@ -102,6 +102,34 @@ pub struct Route {
     pub addr: UpstreamAddr,
     /// Dropped when the session ends (lets the daemon count sessions and suspend idle servers).
     pub lease: Box<dyn Any + Send + Sync>,
+    /// The branch this session's scope routes to from now on, when it is not the proxy's
+    /// one active branch (e.g. the active branch of the client's work tree): a change
+    /// switches the session as a change of the active branch does. `None`: the proxy's.
+    pub follow: Option<tokio::sync::watch::Receiver<String>>,
+    /// What the router routed by (e.g. the client's work tree), for `status`.
+    pub scope: Option<String>,
+}
+
+impl Route {
+    /// A route to `branch` at `addr` that follows the proxy's active branch.
+    pub fn new(branch: String, addr: UpstreamAddr, lease: Box<dyn Any + Send + Sync>) -> Route {
+        Route {
+            branch,
+            addr,
+            lease,
+            follow: None,
+            scope: None,
+        }
+    }
+}
+
+/// What the proxy knows of a client when it routes it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Where it connected from.
+    pub peer: crate::ClientPeer,
+    /// Who the kernel says owns its socket.
+    pub identity: crate::auth::PeerIdentity,
 }
 
 impl fmt::Debug for Route {
@@ -109,6 +137,7 @@ impl fmt::Debug for Route {
         f.debug_struct("Route")
             .field("branch", &self.branch)
             .field("addr", &self.addr)
+            .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
 }
@@ -164,6 +193,13 @@ pub trait Router: Send + Sync + 'static {
     /// meaning the active branch. May take a while (it may start a stopped server); many
     /// concurrent calls are fine.
     fn route(&self, pinned: Option<&str>) -> RouteFuture<'_>;
+
+    /// [`Router::route`] for a known client: routers that route by who connects (the
+    /// daemon: by the client's work tree) override this; the default ignores the client.
+    fn route_client<'a>(&'a self, pinned: Option<&str>, client: &ClientInfo) -> RouteFuture<'a> {
+        let _ = client;
+        self.route(pinned)
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use crate::auth::{authenticate, identify, AuthFailure, ClientPeer, PeerIdentity}
 use crate::cancel::forward_cancel;
 use crate::error::{sqlstate, PgError};
 use crate::relay::{Relay, RelayEnd};
+use crate::router::ClientInfo;
 use crate::startup::{
     check_length, parse_first_packet, plan_startup, FirstPacket, Startup, TLS_HANDSHAKE_RECORD,
 };
@@ -197,14 +198,20 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             return;
         }
     }
-    if !admit(&proxy, &mut client, &peer, &startup).await {
+    let identity = identify(&peer);
+    if !admit(&proxy, &mut client, &peer, &identity, &startup).await {
         return;
     }
+    let client_info = ClientInfo { peer, identity };
     let pinned = plan.pinned.clone();
     // Subscribed before routing, so a drain of the branch this session is
     // about to land on cannot slip between routing and the relay loop.
     let mut drains = proxy.drains.subscribe();
-    let route = match proxy.router.route(pinned.as_deref()).await {
+    let route = match proxy
+        .router
+        .route_client(pinned.as_deref(), &client_info)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             send_error(&mut client, &PgError::from(&e)).await;
@@ -261,7 +268,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     };
     let record = SessionRecord {
         branch: route.branch.clone(),
-        client_addr: peer,
+        client_addr: client_info.peer,
+        scope: route.scope.clone(),
         started: SystemTime::now(),
         pinned: pinned.is_some(),
         user: startup.get_str("user"),
@@ -273,7 +281,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     relay.set_activity(proxy.activity.clone());
 
     let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
-    let mut active: watch::Receiver<String> = proxy.active.clone();
+    // The branch this session's scope (e.g. its work tree) routes to now.
+    let mut active: watch::Receiver<String> =
+        route.follow.clone().unwrap_or_else(|| proxy.active.clone());
     let mut watching = watch_switch;
     if watching {
         let now = active.borrow_and_update().clone();
@@ -336,15 +346,16 @@ async fn admit(
     proxy: &Proxy,
     client: &mut ClientStream,
     peer: &ClientPeer,
+    identity: &PeerIdentity,
     startup: &Startup,
 ) -> bool {
     let Some(auth) = &proxy.config.client_auth else {
         return true;
     };
-    let why = match identify(peer) {
-        PeerIdentity::User(uid) if uid == auth.owner_uid => return true,
-        PeerIdentity::User(uid) => format!("uid {uid}"),
-        PeerIdentity::Unknown(reason) => reason,
+    let why = match identity {
+        PeerIdentity::User { uid, .. } if *uid == auth.owner_uid => return true,
+        PeerIdentity::User { uid, .. } => format!("uid {uid}"),
+        PeerIdentity::Unknown(reason) => reason.clone(),
     };
     let user = startup.get_str("user").unwrap_or_default();
     let outcome = tokio::time::timeout(

@@ -253,6 +253,8 @@ impl Router for TestRouter {
                         branch,
                         addr,
                         lease: Box::new(Lease(self.leases.clone())),
+                        follow: None,
+                        scope: None,
                     })
                 }
             }

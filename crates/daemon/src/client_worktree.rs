@@ -1,0 +1,254 @@
+//! Which git work tree a client runs in, so one fixed port serves every work tree of the
+//! project: each gets its own database branch.
+//!
+//! From the connection to the process, then to its working directory:
+//! - Unix socket: the kernel gives the peer's pid (`SO_PEERCRED`).
+//! - Loopback TCP: the proxy found the client socket's inode (netlink `sock_diag`); the process
+//!   holding it is the one with a `socket:[inode]` link in `/proc/<pid>/fd`. Only processes
+//!   of the socket's owner are searched, the processes that connected recently first (an app's
+//!   pool connects from one pid again and again), so a lookup usually reads one fd folder.
+//! - The work tree: walk up from `/proc/<pid>/cwd` to the first folder with `.git`; it counts
+//!   only if its git common dir is this project's repository.
+//!
+//! Answers are cached per (pid, process start time), so a reused pid is never mistaken for
+//! the process that had it before. Linux only; elsewhere the lookup says it cannot tell and
+//! the client goes to the main work tree's branch (the daemon logs why).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Processes remembered as recent connectors, tried first.
+const RECENT_PIDS: usize = 16;
+/// Cached (pid → work tree) answers before the cache is cleared.
+const MAX_CACHED: usize = 4096;
+
+/// Finds clients' work trees for one repository.
+pub struct WorktreeFinder {
+    /// The repository's git common dir, canonical.
+    common_dir: PathBuf,
+    cache: Mutex<HashMap<(u32, u64), Option<PathBuf>>>,
+    recent: Mutex<VecDeque<u32>>,
+}
+
+/// Why a client's work tree is not known (logged, shown by `status`).
+pub type Unknown = String;
+
+impl WorktreeFinder {
+    /// For the repository whose git common dir is `common_dir`.
+    pub fn new(common_dir: &Path) -> WorktreeFinder {
+        WorktreeFinder {
+            common_dir: common_dir
+                .canonicalize()
+                .unwrap_or_else(|_| common_dir.to_path_buf()),
+            cache: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The work tree (its top folder, canonical) of the process `pid`.
+    pub fn of_pid(&self, pid: u32) -> Result<PathBuf, Unknown> {
+        let start = start_time(pid).ok_or_else(|| format!("process {pid} is gone"))?;
+        if let Some(hit) = self.cached(pid, start) {
+            return hit.ok_or_else(|| {
+                format!("process {pid} does not run in a work tree of this project")
+            });
+        }
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map_err(|e| format!("cannot read the working directory of process {pid}: {e}"))?;
+        let found = self.worktree_of_dir(&cwd);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert((pid, start), found.clone());
+        found.ok_or_else(|| {
+            format!(
+                "process {pid} runs in {}, outside every work tree of this project",
+                cwd.display()
+            )
+        })
+    }
+
+    fn cached(&self, pid: u32, start: u64) -> Option<Option<PathBuf>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(pid, start))
+            .cloned()
+    }
+
+    /// The process of user `uid` holding the socket with `inode`.
+    pub fn pid_of_socket(&self, uid: u32, inode: u64) -> Result<u32, Unknown> {
+        let link = format!("socket:[{inode}]");
+        let recent: Vec<u32> = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let found = recent
+            .iter()
+            .copied()
+            .find(|&pid| holds(pid, &link))
+            .or_else(|| {
+                processes_of(uid)
+                    .filter(|pid| !recent.contains(pid))
+                    .find(|&pid| holds(pid, &link))
+            });
+        let pid = found.ok_or_else(|| {
+            format!("no process of uid {uid} holds the client socket (inode {inode})")
+        })?;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|&p| p != pid);
+        recent.push_front(pid);
+        recent.truncate(RECENT_PIDS);
+        Ok(pid)
+    }
+
+    /// The work tree of this repository containing `dir`, if any.
+    pub fn worktree_of_dir(&self, dir: &Path) -> Option<PathBuf> {
+        let mut cur = Some(dir);
+        while let Some(d) = cur {
+            let dotgit = d.join(".git");
+            if let Ok(meta) = std::fs::symlink_metadata(&dotgit) {
+                let common = if meta.is_dir() {
+                    Some(dotgit)
+                } else {
+                    linked_common_dir(&dotgit)
+                };
+                let ours = common
+                    .and_then(|c| c.canonicalize().ok())
+                    .is_some_and(|c| c == self.common_dir);
+                // The nearest work tree decides, ours or not (a nested repository is not ours).
+                return ours.then(|| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
+            }
+            cur = d.parent();
+        }
+        None
+    }
+}
+
+/// A linked work tree's `.git` file says `gitdir: <repo>/.git/worktrees/<name>`, whose
+/// `commondir` file leads back to the repository's git dir.
+fn linked_common_dir(dotgit_file: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(dotgit_file).ok()?;
+    let gitdir = text.trim().strip_prefix("gitdir:")?.trim();
+    let gitdir = dotgit_file.parent()?.join(gitdir);
+    match std::fs::read_to_string(gitdir.join("commondir")) {
+        Ok(c) => Some(gitdir.join(c.trim())),
+        Err(_) => Some(gitdir),
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn processes_of(uid: u32) -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let meta = e.metadata().ok()?;
+            (meta.uid() == uid).then_some(pid)
+        })
+}
+
+fn holds(pid: u32, link: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    }
+
+    #[test]
+    fn main_and_linked_work_trees_are_found_and_others_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        git(&repo, &["worktree", "add", "-q", "../wt2", "-b", "feature"]);
+        std::fs::create_dir_all(repo.join("src/deep")).unwrap();
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        git(&other, &["init", "-q"]);
+
+        let finder = WorktreeFinder::new(&repo.join(".git"));
+        let canon = |p: &Path| p.canonicalize().unwrap();
+        assert_eq!(
+            finder.worktree_of_dir(&repo.join("src/deep")),
+            Some(canon(&repo))
+        );
+        assert_eq!(
+            finder.worktree_of_dir(&tmp.path().join("wt2")),
+            Some(canon(&tmp.path().join("wt2")))
+        );
+        assert_eq!(finder.worktree_of_dir(&other), None, "another repository");
+        assert_eq!(
+            finder.worktree_of_dir(tmp.path()),
+            None,
+            "outside any work tree"
+        );
+
+        // A real process in wt2.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .current_dir(tmp.path().join("wt2"))
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            finder.of_pid(child.id()).unwrap(),
+            canon(&tmp.path().join("wt2"))
+        );
+        // Cached: still the same answer.
+        assert_eq!(
+            finder.of_pid(child.id()).unwrap(),
+            canon(&tmp.path().join("wt2"))
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(finder.of_pid(child.id()).is_err(), "a gone process");
+    }
+
+    #[test]
+    fn the_process_holding_a_socket_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", client.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let finder = WorktreeFinder::new(Path::new("/nonexistent"));
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
+        // Second time from the recent list.
+        assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
+        assert!(finder.pid_of_socket(me, u64::MAX).is_err());
+    }
+}

@@ -1,0 +1,246 @@
+//! One port, a branch per work tree: real git work trees, real `git worktree add` and
+//! `git checkout` (the hook provisions and switches), psql started inside each work tree at
+//! the same time, and a client outside every work tree.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{git, up, Daemon, Fs, TestEnv};
+
+/// The branch marker as seen by psql run in `cwd` through the proxy.
+fn marker_from(d: &Daemon, cwd: &Path) -> String {
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            d.port
+        ))
+        .args(["-X", "-A", "-t", "-w", "-c", "select branch from marker"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql in {}: {}",
+        cwd.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A psql session held open in `cwd`, fed one statement at a time.
+struct Held {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    fn open(d: &Daemon, cwd: &Path) -> Held {
+        let mut child = Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                d.port
+            ))
+            .args(["-X", "-A", "-t", "-w", "-q"])
+            .current_dir(cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Held { child, out }
+    }
+
+    /// Runs `sql` (one row, one column) and returns its value, or None when the session ended.
+    fn query(&mut self, sql: &str) -> Option<String> {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        if writeln!(stdin, "{sql};").is_err() {
+            return None;
+        }
+        let _ = stdin.flush();
+        let mut line = String::new();
+        match self.out.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim().to_string()),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_json(env: &TestEnv) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["status", "--json"])).unwrap()
+}
+
+#[test]
+fn each_work_tree_reaches_its_own_branch_on_one_port() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[proxy]\nsuspend_timeout = \"0\"\n",
+    )
+    .unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    env.psql(
+        "main",
+        "create table marker(branch text); insert into marker values ('main')",
+    );
+    git(&env, &["add", ".pgtwig.toml"]);
+    git(&env, &["commit", "-qm", "pgtwig"]);
+    let d = up(&env);
+
+    // `git worktree add` runs the hook in the new tree: it gets a branch of its own.
+    let wt2 = env.repo.parent().unwrap().join("wt2");
+    let out = git(
+        &env,
+        &[
+            "worktree",
+            "add",
+            "-q",
+            wt2.to_str().unwrap(),
+            "-b",
+            "feature-x",
+        ],
+    );
+    assert!(out.contains("feature-x"), "{out}");
+    env.ok(&["branch", "start", "feature-x"]);
+    env.psql("feature-x", "update marker set branch = 'feature-x'");
+    let wt3 = env.repo.parent().unwrap().join("wt3");
+    git(
+        &env,
+        &[
+            "worktree",
+            "add",
+            "-q",
+            wt3.to_str().unwrap(),
+            "-b",
+            "feature-y",
+        ],
+    );
+    env.ok(&["branch", "start", "feature-y"]);
+    env.psql("feature-y", "update marker set branch = 'feature-y'");
+
+    // The same port, three work trees, a session held open in each at once.
+    let mut in_main = Held::open(&d, &env.repo.join("."));
+    let mut in_wt2 = Held::open(&d, &wt2);
+    let mut in_wt3 = Held::open(&d, &wt3.join("."));
+    assert_eq!(
+        in_main.query("select branch from marker").as_deref(),
+        Some("main")
+    );
+    assert_eq!(
+        in_wt2.query("select branch from marker").as_deref(),
+        Some("feature-x")
+    );
+    assert_eq!(
+        in_wt3.query("select branch from marker").as_deref(),
+        Some("feature-y")
+    );
+    // From a subfolder, and from outside every work tree (the main tree's branch).
+    std::fs::create_dir_all(wt2.join("src/app")).unwrap();
+    assert_eq!(marker_from(&d, &wt2.join("src/app")), "feature-x");
+    assert_eq!(marker_from(&d, Path::new("/")), "main");
+
+    // status: work trees → branch → sessions, and why the outsider went to main's.
+    let status = status_json(&env);
+    let trees = &status["daemon"]["worktrees"];
+    let canon = |p: &Path| p.canonicalize().unwrap().display().to_string();
+    assert!(
+        trees
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["path"] == canon(&wt2) && t["branch"] == "feature-x"),
+        "{trees}"
+    );
+    let sessions = status["daemon"]["sessions"].as_array().unwrap();
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["worktree"] == canon(&wt3) && s["branch"] == "feature-y"),
+        "{sessions:?}"
+    );
+
+    // A checkout in wt2 moves wt2 only: main's and wt3's sessions stay where they are.
+    let out = Command::new("git")
+        .args(["checkout", "-q", "-b", "feature-z"])
+        .current_dir(&wt2)
+        .env("PGTWIG_HOME", &env.home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    env.ok(&["branch", "start", "feature-z"]);
+    env.psql("feature-z", "update marker set branch = 'feature-z'");
+    assert_eq!(marker_from(&d, &wt2), "feature-z");
+    assert_eq!(
+        in_main.query("select branch from marker").as_deref(),
+        Some("main")
+    );
+    assert_eq!(
+        in_wt3.query("select branch from marker").as_deref(),
+        Some("feature-y")
+    );
+    // wt2's idle session was ended at its boundary with 57P01 (psql reports it on stderr).
+    assert_eq!(in_wt2.query("select branch from marker"), None);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(in_wt2.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("switched the active branch from \"feature-x\" to \"feature-z\""),
+        "{stderr}"
+    );
+
+    // `pgtwig use` in a work tree changes that work tree only; --worktree names another.
+    let out = Command::new(common::BIN)
+        .args(["use", "feature-x"])
+        .current_dir(&wt3)
+        .env("PGTWIG_HOME", &env.home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(marker_from(&d, &wt3), "feature-x");
+    assert_eq!(marker_from(&d, &env.repo), "main");
+    env.ok(&["use", "feature-y", "--worktree", wt3.to_str().unwrap()]);
+    assert_eq!(marker_from(&d, &wt3), "feature-y");
+    // Pinning still wins.
+    let pinned = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres@main",
+            d.port
+        ))
+        .args(["-X", "-A", "-t", "-w", "-c", "select branch from marker"])
+        .current_dir(&wt3)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pinned.stdout).trim(), "main");
+
+    // The text status names the work trees too.
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains(&format!("{} → feature-z", canon(&wt2))),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !status_json(&env)["daemon"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["branch"] != "feature-x")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "wt2's old session is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(d);
+}
