@@ -124,7 +124,7 @@ pub fn run(
             pid.trim()
         );
     };
-    std::fs::write(&paths.pid, format!("{}\n", std::process::id()))?;
+    pgtwig_core::fsutil::write_atomic(&paths.pid, format!("{}\n", std::process::id()).as_bytes())?;
     let state = ProjectState::load(&backend.home().state_path()).map_err(anyhow::Error::msg)?;
     let listener = port::bind(settings.listen)?;
     if !settings.listen.ip().is_loopback() {

@@ -77,6 +77,8 @@ impl LocalBackend {
                     .map(|k| k.trim().to_string());
                 if !target.exists() {
                     fs::rename(&path, &target).map_err(io_err("restoring a branch"))?;
+                    // It may come from an older pgtwig, made before branch folders were pgtwig's.
+                    self.secure_branch(&target)?;
                     done.push(format!(
                         "restored branch \"{branch}\" after an interrupted reset"
                     ));
@@ -85,6 +87,7 @@ impl LocalBackend {
                 {
                     fs::rename(&path, self.home.branches_dir().join(&k))
                         .map_err(io_err("keeping the old branch"))?;
+                    self.secure_branch(&self.home.branches_dir().join(&k))?;
                     done.push(format!(
                         "finished an interrupted reset: old \"{branch}\" kept as \"{k}\""
                     ));
@@ -147,9 +150,10 @@ impl LocalBackend {
 
     fn make_build_dir(&self, dir: PathBuf) -> Result<PathBuf> {
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        // pgtwig's, not the server user's: it becomes the branch folder (see `ownership`).
         self.user
-            .own(&dir)
-            .map_err(io_err("giving the build folder to the server user"))?;
+            .own_folder(&dir)
+            .map_err(io_err(format!("making {} private", dir.display())))?;
         Ok(dir)
     }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use pgtwig_core::private;
 
 use crate::pgbin::PgInstall;
 use crate::server_user::ServerUser;
@@ -122,7 +123,11 @@ pub fn initdb(
         .stdin(Stdio::null())
         .output()
         .map_err(io_err(format!("running {}", pg.bin("initdb").display())))?;
-    let _ = fs::write(log, [&out.stdout[..], &out.stderr[..]].concat());
+    {
+        use std::io::Write;
+        let mut log_file = private::open_append(log).map_err(io_err("cannot open the log"))?;
+        let _ = log_file.write_all(&[&out.stdout[..], &out.stderr[..]].concat());
+    }
     if !out.status.success() {
         return Err(ClusterError::Command {
             program: "initdb".into(),
@@ -131,10 +136,15 @@ pub fn initdb(
                 .into_owned(),
         });
     }
-    let conf = data_dir.join("postgresql.conf");
-    let mut text = fs::read_to_string(&conf).map_err(io_err("reading postgresql.conf"))?;
-    text.push_str(MANAGED_SETTINGS);
-    fs::write(&conf, text).map_err(io_err("writing postgresql.conf"))?;
+    // Appended, not read back and rewritten: the data directory is the
+    // server user's, and pgtwig may be root (no link followed either).
+    private::write_file(
+        &data_dir.join("postgresql.conf"),
+        MANAGED_SETTINGS.as_bytes(),
+        private::WriteMode::Append,
+        user.owner(),
+    )
+    .map_err(io_err("writing postgresql.conf"))?;
     Ok(())
 }
 
@@ -231,11 +241,10 @@ pub fn start_with(
     timeout: Duration,
     settings: &[&str],
 ) -> Result<(), ClusterError> {
-    let log_file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("opening {}", log.display())))?;
+    // Opened by pgtwig (root, when servers run as another user) in a folder
+    // the server user cannot change (see `crate::ownership`), without
+    // following a link: the server only gets the open descriptor.
+    let log_file = private::open_append(log).map_err(io_err("cannot open the server log"))?;
     let log_err = log_file
         .try_clone()
         .map_err(io_err("duplicating log handle"))?;
@@ -337,7 +346,7 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
 /// The last lines the server wrote since `from` (for error messages).
 pub fn log_tail(log: &Path, from: u64) -> String {
     let mut text = String::new();
-    if let Ok(mut f) = fs::File::open(log) {
+    if let Ok(mut f) = private::open_read(log) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let start = from.min(len).max(len.saturating_sub(4096));
         let _ = f.seek(SeekFrom::Start(start));

@@ -3,6 +3,8 @@
 //!
 //! - [`pgbin`]: finding server binaries, by major version.
 //! - [`server_user`]: who runs the servers (not root).
+//! - `ownership`: which folder of a project is whose, and tightening
+//!   projects made by an older pgtwig.
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
@@ -19,6 +21,7 @@ pub mod clone;
 pub mod cluster;
 pub mod engine;
 pub mod history;
+mod ownership;
 pub mod pgbin;
 pub mod prepared;
 pub mod server_user;

@@ -115,6 +115,46 @@ impl ServerUser {
         cmd
     }
 
+    /// The group that may pass through pgtwig's folders: this user's, when
+    /// it is not pgtwig's own (see [`own_folder`](Self::own_folder)).
+    pub fn pass_through(&self) -> Option<u32> {
+        self.switch.then_some(self.gid)
+    }
+
+    /// Make the existing `dir` a folder of pgtwig's own that this user only
+    /// passes through: the project folder, `branches/`, `tmp/`, a branch
+    /// folder, a build, `bases/`. Mode 0700; when pgtwig runs as root and
+    /// servers as this user, root's with this user's group and mode 0710:
+    /// the server reaches the folders it writes inside (`data/`,
+    /// `wal-archive/`) but cannot list, create, rename or replace anything
+    /// here. That is what makes `server.log` safe to open as root: were the
+    /// branch folder the server user's, it could swap the log for a link to
+    /// any file and have root append to it on the next start. The group is
+    /// the server user's own (`postgres` on every distribution); give a
+    /// [`SERVER_USER_ENV`] user a group of its own too, since members of
+    /// that group could pass through as well (though read nothing: every
+    /// file here is 0600 and the server's folders are 0700).
+    pub fn own_folder(&self, dir: &Path) -> std::io::Result<()> {
+        let (mode, uid) = pgtwig_core::home::folder_mode(self.pass_through());
+        pgtwig_core::private::secure_dir(dir, mode, uid, self.pass_through())
+    }
+
+    /// Make the existing `dir` a folder this user writes (`wal-archive/`):
+    /// its own, mode 0700.
+    pub fn server_folder(&self, dir: &Path) -> std::io::Result<()> {
+        pgtwig_core::private::secure_dir(
+            dir,
+            0o700,
+            self.switch.then_some(self.uid),
+            self.switch.then_some(self.gid),
+        )
+    }
+
+    /// Where this user owns files pgtwig writes for it (uid, gid).
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.switch.then_some((self.uid, self.gid))
+    }
+
     /// Give `path` (not following symlinks) to this user when switching.
     pub fn own(&self, path: &Path) -> std::io::Result<()> {
         if self.switch {
