@@ -2,7 +2,10 @@
 //!
 //! `initdb` and `postgres` refuse to run as root. When pgtwig itself runs as
 //! root (CI, containers, sudo), it runs the server binaries as an
-//! unprivileged user instead, and makes that user own the branch folders:
+//! unprivileged user instead, and makes that user own the folders its
+//! servers write (`data/`, `wal-archive/`) — only those: the folders around
+//! them stay root's, passable by that user's group (see
+//! [`ServerUser::own_folder`] and `crate::ownership`). The user is
 //! `PGTWIG_SERVER_USER` if set, else the owner of the state folder when that
 //! is not root, else `postgres` (which every PostgreSQL package creates).
 //! Run as anyone else, servers run as that same user and nothing changes.
@@ -80,11 +83,8 @@ impl ServerUser {
                     )))
                 }
             }
-        } else if let Some(owner) = nearest_existing(home)
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map(|m| Uid::from_raw(m.uid()))
-            .filter(|uid| !uid.is_root())
-            .and_then(|uid| User::from_uid(uid).ok().flatten())
+        } else if let Some(owner) =
+            state_folder_owner(home).and_then(|uid| User::from_uid(uid).ok().flatten())
         {
             owner
         } else {
@@ -203,13 +203,44 @@ fn user_groups(user: &ServerUser) -> Vec<u32> {
     groups
 }
 
-fn nearest_existing(p: &Path) -> Option<&Path> {
-    let mut cur = Some(p);
-    while let Some(c) = cur {
-        if c.exists() {
-            return Some(c);
+/// The owner of the state folder, when that is not root: the nearest
+/// existing folder at or above `dir` that root does not own. Folders root
+/// made on the way (the project folder itself is always root's when pgtwig
+/// runs as root, see `own_folder`) are passed over, so the answer is the
+/// same before `pgtwig init` and after.
+fn state_folder_owner(dir: &Path) -> Option<Uid> {
+    dir.ancestors()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| Uid::from_raw(m.uid()))
+        .find(|uid| !uid.is_root())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run as root, servers run as the state folder's owner, before the
+    /// project folder exists (`pgtwig init`) and after root made it.
+    #[test]
+    fn the_state_folders_owner_runs_servers_before_and_after_init() {
+        if !Uid::effective().is_root() || std::env::var_os(SERVER_USER_ENV).is_some() {
+            eprintln!("SKIPPED: needs root and no {SERVER_USER_ENV}");
+            return;
         }
-        cur = c.parent();
+        let nobody = User::from_name("nobody").unwrap().expect("user nobody");
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("state");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(nobody.uid.as_raw()), None).unwrap();
+        let project = home.join("shop");
+        assert_eq!(
+            ServerUser::resolve(&project).unwrap().uid,
+            nobody.uid.as_raw()
+        );
+        std::fs::create_dir(&project).unwrap();
+        assert_eq!(
+            ServerUser::resolve(&project).unwrap().uid,
+            nobody.uid.as_raw()
+        );
     }
-    None
 }
