@@ -307,6 +307,41 @@ fn a_project_made_before_is_tightened_when_opened() {
     assert_eq!(env.psql("main", "select 1"), "1");
 }
 
+#[test]
+fn a_link_in_a_data_directory_does_not_make_root_copy_its_target() {
+    if !running_as_root() {
+        return;
+    }
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    let secret = env.home.parent().unwrap().join("root-only");
+    std::fs::write(&secret, "root's secret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // As the server user, a link named like a WAL segment a clone copies.
+    let planted = env
+        .project_dir()
+        .join("branches/main/data/pg_wal/0000000100000000000000FF");
+    let out = run_as(
+        &user("postgres"),
+        "ln",
+        &["-s", secret.to_str().unwrap(), planted.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "planting as postgres: {out:?}");
+
+    let err = env.fails(&["branch", "create", "dev"]);
+    assert!(
+        err.contains("0000000100000000000000FF is a symbolic link"),
+        "{err}"
+    );
+    assert!(env.list_json().iter().all(|b| b["name"] != "dev"));
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+    std::fs::remove_file(&planted).unwrap();
+    env.ok(&["branch", "create", "dev"]);
+}
+
 /// A user made for one test, removed (with its servers stopped) after.
 struct TempUser {
     name: String,

@@ -232,7 +232,8 @@ impl LocalBackend {
                 .map_err(io_err(format!("cloning {}", src.display())))?;
             cloner
                 .clone_file(
-                    &src.join("global/pg_control"),
+                    &src,
+                    Path::new("global/pg_control"),
                     &dst.join("global/pg_control"),
                 )
                 .map_err(io_err("cloning pg_control"))?;
@@ -280,7 +281,7 @@ impl LocalBackend {
         wal.sort();
         for name in &wal {
             cloner
-                .clone_file(&wal_src.join(name), &wal_dst.join(name))
+                .clone_file(&src, &Path::new("pg_wal").join(name), &wal_dst.join(name))
                 .map_err(io_err(format!("cloning WAL {name}")))?;
         }
         if !wal_dst.join(&first_wal).exists() {
@@ -290,6 +291,9 @@ impl LocalBackend {
                 parent.name
             )));
         }
+        cloner
+            .give_to_server(&dst)
+            .map_err(io_err("giving the clone to the server user"))?;
         Ok(Cloned {
             method: cloner.method(),
             parent_was_running: running,

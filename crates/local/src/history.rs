@@ -260,6 +260,9 @@ impl LocalBackend {
             cloner
                 .clone_tree(&base.data, &data, &|_, _| Visit::Clone)
                 .map_err(io_err("cloning the base"))?;
+            cloner
+                .give_to_server(&data)
+                .map_err(io_err("giving the clone to the server user"))?;
             let archive = archive_dir(&parent_branch.dir)
                 .display()
                 .to_string()
