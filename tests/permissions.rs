@@ -342,6 +342,52 @@ fn a_link_in_a_data_directory_does_not_make_root_copy_its_target() {
     env.ok(&["branch", "create", "dev"]);
 }
 
+#[test]
+fn a_forged_postmaster_pid_does_not_make_root_signal_another_process() {
+    if !running_as_root() {
+        return;
+    }
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    // A process that is not the branch's server: root's own.
+    let mut bystander = Command::new("sleep").arg("120").spawn().unwrap();
+    let pid = bystander.id();
+    let data = env.project_dir().join("branches/main/data");
+    let pid_file = data.join("postmaster.pid");
+    // Written as the server user, whose file it is.
+    let text = format!("{pid}\n{}\n0\n5432\n/tmp\n\n0 0\nready\n", data.display());
+    let out = Command::new("sh")
+        .args(["-c", "cat > \"$0\"", pid_file.to_str().unwrap()])
+        .uid(user("postgres").uid.as_raw())
+        .gid(user("postgres").gid.as_raw())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(text.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "writing postmaster.pid as postgres: {out:?}"
+    );
+
+    let err = env.fails(&["branch", "stop", "main"]);
+    assert!(
+        err.contains(&format!("names pid {pid}, a process of another user")),
+        "{err}"
+    );
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the other process was not signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    std::fs::remove_file(&pid_file).unwrap();
+    env.ok(&["branch", "start", "main"]);
+}
+
 /// A user made for one test, removed (with its servers stopped) after.
 struct TempUser {
     name: String,

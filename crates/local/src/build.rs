@@ -250,7 +250,7 @@ impl LocalBackend {
                 ))
             })?
         } else {
-            let redo = cluster::redo_wal_file(&pg, &src)?;
+            let redo = cluster::redo_wal_file(&pg, &self.user, &src)?;
             cloner
                 .clone_tree(&src, &dst, &|rel, is_dir| {
                     if is_dir && rel == Path::new("pg_wal") {

@@ -15,12 +15,13 @@
 //! stays root's while it is filled, so the server user cannot plant a link
 //! in it that root would then write through.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::beneath::{list_dir, open_at, open_dir, open_dir_beneath, Kind};
 use crate::server_user::ServerUser;
 
 /// How a branch's files came to be.
@@ -97,25 +98,20 @@ impl<'a> Cloner<'a> {
     /// source vanished (and vanishing is tolerated).
     pub fn clone_file(&mut self, src_root: &Path, rel: &Path, dst: &Path) -> io::Result<bool> {
         let src = src_root.join(rel);
-        let root = open_dir(src_root)?;
-        let mut dir = root;
-        let mut parts: Vec<&OsStr> = rel.iter().collect();
-        let Some(name) = parts.pop() else {
+        let (Some(folder), Some(name)) = (rel.parent(), rel.file_name()) else {
             return Err(with_path(
                 io::ErrorKind::InvalidInput.into(),
                 "cloning",
                 &src,
             ));
         };
-        for part in parts {
-            dir = match open_at(&dir, part, true) {
-                Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => {
-                    return Ok(false)
-                }
-                Err(e) => return Err(with_path(e, "opening", &src)),
-            };
-        }
+        let dir = match open_dir_beneath(src_root, folder) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.tolerate_vanishing => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        };
         self.clone_at(&dir, name, &src, dst)
     }
 
@@ -273,88 +269,6 @@ impl<'a> Cloner<'a> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File,
-    Symlink,
-    Other,
-}
-
-/// The entries of an open folder, with their kinds (never following links).
-fn list_dir(dir: &fs::File) -> io::Result<Vec<(OsString, Kind)>> {
-    use nix::dir::{Dir, Type};
-    use nix::fcntl::OFlag;
-    use nix::sys::stat::Mode;
-    use std::os::unix::ffi::OsStrExt;
-    let mut d = Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut out = Vec::new();
-    for entry in d.iter() {
-        let entry = entry?;
-        let name = OsStr::from_bytes(entry.file_name().to_bytes());
-        if name == "." || name == ".." {
-            continue;
-        }
-        let kind = match entry.file_type() {
-            Some(t) => Some(t),
-            // Some file systems do not say: ask without following.
-            None => nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                .ok()
-                .map(|st| match st.st_mode & nix::libc::S_IFMT {
-                    nix::libc::S_IFDIR => Type::Directory,
-                    nix::libc::S_IFLNK => Type::Symlink,
-                    nix::libc::S_IFREG => Type::File,
-                    _ => Type::Socket,
-                }),
-        };
-        let kind = match kind {
-            Some(Type::Directory) => Kind::Dir,
-            Some(Type::File) => Kind::File,
-            Some(Type::Symlink) => Kind::Symlink,
-            // Vanished (fstatat failed) or not a file: left out.
-            _ => Kind::Other,
-        };
-        out.push((name.to_os_string(), kind));
-    }
-    Ok(out)
-}
-
-/// Open a folder by path, refusing a link at its end.
-fn open_dir(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| with_path(e, "opening", path))
-}
-
-/// Open `name` in `dir`, a folder (`want_dir`) or a file, never through a link.
-fn open_at(dir: &fs::File, name: &OsStr, want_dir: bool) -> io::Result<fs::File> {
-    use nix::fcntl::OFlag;
-    let mut flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-    if want_dir {
-        flags |= OFlag::O_DIRECTORY;
-    }
-    match nix::fcntl::openat(dir, name, flags, nix::sys::stat::Mode::empty()) {
-        Ok(fd) => Ok(fs::File::from(fd)),
-        // O_DIRECTORY on a link says "not a directory": say what it is.
-        Err(nix::errno::Errno::ENOTDIR)
-            if want_dir
-                && nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                    .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFLNK) =>
-        {
-            Err(nix::errno::Errno::ELOOP.into())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn make_dir_with_mode(mode: u32, dst: &Path) -> io::Result<()> {
     fs::create_dir(dst).map_err(|e| with_path(e, "creating", dst))?;
     fs::set_permissions(dst, fs::Permissions::from_mode(mode))
@@ -383,7 +297,7 @@ fn refuses_reflink(e: &io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(code) if code == nix::libc::EOPNOTSUPP || code == nix::libc::EXDEV || code == nix::libc::EINVAL || code == nix::libc::ENOTTY || code == nix::libc::ENOSYS)
 }
 
-fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+pub(crate) fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     if e.raw_os_error() == Some(nix::libc::ELOOP) {
         return io::Error::new(
             e.kind(),
@@ -510,8 +424,7 @@ mod tests {
             .clone_file(&src, Path::new("global/pg_control"), &d.path().join("copy"))
             .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("global/pg_control is a symbolic link"),
+            err.to_string().contains("src/global is a symbolic link"),
             "{err}"
         );
         assert!(c

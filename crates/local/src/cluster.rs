@@ -323,6 +323,17 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
             _ => Ok(()),
         };
     }
+    if !is_postmaster_of(pid, data_dir) {
+        return Err(ClusterError::Io {
+            what: format!(
+                "{} names pid {pid}, a process of another user than the data directory's owner; pgtwig \
+                 does not signal it. If no server runs for {}, remove that postmaster.pid",
+                data_dir.join("postmaster.pid").display(),
+                data_dir.display()
+            ),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        });
+    }
     let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
     let deadline = Instant::now() + timeout;
     while process_alive(pid) && data_dir.join("postmaster.pid").exists() {
@@ -341,6 +352,32 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// Whether `pid` can be the postmaster of `data_dir`: run as root, only a
+/// process of the data directory's owner. `postmaster.pid` is the server
+/// user's file and could name any process (pid 1, too) for root to signal;
+/// a stale one may name a pid reused by someone else.
+fn is_postmaster_of(pid: i32, data_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return true; // the kernel only lets us signal our own processes
+    }
+    let Ok(owner) = fs::metadata(data_dir).map(|m| m.uid()) else {
+        return false;
+    };
+    // The real uid from /proc (its folder's owner is root for processes
+    // that are not dumpable).
+    match fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .and_then(|uid| uid.parse::<u32>().ok())
+            .is_some_and(|uid| uid == owner),
+        // No /proc (macOS): nothing to check against.
+        Err(_) => !Path::new("/proc/self").exists(),
+    }
 }
 
 /// The last lines the server wrote since `from` (for error messages).
@@ -413,8 +450,15 @@ fn private_dir(user: &ServerUser, dir: &Path) -> Result<(), ClusterError> {
 /// The WAL file holding the REDO point of the last checkpoint of a stopped
 /// cluster (`pg_controldata`'s "Latest checkpoint's REDO WAL file"): a clone
 /// of a stopped cluster needs WAL from there on, nothing older.
-pub fn redo_wal_file(pg: &PgInstall, data_dir: &Path) -> Result<String, ClusterError> {
-    let out = std::process::Command::new(pg.bin("pg_controldata"))
+pub fn redo_wal_file(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+) -> Result<String, ClusterError> {
+    // As the server user: its data directory could hold a link in place of
+    // pg_control, and root would read (and print) whatever it names.
+    let out = user
+        .command(&pg.bin("pg_controldata"))
         .arg(data_dir)
         .env("LC_ALL", "C")
         .output()

@@ -6,6 +6,8 @@
 //! - `ownership`: which folder of a project is whose, and tightening
 //!   projects made by an older pgtwig.
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
+//! - `beneath`: reaching into the server user's data directories without
+//!   following links.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
@@ -16,6 +18,7 @@
 //!   crash-safe under the project lock.
 
 pub mod backup;
+mod beneath;
 mod build;
 pub mod clone;
 pub mod cluster;
