@@ -101,6 +101,17 @@ fn project_state_is_private_from_other_users() {
     for f in &daemon_files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }
+    // Its control socket is not in the server user's runtime folder, where
+    // that user could talk to it or replace it.
+    let servers_runtime = PathBuf::from(format!("/tmp/pgtwig-{}", user("postgres").uid));
+    let hash = pgtwig_core::names::short_hash(&p.to_string_lossy());
+    let in_servers_folder = servers_runtime.join(format!("daemon-{hash}.sock"));
+    assert!(
+        !in_servers_folder.exists(),
+        "{} is the server user's",
+        in_servers_folder.display()
+    );
+    assert!(env.ok(&["status"]).contains("main"));
     env.ok(&["down", "--keep-running"]);
 
     // Root's, the server user's group, 0710: the server passes through, nobody else.
