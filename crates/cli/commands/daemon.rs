@@ -108,11 +108,9 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
     {
         bail!("a pgtwig daemon is already running for this project (pid {pid}); stop it with `pgtwig down`");
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.log)
-        .with_context(|| format!("cannot open {}", paths.log.display()))?;
+    // 0600 and no link followed: the log may hold what clients sent.
+    let log =
+        pgtwig_core::private::open_append(&paths.log).context("cannot open the daemon's log")?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("up");
@@ -138,7 +136,7 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
-            let text = std::fs::read_to_string(&paths.log).unwrap_or_default();
+            let text = pgtwig_core::private::read_to_string(&paths.log).unwrap_or_default();
             let tail = text.get(log_start as usize..).unwrap_or("").trim();
             bail!("the daemon exited ({status}):\n{tail}");
         }

@@ -224,6 +224,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
 fn tempdir_in(dir: &Path) -> Result<std::path::PathBuf> {
     // "fill-…-<pid>": other commands leave it alone while we live.
     let d = dir.join(format!("fill-import-{}", std::process::id()));
-    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    // The dump is production data: ours alone (0700), as root too.
+    pgtwig_core::private::make_dir(&d, 0o700, None, None)
+        .with_context(|| format!("cannot create {}", d.display()))?;
     Ok(d)
 }

@@ -1,12 +1,17 @@
 //! Crash-safe file helpers and the per-project lock.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::private;
+
 /// Write `bytes` to `path` so that a crash leaves either the old or the new
 /// content, never a mix: write a sibling temp file, fsync it, rename it over
-/// `path`, then fsync the directory so the rename itself is durable.
+/// `path`, then fsync the directory so the rename itself is durable. The
+/// temp file is made new (`O_EXCL`, `O_NOFOLLOW`) with mode 0600, so the
+/// result is private and nothing planted under the temp name is written
+/// through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -18,11 +23,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         std::process::id()
     ));
     {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut f = match private::create_new(&tmp) {
+            // Left by a killed process that had our pid: the name, not the
+            // file, is removed (unlink never follows a link).
+            Err(e) if fs::symlink_metadata(&tmp).is_ok() => {
+                fs::remove_file(&tmp).map_err(|_| e)?;
+                private::create_new(&tmp)?
+            }
+            other => other?,
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -51,12 +60,7 @@ pub struct ProjectLock {
 impl ProjectLock {
     /// Block until the lock at `path` is ours.
     pub fn acquire(path: &Path) -> io::Result<ProjectLock> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_lock_file(path)?;
         file.lock()?;
         Ok(ProjectLock {
             file,
@@ -66,12 +70,7 @@ impl ProjectLock {
 
     /// Take the lock only if nobody holds it.
     pub fn try_acquire(path: &Path) -> io::Result<Option<ProjectLock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_lock_file(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(ProjectLock {
                 file,
@@ -85,6 +84,12 @@ impl ProjectLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A lock file is private (0600) like everything in the state folder, and
+/// never a link to somewhere else.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    private::open_append(path)
 }
 
 impl Drop for ProjectLock {
@@ -142,10 +147,36 @@ mod tests {
     }
 
     #[test]
+    fn write_atomic_is_private_and_follows_no_planted_temp() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "untouched").unwrap();
+        let tmp_name = dir
+            .path()
+            .join(format!(".state.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&outside, &tmp_name).unwrap();
+        write_atomic(&p, b"{}").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"{}");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "untouched");
+        assert!(fs::symlink_metadata(&tmp_name).is_err());
+    }
+
+    #[test]
     fn lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lock");
         let held = ProjectLock::acquire(&p).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         assert!(ProjectLock::try_acquire(&p).unwrap().is_none());
         drop(held);
         assert!(ProjectLock::try_acquire(&p).unwrap().is_some());

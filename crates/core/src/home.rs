@@ -11,10 +11,18 @@
 //!     branches/<name>/branch.json, data/, server.log
 //!     tmp/            branches being built; removed if a command died
 //! ```
+//!
+//! The project folder is private: 0700, or — when pgtwig runs as root and
+//! the servers as another user — root's with that user's group and 0710,
+//! so the server user can pass through to the folders it writes (a
+//! branch's `data/`, `wal-archive/`) but can neither list nor change
+//! anything else. Every file pgtwig writes here is 0600 (see
+//! [`crate::private`]).
 
 use std::path::{Path, PathBuf};
 
 use crate::names::BranchName;
+use crate::private;
 
 pub const HOME_ENV: &str = "PGTWIG_HOME";
 
@@ -68,5 +76,52 @@ impl ProjectHome {
     }
     pub fn tmp_dir(&self) -> PathBuf {
         self.dir.join("tmp")
+    }
+
+    /// Create the project folder if missing and make it and the files pgtwig
+    /// keeps at its top private (an existing project made by an older pgtwig
+    /// is tightened). `pass_through` is the group of a server user other than
+    /// us that must reach folders inside (see the module notes): the folder
+    /// is then ours, that group's, mode 0710; otherwise 0700.
+    pub fn make_private(&self, pass_through: Option<u32>) -> std::io::Result<()> {
+        if let Some(parent) = self.dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let (mode, uid) = folder_mode(pass_through);
+        private::make_dir(&self.dir, mode, uid, pass_through)?;
+        for name in TOP_FILES {
+            private::secure_file(&self.dir.join(name))?;
+        }
+        let tls = self.dir.join("tls");
+        if tls.is_dir() {
+            private::secure_dir(&tls, 0o700, uid, None)?;
+            for name in ["cert.pem", "key.pem"] {
+                private::secure_file(&tls.join(name))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Files pgtwig keeps at the top of a project folder, tightened to 0600 by
+/// [`ProjectHome::make_private`] in projects made before they were
+/// private from the start.
+const TOP_FILES: &[&str] = &[
+    "lock",
+    "state.json",
+    "daemon.lock",
+    "daemon.pid",
+    "daemon.log",
+    "neon-branches.json",
+    "anonymize.salt",
+];
+
+/// Mode and owner of a folder pgtwig keeps: 0700, or 0710 (owner root,
+/// since only root runs servers as someone else) when the server user's
+/// group `pass_through` must traverse it.
+pub fn folder_mode(pass_through: Option<u32>) -> (u32, Option<u32>) {
+    match pass_through {
+        Some(_) => (0o710, Some(nix::unistd::geteuid().as_raw())),
+        None => (0o700, None),
     }
 }

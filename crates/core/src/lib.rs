@@ -5,6 +5,7 @@
 //! - [`home`]: where state lives (`PGTWIG_HOME`, else the platform data dir), one folder per project.
 //! - [`names`]: database branch names, and how any git branch name maps to one.
 //! - [`fsutil`]: crash-safe files (write, fsync, rename) and the per-project lock.
+//! - [`private`]: files and folders nobody else can read or redirect (modes, `O_NOFOLLOW`).
 //! - [`rules`]: `[[map]]` rules, git branch → database branch.
 //! - [`state`]: `state.json`, the active branch.
 //! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
@@ -16,6 +17,7 @@ pub mod fsutil;
 pub mod home;
 pub mod listen;
 pub mod names;
+pub mod private;
 pub mod proxy_password;
 pub mod rules;
 pub mod state;

@@ -98,13 +98,18 @@ pub struct DaemonPaths {
 }
 
 impl DaemonPaths {
+    /// The control socket is in pgtwig's own runtime folder, not the
+    /// servers' user's: only pgtwig talks on it, and in a folder the server
+    /// user owns (pgtwig running as root) that user could send `down` or
+    /// `use`, or put a socket of its own in its place.
     pub fn for_backend(backend: &LocalBackend) -> Result<DaemonPaths> {
-        let base = pgtwig_local::cluster::runtime_base(backend.server_user())?;
+        let user = pgtwig_local::server_user::ServerUser::current();
+        let base = pgtwig_local::cluster::runtime_base(&user)?;
         Ok(DaemonPaths::at(backend.home().dir(), &base))
     }
 
     /// Neon runs no local servers: the control socket is in pgtwig's own
-    /// runtime folder.
+    /// runtime folder too.
     pub fn for_neon(backend: &NeonBackend) -> Result<DaemonPaths> {
         let user = pgtwig_local::server_user::ServerUser::current();
         let base = pgtwig_local::cluster::runtime_base(&user)?;
@@ -138,7 +143,7 @@ pub fn run(
             pid.trim()
         );
     };
-    std::fs::write(&paths.pid, format!("{}\n", std::process::id()))?;
+    pgtwig_core::fsutil::write_atomic(&paths.pid, format!("{}\n", std::process::id()).as_bytes())?;
     let state = ProjectState::load(&backend.home().state_path()).map_err(anyhow::Error::msg)?;
     fd_limit::raise();
     let client_auth = client_auth(&backend)?;

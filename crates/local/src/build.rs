@@ -77,6 +77,8 @@ impl LocalBackend {
                     .map(|k| k.trim().to_string());
                 if !target.exists() {
                     fs::rename(&path, &target).map_err(io_err("restoring a branch"))?;
+                    // It may come from an older pgtwig, made before branch folders were pgtwig's.
+                    self.secure_branch(&target)?;
                     done.push(format!(
                         "restored branch \"{branch}\" after an interrupted reset"
                     ));
@@ -85,6 +87,7 @@ impl LocalBackend {
                 {
                     fs::rename(&path, self.home.branches_dir().join(&k))
                         .map_err(io_err("keeping the old branch"))?;
+                    self.secure_branch(&self.home.branches_dir().join(&k))?;
                     done.push(format!(
                         "finished an interrupted reset: old \"{branch}\" kept as \"{k}\""
                     ));
@@ -147,9 +150,10 @@ impl LocalBackend {
 
     fn make_build_dir(&self, dir: PathBuf) -> Result<PathBuf> {
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        // pgtwig's, not the server user's: it becomes the branch folder (see `ownership`).
         self.user
-            .own(&dir)
-            .map_err(io_err("giving the build folder to the server user"))?;
+            .own_folder(&dir)
+            .map_err(io_err(format!("making {} private", dir.display())))?;
         Ok(dir)
     }
 
@@ -228,7 +232,8 @@ impl LocalBackend {
                 .map_err(io_err(format!("cloning {}", src.display())))?;
             cloner
                 .clone_file(
-                    &src.join("global/pg_control"),
+                    &src,
+                    Path::new("global/pg_control"),
                     &dst.join("global/pg_control"),
                 )
                 .map_err(io_err("cloning pg_control"))?;
@@ -245,7 +250,7 @@ impl LocalBackend {
                 ))
             })?
         } else {
-            let redo = cluster::redo_wal_file(&pg, &src)?;
+            let redo = cluster::redo_wal_file(&pg, &self.user, &src)?;
             cloner
                 .clone_tree(&src, &dst, &|rel, is_dir| {
                     if is_dir && rel == Path::new("pg_wal") {
@@ -276,7 +281,7 @@ impl LocalBackend {
         wal.sort();
         for name in &wal {
             cloner
-                .clone_file(&wal_src.join(name), &wal_dst.join(name))
+                .clone_file(&src, &Path::new("pg_wal").join(name), &wal_dst.join(name))
                 .map_err(io_err(format!("cloning WAL {name}")))?;
         }
         if !wal_dst.join(&first_wal).exists() {
@@ -286,6 +291,9 @@ impl LocalBackend {
                 parent.name
             )));
         }
+        cloner
+            .give_to_server(&dst)
+            .map_err(io_err("giving the clone to the server user"))?;
         Ok(Cloned {
             method: cloner.method(),
             parent_was_running: running,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use pgtwig_core::private;
 
 use crate::pgbin::PgInstall;
 use crate::server_user::ServerUser;
@@ -122,7 +123,11 @@ pub fn initdb(
         .stdin(Stdio::null())
         .output()
         .map_err(io_err(format!("running {}", pg.bin("initdb").display())))?;
-    let _ = fs::write(log, [&out.stdout[..], &out.stderr[..]].concat());
+    {
+        use std::io::Write;
+        let mut log_file = private::open_append(log).map_err(io_err("cannot open the log"))?;
+        let _ = log_file.write_all(&[&out.stdout[..], &out.stderr[..]].concat());
+    }
     if !out.status.success() {
         return Err(ClusterError::Command {
             program: "initdb".into(),
@@ -131,10 +136,15 @@ pub fn initdb(
                 .into_owned(),
         });
     }
-    let conf = data_dir.join("postgresql.conf");
-    let mut text = fs::read_to_string(&conf).map_err(io_err("reading postgresql.conf"))?;
-    text.push_str(MANAGED_SETTINGS);
-    fs::write(&conf, text).map_err(io_err("writing postgresql.conf"))?;
+    // Appended, not read back and rewritten: the data directory is the
+    // server user's, and pgtwig may be root (no link followed either).
+    private::write_file(
+        &data_dir.join("postgresql.conf"),
+        MANAGED_SETTINGS.as_bytes(),
+        private::WriteMode::Append,
+        user.owner(),
+    )
+    .map_err(io_err("writing postgresql.conf"))?;
     Ok(())
 }
 
@@ -231,11 +241,10 @@ pub fn start_with(
     timeout: Duration,
     settings: &[&str],
 ) -> Result<(), ClusterError> {
-    let log_file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("opening {}", log.display())))?;
+    // Opened by pgtwig (root, when servers run as another user) in a folder
+    // the server user cannot change (see `crate::ownership`), without
+    // following a link: the server only gets the open descriptor.
+    let log_file = private::open_append(log).map_err(io_err("cannot open the server log"))?;
     let log_err = log_file
         .try_clone()
         .map_err(io_err("duplicating log handle"))?;
@@ -314,6 +323,17 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
             _ => Ok(()),
         };
     }
+    if !is_postmaster_of(pid, data_dir) {
+        return Err(ClusterError::Io {
+            what: format!(
+                "{} names pid {pid}, a process of another user than the data directory's owner; pgtwig \
+                 does not signal it. If no server runs for {}, remove that postmaster.pid",
+                data_dir.join("postmaster.pid").display(),
+                data_dir.display()
+            ),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        });
+    }
     let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
     let deadline = Instant::now() + timeout;
     while process_alive(pid) && data_dir.join("postmaster.pid").exists() {
@@ -334,10 +354,36 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
     Ok(())
 }
 
+/// Whether `pid` can be the postmaster of `data_dir`: run as root, only a
+/// process of the data directory's owner. `postmaster.pid` is the server
+/// user's file and could name any process (pid 1, too) for root to signal;
+/// a stale one may name a pid reused by someone else.
+fn is_postmaster_of(pid: i32, data_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return true; // the kernel only lets us signal our own processes
+    }
+    let Ok(owner) = fs::metadata(data_dir).map(|m| m.uid()) else {
+        return false;
+    };
+    // The real uid from /proc (its folder's owner is root for processes
+    // that are not dumpable).
+    match fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .and_then(|uid| uid.parse::<u32>().ok())
+            .is_some_and(|uid| uid == owner),
+        // No /proc (macOS): nothing to check against.
+        Err(_) => !Path::new("/proc/self").exists(),
+    }
+}
+
 /// The last lines the server wrote since `from` (for error messages).
 pub fn log_tail(log: &Path, from: u64) -> String {
     let mut text = String::new();
-    if let Ok(mut f) = fs::File::open(log) {
+    if let Ok(mut f) = private::open_read(log) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let start = from.min(len).max(len.saturating_sub(4096));
         let _ = f.seek(SeekFrom::Start(start));
@@ -404,8 +450,15 @@ fn private_dir(user: &ServerUser, dir: &Path) -> Result<(), ClusterError> {
 /// The WAL file holding the REDO point of the last checkpoint of a stopped
 /// cluster (`pg_controldata`'s "Latest checkpoint's REDO WAL file"): a clone
 /// of a stopped cluster needs WAL from there on, nothing older.
-pub fn redo_wal_file(pg: &PgInstall, data_dir: &Path) -> Result<String, ClusterError> {
-    let out = std::process::Command::new(pg.bin("pg_controldata"))
+pub fn redo_wal_file(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+) -> Result<String, ClusterError> {
+    // As the server user: its data directory could hold a link in place of
+    // pg_control, and root would read (and print) whatever it names.
+    let out = user
+        .command(&pg.bin("pg_controldata"))
         .arg(data_dir)
         .env("LC_ALL", "C")
         .output()

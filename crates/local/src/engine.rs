@@ -155,19 +155,15 @@ impl LocalBackend {
     /// (`pgtwig init`), otherwise a missing folder is [`Error::NotInitialized`].
     pub fn open(home: ProjectHome, create: bool) -> Result<LocalBackend> {
         let user = ServerUser::resolve(home.dir())?;
-        if !home.branches_dir().is_dir() {
-            if !create {
-                return Err(Error::NotInitialized {
-                    dir: home.dir().to_path_buf(),
-                });
-            }
-            fs::create_dir_all(home.branches_dir())
-                .map_err(io_err(format!("creating {}", home.dir().display())))?;
+        if !create && !home.branches_dir().is_dir() {
+            return Err(Error::NotInitialized {
+                dir: home.dir().to_path_buf(),
+            });
         }
-        fs::create_dir_all(home.tmp_dir())
-            .map_err(io_err(format!("creating {}", home.tmp_dir().display())))?;
-        user.check_reachable(&home.branches_dir())?;
         let backend = LocalBackend { home, user };
+        // Before anything in the project is opened: see `ownership`.
+        backend.secure_project()?;
+        backend.user.check_reachable(&backend.home.branches_dir())?;
         // Finish or undo what a killed command left, so that even read-only
         // commands never show a half-made or half-reset branch. If another
         // command holds the lock it is mid-change; leave its work alone.
@@ -241,7 +237,8 @@ impl LocalBackend {
             path: path.clone(),
             why,
         };
-        let text = fs::read_to_string(&path).map_err(|e| corrupt(e.to_string()))?;
+        let text =
+            pgtwig_core::private::read_to_string(&path).map_err(|e| corrupt(e.to_string()))?;
         let meta: BranchMeta = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         Ok(Branch {
             name: name.clone(),
@@ -532,11 +529,14 @@ pub(crate) fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
     fsutil::write_atomic(&dir.join(META_FILE), &json).map_err(io_err("writing branch metadata"))
 }
 
+/// Write a file (0600, the server user's) into a data directory, which the
+/// server user owns: no link followed, no hard link written through.
 pub(crate) fn write_private(user: &ServerUser, path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("setting mode"))?;
-    user.own(path).map_err(io_err("changing owner"))
+    use pgtwig_core::private::{write_file, WriteMode};
+    write_file(path, text.as_bytes(), WriteMode::Replace, user.owner()).map_err(io_err(format!(
+        "writing {} into the data directory",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    )))
 }
 
 /// Flush a finished build to disk before it is published, so a power cut

@@ -42,7 +42,7 @@ pub fn archive_settings(user: &ServerUser, branch_dir: &Path) -> Result<Vec<Stri
     let dir = archive_dir(branch_dir);
     if !dir.exists() {
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        user.own(&dir)
+        user.server_folder(&dir)
             .map_err(io_err("giving the WAL archive to the server user"))?;
     }
     let d = dir.display().to_string().replace('\'', "");
@@ -155,13 +155,19 @@ impl LocalBackend {
             .is_none_or(|b| now.duration_since(b.started).unwrap_or_default() >= BASE_INTERVAL);
         if due {
             let dir = bases_dir(&branch.dir);
-            fs::create_dir_all(&dir).map_err(io_err("creating bases"))?;
+            if !dir.exists() {
+                fs::create_dir(&dir).map_err(io_err("creating bases"))?;
+                self.user
+                    .own_folder(&dir)
+                    .map_err(io_err("making bases private"))?;
+            }
             let build = dir.join(format!("tmp-{}", std::process::id()));
             let _ = remove_tree(&build);
             fs::create_dir(&build).map_err(io_err("creating a base"))?;
+            // pgtwig's like the branch folder; only its data/ is the server user's.
             self.user
-                .own(&build)
-                .map_err(io_err("giving the base to the server user"))?;
+                .own_folder(&build)
+                .map_err(io_err("making the base private"))?;
             let made = self.build_clone(&branch, &build);
             match made {
                 Ok(c) if c.method == CloneMethod::CopyOnWrite => {
@@ -254,6 +260,9 @@ impl LocalBackend {
             cloner
                 .clone_tree(&base.data, &data, &|_, _| Visit::Clone)
                 .map_err(io_err("cloning the base"))?;
+            cloner
+                .give_to_server(&data)
+                .map_err(io_err("giving the clone to the server user"))?;
             let archive = archive_dir(&parent_branch.dir)
                 .display()
                 .to_string()
@@ -269,12 +278,18 @@ impl LocalBackend {
                 ),
                 Target::Lsn(l) => format!("recovery_target_lsn = '{l}'"),
             };
-            let auto = data.join("postgresql.auto.conf");
-            let mut conf = fs::read_to_string(&auto).unwrap_or_default();
-            conf.push_str(&format!(
+            // Appended without reading it back, and never through a link:
+            // the data directory is the server user's.
+            let recovery = format!(
                 "\n# pgtwig: point-in-time recovery (removed once done)\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\n{target_setting}\nrecovery_target_action = 'promote'\n"
-            ));
-            fs::write(&auto, conf).map_err(io_err("writing recovery settings"))?;
+            );
+            pgtwig_core::private::write_file(
+                &data.join("postgresql.auto.conf"),
+                recovery.as_bytes(),
+                pgtwig_core::private::WriteMode::Append,
+                self.user.owner(),
+            )
+            .map_err(io_err("writing recovery settings"))?;
             write_private(&self.user, &data.join("recovery.signal"), "")?;
             let pg = self.install_for(&parent_branch)?;
             let log = build.join("server.log");

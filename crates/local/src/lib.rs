@@ -3,7 +3,11 @@
 //!
 //! - [`pgbin`]: finding server binaries, by major version.
 //! - [`server_user`]: who runs the servers (not root).
+//! - `ownership`: which folder of a project is whose, and tightening
+//!   projects made by an older pgtwig.
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
+//! - `beneath`: reaching into the server user's data directories without
+//!   following links.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
@@ -14,11 +18,13 @@
 //!   crash-safe under the project lock.
 
 pub mod backup;
+mod beneath;
 mod build;
 pub mod clone;
 pub mod cluster;
 pub mod engine;
 pub mod history;
+mod ownership;
 pub mod pgbin;
 pub mod prepared;
 pub mod server_user;

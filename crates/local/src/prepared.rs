@@ -8,6 +8,7 @@ use std::path::Path;
 
 use pgtwig_core::BranchName;
 
+use crate::beneath;
 use crate::clone::CloneMethod;
 use crate::cluster;
 use crate::engine::{
@@ -49,26 +50,26 @@ impl LocalBackend {
             self.with_build_server(name, &pg, &build, &log, &settings, |sock| {
                 prepare(sock).map_err(Error::Other)
             })?;
-            let redo = cluster::redo_wal_file(&pg, &data)?;
-            let wal = data.join("pg_wal");
-            for entry in fs::read_dir(&wal)
-                .map_err(io_err("reading pg_wal"))?
-                .flatten()
-            {
-                let n = entry.file_name().to_string_lossy().into_owned();
+            let redo = cluster::redo_wal_file(&pg, &self.user, &data)?;
+            // Through descriptors, never a link: the data directory is the
+            // server user's and this may run as root (a pg_wal/archive_status
+            // swapped for a link to /etc must not make root empty /etc).
+            let wal = beneath::open_dir_beneath(&data, Path::new("pg_wal"))
+                .map_err(io_err("reading pg_wal"))?;
+            for (name, _) in beneath::list_dir(&wal).map_err(io_err("reading pg_wal"))? {
+                let n = name.to_string_lossy();
                 let old_segment = n.len() >= 24
                     && n[..24].bytes().all(|b| b.is_ascii_hexdigit())
                     && n[8..24] < redo[8..];
                 if old_segment {
-                    fs::remove_file(entry.path())
+                    beneath::remove_at(&wal, &name)
                         .map_err(io_err(format!("removing old WAL {n}")))?;
                 }
             }
-            for entry in fs::read_dir(wal.join("archive_status"))
-                .map_err(io_err("reading archive_status"))?
-                .flatten()
-            {
-                let _ = fs::remove_file(entry.path());
+            let status = beneath::open_at(&wal, std::ffi::OsStr::new("archive_status"), true)
+                .map_err(io_err("reading archive_status"))?;
+            for (name, _) in beneath::list_dir(&status).map_err(io_err("reading archive_status"))? {
+                let _ = beneath::remove_at(&status, &name);
             }
             let _ = fs::remove_file(&log);
             let meta = BranchMeta {

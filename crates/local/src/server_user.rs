@@ -2,7 +2,10 @@
 //!
 //! `initdb` and `postgres` refuse to run as root. When pgtwig itself runs as
 //! root (CI, containers, sudo), it runs the server binaries as an
-//! unprivileged user instead, and makes that user own the branch folders:
+//! unprivileged user instead, and makes that user own the folders its
+//! servers write (`data/`, `wal-archive/`) — only those: the folders around
+//! them stay root's, passable by that user's group (see
+//! [`ServerUser::own_folder`] and `crate::ownership`). The user is
 //! `PGTWIG_SERVER_USER` if set, else the owner of the state folder when that
 //! is not root, else `postgres` (which every PostgreSQL package creates).
 //! Run as anyone else, servers run as that same user and nothing changes.
@@ -80,11 +83,8 @@ impl ServerUser {
                     )))
                 }
             }
-        } else if let Some(owner) = nearest_existing(home)
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map(|m| Uid::from_raw(m.uid()))
-            .filter(|uid| !uid.is_root())
-            .and_then(|uid| User::from_uid(uid).ok().flatten())
+        } else if let Some(owner) =
+            state_folder_owner(home).and_then(|uid| User::from_uid(uid).ok().flatten())
         {
             owner
         } else {
@@ -113,6 +113,46 @@ impl ServerUser {
             cmd.current_dir("/");
         }
         cmd
+    }
+
+    /// The group that may pass through pgtwig's folders: this user's, when
+    /// it is not pgtwig's own (see [`own_folder`](Self::own_folder)).
+    pub fn pass_through(&self) -> Option<u32> {
+        self.switch.then_some(self.gid)
+    }
+
+    /// Make the existing `dir` a folder of pgtwig's own that this user only
+    /// passes through: the project folder, `branches/`, `tmp/`, a branch
+    /// folder, a build, `bases/`. Mode 0700; when pgtwig runs as root and
+    /// servers as this user, root's with this user's group and mode 0710:
+    /// the server reaches the folders it writes inside (`data/`,
+    /// `wal-archive/`) but cannot list, create, rename or replace anything
+    /// here. That is what makes `server.log` safe to open as root: were the
+    /// branch folder the server user's, it could swap the log for a link to
+    /// any file and have root append to it on the next start. The group is
+    /// the server user's own (`postgres` on every distribution); give a
+    /// [`SERVER_USER_ENV`] user a group of its own too, since members of
+    /// that group could pass through as well (though read nothing: every
+    /// file here is 0600 and the server's folders are 0700).
+    pub fn own_folder(&self, dir: &Path) -> std::io::Result<()> {
+        let (mode, uid) = pgtwig_core::home::folder_mode(self.pass_through());
+        pgtwig_core::private::secure_dir(dir, mode, uid, self.pass_through())
+    }
+
+    /// Make the existing `dir` a folder this user writes (`wal-archive/`):
+    /// its own, mode 0700.
+    pub fn server_folder(&self, dir: &Path) -> std::io::Result<()> {
+        pgtwig_core::private::secure_dir(
+            dir,
+            0o700,
+            self.switch.then_some(self.uid),
+            self.switch.then_some(self.gid),
+        )
+    }
+
+    /// Where this user owns files pgtwig writes for it (uid, gid).
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.switch.then_some((self.uid, self.gid))
     }
 
     /// Give `path` (not following symlinks) to this user when switching.
@@ -163,13 +203,44 @@ fn user_groups(user: &ServerUser) -> Vec<u32> {
     groups
 }
 
-fn nearest_existing(p: &Path) -> Option<&Path> {
-    let mut cur = Some(p);
-    while let Some(c) = cur {
-        if c.exists() {
-            return Some(c);
+/// The owner of the state folder, when that is not root: the nearest
+/// existing folder at or above `dir` that root does not own. Folders root
+/// made on the way (the project folder itself is always root's when pgtwig
+/// runs as root, see `own_folder`) are passed over, so the answer is the
+/// same before `pgtwig init` and after.
+fn state_folder_owner(dir: &Path) -> Option<Uid> {
+    dir.ancestors()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| Uid::from_raw(m.uid()))
+        .find(|uid| !uid.is_root())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run as root, servers run as the state folder's owner, before the
+    /// project folder exists (`pgtwig init`) and after root made it.
+    #[test]
+    fn the_state_folders_owner_runs_servers_before_and_after_init() {
+        if !Uid::effective().is_root() || std::env::var_os(SERVER_USER_ENV).is_some() {
+            eprintln!("SKIPPED: needs root and no {SERVER_USER_ENV}");
+            return;
         }
-        cur = c.parent();
+        let nobody = User::from_name("nobody").unwrap().expect("user nobody");
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("state");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(nobody.uid.as_raw()), None).unwrap();
+        let project = home.join("shop");
+        assert_eq!(
+            ServerUser::resolve(&project).unwrap().uid,
+            nobody.uid.as_raw()
+        );
+        std::fs::create_dir(&project).unwrap();
+        assert_eq!(
+            ServerUser::resolve(&project).unwrap().uid,
+            nobody.uid.as_raw()
+        );
     }
-    None
 }

@@ -78,7 +78,8 @@ impl NeonBackend {
         project_id: &str,
         home: ProjectHome,
     ) -> Result<NeonBackend, NeonError> {
-        std::fs::create_dir_all(home.dir()).map_err(|e| NeonError::Notes {
+        // No local servers: the folder is ours alone (0700, files 0600).
+        home.make_private(None).map_err(|e| NeonError::Notes {
             path: home.dir().display().to_string(),
             message: e.to_string(),
         })?;
