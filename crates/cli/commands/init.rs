@@ -55,6 +55,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
             c.backend = pgtwig_core::BackendKind::Neon;
             let mut neon = pgtwig_core::config::NeonConfig::new(id.clone());
             if let Some(url) = &args.neon_api_url {
+                pgtwig_core::config::check_neon_api_url(url)
+                    .map_err(|e| anyhow::anyhow!("--neon-api-url: {e}"))?;
                 neon.api_url = url.clone();
             }
             c.neon = Some(neon);
