@@ -94,6 +94,8 @@ fn git_checkouts_follow_neon_branches_through_the_proxy() {
             && out.contains("Installed the git hook"),
         "{out}"
     );
+    // The config's post_create runs once approved.
+    env.ok(&["trust"]);
     n.direct(
         "main",
         "create table marker(branch text); insert into marker values ('main')",

@@ -9,6 +9,7 @@ use pgtwig_core::state::ProjectState;
 use pgtwig_core::{Config, CONFIG_FILE};
 
 use crate::backend::{Backend, Neon};
+use crate::commands::trust;
 use crate::project::{git_toplevel, Project};
 
 #[derive(Args)]
@@ -36,7 +37,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         );
     };
     let config_path = top.join(CONFIG_FILE);
-    let config = if config_path.exists() {
+    let adopted = config_path.exists();
+    let config = if adopted {
         // Read as every other command does, .pgtwig.local.toml included.
         let (c, _) = Config::discover(&top)?;
         println!("Using existing {}", config_path.display());
@@ -74,6 +76,12 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         c
     };
     let project = Project::at(config, top)?;
+    if adopted {
+        // Someone else's file (a clone, a pull request): its commands wait for `pgtwig trust`.
+        trust::report_unapproved(&project)?;
+    } else {
+        trust::approve_written(&project)?;
+    }
     let backend = match project.backend(true)? {
         Backend::Local(b) => b,
         Backend::Neon(n) => return init_neon(&project, &n),

@@ -5,3 +5,4 @@ pub mod diff;
 pub mod git;
 pub mod import;
 pub mod init;
+pub mod trust;

@@ -353,6 +353,9 @@ impl Config {
                             message: e.to_string().trim_end().to_string(),
                         })?;
                     let mut map = overrides.map;
+                    for rule in &mut map {
+                        rule.source = crate::rules::RuleSource::Local;
+                    }
                     map.append(&mut config.map);
                     config.map = map;
                 }

@@ -7,6 +7,7 @@
 //! - [`fsutil`]: crash-safe files (write, fsync, rename) and the per-project lock.
 //! - [`rules`]: `[[map]]` rules, git branch → database branch.
 //! - [`state`]: `state.json`, the active branch.
+//! - [`trust`]: commands from the repository (`post_create`) run only once approved (`pgtwig trust`).
 //! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
 
 pub mod anonymize;
@@ -17,6 +18,7 @@ pub mod home;
 pub mod names;
 pub mod rules;
 pub mod state;
+pub mod trust;
 
 pub use config::{BackendKind, Config, CONFIG_FILE};
 pub use home::ProjectHome;

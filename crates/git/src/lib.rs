@@ -67,6 +67,12 @@ impl Worktree {
         self.repo.path()
     }
 
+    /// The git dir shared by every work tree of this clone (`.git` of the
+    /// main work tree): what identifies the repository on this machine.
+    pub fn common_dir(&self) -> &Path {
+        self.repo.commondir()
+    }
+
     /// The file whose changes mean "something was checked out".
     pub fn head_file(&self) -> PathBuf {
         self.repo.path().join("HEAD")
