@@ -88,7 +88,7 @@ fn post_create_runs_only_once_approved() {
     // init adopts a committed config: it does not approve its commands, and says how.
     let out = env.init();
     assert!(
-        out.contains("they are not approved")
+        out.contains("Not approved yet in this repository")
             && out.contains("echo v1 > ../markers/$PGTWIG_BRANCH")
             && out.contains(&format!("run `pgtwig trust` in {}", env.repo.display())),
         "{out}"

@@ -62,6 +62,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
                 neon.api_url = url.clone();
             }
             c.neon = Some(neon);
+            // The user typed --neon-api-url: approved before it is first used.
+            trust::approve_written(&Project::at(c.clone(), top.clone())?)?;
             c.root_branch = match args.root.clone() {
                 Some(r) => r,
                 None => neon_default_branch(&c, &top)?,

@@ -1,6 +1,7 @@
 //! `pgtwig trust`: approve the commands this work tree's config would run
-//! (`post_create`), list or forget approvals; and the check a checkout makes
-//! before running them. The rules live in `pgtwig_core::trust`.
+//! (`post_create`) and a non-default Neon API, list or forget approvals; and
+//! the checks made before running them or sending the key. The rules live in
+//! `pgtwig_core::trust`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -56,7 +57,8 @@ pub fn run(args: TrustArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "Commands pgtwig runs after a checkout makes a branch (with DATABASE_URL set to it), for repository {}:",
+        "Approving for repository {}: post_create commands run after a checkout makes a branch \
+         (DATABASE_URL set to it); an api_url gets your Neon API key.",
         repo.as_str()
     );
     let mut approved = 0;
@@ -67,7 +69,7 @@ pub fn run(args: TrustArgs) -> Result<ExitCode> {
     }
     store.save()?;
     println!(
-        "Approved {approved} command list(s){}. They run on checkouts in every work tree of this repository; \
+        "Approved {approved} command list(s){}. They hold in every work tree of this repository; \
          a changed list needs `pgtwig trust` again, `pgtwig trust --revoke` forgets.",
         match lists.len() - approved {
             0 => String::new(),
@@ -185,6 +187,26 @@ pub fn may_run(
     false
 }
 
+/// A `[neon] api_url` other than Neon's own gets the API key only once
+/// approved: a committed config could otherwise send it to any https host.
+pub fn require_approved_api_url(project: &Project, api_url: &str) -> Result<()> {
+    if api_url == pgtwig_core::config::DEFAULT_NEON_API_URL {
+        return Ok(());
+    }
+    let repo = repo_key(&project.root)?;
+    let store = TrustStore::load(&trust::trust_path(&project.home))?;
+    if store.is_approved(&repo, CommandKind::NeonApiUrl, &[api_url.to_string()]) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "[neon] api_url in {} is \"{api_url}\", not Neon's own API ({}), and pgtwig would send your Neon API key \
+         there; if you trust that host, approve it with `pgtwig trust` in {}",
+        pgtwig_core::CONFIG_FILE,
+        pgtwig_core::config::DEFAULT_NEON_API_URL,
+        project.root.display()
+    )
+}
+
 /// `pgtwig init` wrote the config itself: what it holds is the user's.
 pub fn approve_written(project: &Project) -> Result<()> {
     let lists = trust::command_lists(&project.config);
@@ -212,13 +234,14 @@ pub fn report_unapproved(project: &Project) -> Result<()> {
         return Ok(());
     }
     println!(
-        "This configuration runs commands after a checkout makes a branch; they are not approved:"
+        "Not approved yet in this repository (post_create commands run after a checkout makes a branch):"
     );
     for l in pending {
         print_list(l, "");
     }
     println!(
-        "Checkouts make branches without them until you review them and run `pgtwig trust` in {}",
+        "Checkouts make branches without those commands, and a non-default api_url gets no Neon API key, \
+         until you review them and run `pgtwig trust` in {}",
         project.root.display()
     );
     Ok(())

@@ -12,6 +12,9 @@
 //!
 //! Approval covers the commands' text, not what they read: a command such as
 //! `./scripts/migrate` runs that script as the checked-out branch has it.
+//!
+//! A `[neon] api_url` other than Neon's own is approved the same way: pgtwig
+//! sends the Neon API key there with every request.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,18 +36,22 @@ pub fn trust_path(home: &ProjectHome) -> PathBuf {
     home.dir().join(TRUST_FILE)
 }
 
-/// A kind of command list a config can hold. Part of the hash, so a list
-/// approved as one kind is not taken as approved for another.
+/// A kind of list a config can hold that needs approval. Part of the hash,
+/// so a list approved as one kind is not taken as approved for another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandKind {
     /// `post_create` of a `[[map]]` rule: run after a checkout made a branch.
     PostCreate,
+    /// `[neon] api_url` when it is not Neon's own API (one entry): where the
+    /// Neon API key is sent.
+    NeonApiUrl,
 }
 
 impl CommandKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CommandKind::PostCreate => "post_create",
+            CommandKind::NeonApiUrl => "api_url",
         }
     }
 }
@@ -66,11 +73,24 @@ impl CommandList {
     }
 }
 
-/// Every command list `config` would run: the one place that knows which
-/// settings hold commands. Empty lists are left out (they run nothing).
+/// Every list `config` holds that needs approval — the commands it would
+/// run, and a non-default Neon API it would send the key to: the one place
+/// that knows which settings those are. Empty lists are left out (they run
+/// nothing).
 pub fn command_lists(config: &Config) -> Vec<CommandList> {
     let mut numbers: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut out = Vec::new();
+    if let Some(neon) = &config.neon {
+        if neon.api_url != crate::config::DEFAULT_NEON_API_URL {
+            out.push(CommandList {
+                kind: CommandKind::NeonApiUrl,
+                // `[neon]` is only read from the committed file.
+                source: RuleSource::Committed,
+                rule: "[neon] (pgtwig sends your Neon API key there)".into(),
+                commands: vec![neon.api_url.clone()],
+            });
+        }
+    }
     for rule in &config.map {
         let number = numbers.entry(rule.source.file_name()).or_default();
         *number += 1;
@@ -327,6 +347,21 @@ mod tests {
             lists[1].rule.starts_with("[[map]] rule 2 "),
             "{}",
             lists[1].rule
+        );
+
+        // A Neon API other than Neon's own needs approval; the default does not.
+        let mut config = config;
+        config.neon = Some(crate::config::NeonConfig::new("p"));
+        assert_eq!(command_lists(&config).len(), 2);
+        config.neon.as_mut().unwrap().api_url = "https://neon.example/api/v2".into();
+        let lists = command_lists(&config);
+        assert_eq!(lists.len(), 3);
+        assert_eq!(lists[0].kind, CommandKind::NeonApiUrl);
+        assert_eq!(lists[0].commands, ["https://neon.example/api/v2"]);
+        assert_ne!(
+            lists[0].hash(),
+            list_hash(CommandKind::PostCreate, &lists[0].commands),
+            "a URL approved is not a command approved"
         );
     }
 
