@@ -68,6 +68,8 @@ fn the_example_app_follows_git_checkouts() {
     .unwrap();
     common::git(&env, &["commit", "-q", "--allow-empty", "-m", "init"]);
     env.init();
+    // post_create migrates new branches once approved.
+    env.ok(&["trust"]);
     let mut daemon = env
         .cmd(&["up"])
         .stdout(Stdio::piped())

@@ -54,6 +54,9 @@ fn checkout_switches_and_auto_creates() {
     let env = repo_env("[[map]]\ngit = \"*\"\nbranch = \"{branch}\"\npost_create = [\"psql \\\"$DATABASE_URL\\\" -qc 'create table made_by_post_create()'\", \"exit 3\"]\n");
     let out = env.init();
     assert!(out.contains("Installed the git hook"), "{out}");
+    // The config's commands run once approved (tests/trust.rs tests the rest).
+    assert!(out.contains("run `pgtwig trust`"), "{out}");
+    env.ok(&["trust"]);
     env.ok(&["branch", "start", "main"]);
     env.psql(
         "main",

@@ -47,6 +47,10 @@ impl NeonEnv {
             ),
         )
         .unwrap();
+        // The stand-in's api_url is not Neon's: it gets the key (and the
+        // config's post_create runs) once approved, as a user would.
+        let out = env.ok(&["trust"]);
+        assert!(out.contains(&cloud.api_base()), "{out}");
         NeonEnv { env, cloud }
     }
 
@@ -328,6 +332,50 @@ fn neon_errors_say_what_to_do_and_never_show_the_key() {
         err.contains("[neon]") && err.contains("project_id"),
         "{err}"
     );
+}
+
+/// A committed api_url that is not Neon's own could send the API key to any
+/// host: no request goes there until `pgtwig trust` approved it.
+#[test]
+fn a_committed_api_url_gets_no_key_until_approved() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    let cloud = StandIn::api_only();
+    std::env::set_var("NEON_API_KEY", cloud.api_key());
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        format!(
+            "project = \"shop\"\nbackend = \"neon\"\n[neon]\nproject_id = \"{}\"\napi_url = \"{}\"\n",
+            cloud.project_id(),
+            cloud.api_base()
+        ),
+    )
+    .unwrap();
+    let out = env.ok(&["trust", "--list"]);
+    assert!(
+        out.contains("Not approved yet") && out.contains(&cloud.api_base()),
+        "{out}"
+    );
+    for args in [&["init"][..], &["branch", "list"]] {
+        let err = env.fails(args);
+        assert!(
+            err.contains(&format!(
+                "api_url in .pgtwig.toml is \"{}\"",
+                cloud.api_base()
+            )) && err.contains("not Neon's own API")
+                && err.contains(&format!("`pgtwig trust` in {}", env.repo.display())),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(cloud.requests().len(), 0, "the key went nowhere");
+    let out = env.ok(&["trust"]);
+    assert!(
+        out.contains(".pgtwig.toml, [neon] (pgtwig sends your Neon API key there), api_url:")
+            && out.contains(&cloud.api_base()),
+        "{out}"
+    );
+    env.init();
+    assert!(env.ok(&["branch", "list"]).contains("main (root)"));
+    assert!(!cloud.requests().is_empty());
 }
 
 #[test]

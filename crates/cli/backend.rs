@@ -50,6 +50,7 @@ impl Project {
             .neon
             .as_ref()
             .context("backend = \"neon\" needs a [neon] section with project_id")?;
+        crate::commands::trust::require_approved_api_url(self, &config.api_url)?;
         let client = NeonClient::new(&config.api_url, ApiKey::from_environment()?);
         let mut backend = NeonBackend::new(client, &config.project_id, self.home.clone())?;
         backend.suspend_timeout = config.suspend_timeout;

@@ -52,6 +52,8 @@ enum Command {
     Anonymize(commands::anonymize::AnonymizeArgs),
     /// Schema difference between two branches (exit 1 when they differ).
     Diff(commands::diff::DiffArgs),
+    /// Approve the commands this repository's config runs (post_create); --list, --revoke.
+    Trust(commands::trust::TrustArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
     Uninstall,
     /// Entry points for git hooks (installed by `pgtwig init`).
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Pr(cmd) => commands::git::pr(cmd),
         Command::Gc { dry_run } => commands::git::gc(dry_run),
         Command::Uninstall => commands::git::uninstall(),
+        Command::Trust(args) => commands::trust::run(args),
         Command::Diff(args) => commands::diff::run(args),
         Command::Anonymize(args) => commands::anonymize::run(args),
         Command::Import(args) => commands::import::run(args),

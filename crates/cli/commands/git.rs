@@ -123,7 +123,7 @@ fn follow_checkout() -> Result<()> {
                 target.parent,
                 output::duration(started.elapsed())
             );
-            run_post_create(&project, &backend, &target.branch, &target.post_create);
+            run_post_create(&project, &backend, &target);
         }
     }
     // Each work tree has its own active branch: clients running in it are routed there.
@@ -182,10 +182,15 @@ impl<'a> Holders<'a> {
     }
 }
 
-/// Run `post_create` commands with DATABASE_URL straight at the new branch.
-/// A failure is reported; the branch stays.
-fn run_post_create(project: &Project, backend: &Backend, branch: &BranchName, commands: &[String]) {
-    if commands.is_empty() {
+/// Run `post_create` commands with DATABASE_URL straight at the new branch,
+/// if `pgtwig trust` approved this exact list (they come with the
+/// repository, so with every pull request). A failure is reported; the
+/// branch stays.
+fn run_post_create(project: &Project, backend: &Backend, target: &rules::Target) {
+    let (branch, commands) = (&target.branch, &target.post_create);
+    if commands.is_empty()
+        || !crate::commands::trust::may_run(project, branch, target.source.file_name(), commands)
+    {
         return;
     }
     let url = match backend.url(branch, backend.default_database()) {

@@ -9,6 +9,7 @@ use pgtwig_core::state::ProjectState;
 use pgtwig_core::{Config, CONFIG_FILE};
 
 use crate::backend::{Backend, Neon};
+use crate::commands::trust;
 use crate::project::{git_toplevel, Project};
 
 #[derive(Args)]
@@ -36,7 +37,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         );
     };
     let config_path = top.join(CONFIG_FILE);
-    let config = if config_path.exists() {
+    let adopted = config_path.exists();
+    let config = if adopted {
         // Read as every other command does, .pgtwig.local.toml included.
         let (c, _) = Config::discover(&top)?;
         println!("Using existing {}", config_path.display());
@@ -55,9 +57,13 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
             c.backend = pgtwig_core::BackendKind::Neon;
             let mut neon = pgtwig_core::config::NeonConfig::new(id.clone());
             if let Some(url) = &args.neon_api_url {
+                pgtwig_core::config::check_neon_api_url(url)
+                    .map_err(|e| anyhow::anyhow!("--neon-api-url: {e}"))?;
                 neon.api_url = url.clone();
             }
             c.neon = Some(neon);
+            // The user typed --neon-api-url: approved before it is first used.
+            trust::approve_written(&Project::at(c.clone(), top.clone())?)?;
             c.root_branch = match args.root.clone() {
                 Some(r) => r,
                 None => neon_default_branch(&c, &top)?,
@@ -72,6 +78,12 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         c
     };
     let project = Project::at(config, top)?;
+    if adopted {
+        // Someone else's file (a clone, a pull request): its commands wait for `pgtwig trust`.
+        trust::report_unapproved(&project)?;
+    } else {
+        trust::approve_written(&project)?;
+    }
     let backend = match project.backend(true)? {
         Backend::Local(b) => b,
         Backend::Neon(n) => return init_neon(&project, &n),

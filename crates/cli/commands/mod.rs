@@ -5,4 +5,5 @@ pub mod diff;
 pub mod git;
 pub mod import;
 pub mod init;
+pub mod trust;
 pub mod url;

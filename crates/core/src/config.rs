@@ -59,8 +59,9 @@ pub struct Config {
 pub struct NeonConfig {
     /// The Neon project id (Settings → General in the console), e.g. "cool-forest-123456".
     pub project_id: String,
-    /// Neon's API; another base only for a regional or test API.
-    #[serde(default = "default_neon_api")]
+    /// Neon's API; another base only for a regional or test API. Must be
+    /// https (the API key goes with every request), http only on loopback.
+    #[serde(default = "default_neon_api", deserialize_with = "api_url_text")]
     pub api_url: String,
     /// The role in connection strings pgtwig prints (`pr open`, `branch url`,
     /// `diff`); default: the branch's only role.
@@ -97,6 +98,46 @@ fn default_neon_database() -> String {
 
 fn default_neon_api() -> String {
     DEFAULT_NEON_API_URL.into()
+}
+
+/// Refuse an `api_url` that would send the Neon API key where others can
+/// read it: anything but `https://`, except `http://` to this machine
+/// (127.0.0.0/8, ::1, localhost; a local stand-in or tunnel). Parsed with
+/// the `url` crate, the parser reqwest itself uses, so the host checked is
+/// the host connected to (`http://evil\@127.0.0.1` is evil's).
+pub fn check_neon_api_url(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| {
+        format!("api_url \"{text}\" is not a URL ({e}); write e.g. \"{DEFAULT_NEON_API_URL}\"")
+    })?;
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "api_url \"{text}\" would send the Neon API key unencrypted to {}; use https:// \
+                     (http:// is allowed only to this machine: 127.0.0.0/8, ::1, localhost)",
+                    url.host_str().unwrap_or("no host")
+                ))
+            }
+        }
+        other => Err(format!(
+            "api_url \"{text}\" must be an https:// URL (not {other}://), e.g. \"{DEFAULT_NEON_API_URL}\""
+        )),
+    }
+}
+
+fn api_url_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    check_neon_api_url(&text).map_err(serde::de::Error::custom)?;
+    Ok(text)
 }
 
 impl NeonConfig {
@@ -313,6 +354,9 @@ impl Config {
                             message: e.to_string().trim_end().to_string(),
                         })?;
                     let mut map = overrides.map;
+                    for rule in &mut map {
+                        rule.source = crate::rules::RuleSource::Local;
+                    }
                     map.append(&mut config.map);
                     config.map = map;
                 }
@@ -526,6 +570,52 @@ mod tests {
         assert!(Config::new(BranchName::parse("a").unwrap())
             .proxy
             .tls_enabled(BackendKind::Local));
+    }
+
+    #[test]
+    fn neon_api_url_is_https_or_loopback_http() {
+        let parse = |url: &str| {
+            Config::parse(
+                &format!("project = \"a\"\nbackend = \"neon\"\n[neon]\nproject_id = \"p\"\napi_url = \"{url}\"\n"),
+                Path::new(".pgtwig.toml"),
+            )
+        };
+        for ok in [
+            "https://console.neon.tech/api/v2",
+            "https://neon.example.com:8443/api/v2",
+            "http://127.0.0.1:9000/api/v2",
+            "http://127.8.9.10/api/v2",
+            "http://[::1]:9000/api/v2",
+            "http://localhost:9000/api/v2",
+            "HTTP://LOCALHOST/api/v2",
+        ] {
+            let c = parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.neon.unwrap().api_url, ok);
+        }
+        for bad in [
+            "http://console.neon.tech/api/v2",
+            "http://10.0.0.1/api/v2",
+            "http://[::2]/api/v2",
+            "http://localhost.evil.example/api/v2",
+            "http://127.0.0.1.evil.example/api/v2",
+            // userinfo is not the host; a backslash ends the host (WHATWG, as reqwest parses it)
+            "http://127.0.0.1@evil.example/api/v2",
+            "http://evil.example\\\\@127.0.0.1/api/v2",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("api_url")
+                    && e.contains("line 5")
+                    && e.contains("unencrypted")
+                    && e.contains("https://"),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse("ftp://x/").unwrap_err().to_string();
+        assert!(e.contains("line 5") && e.contains("https://"), "{e}");
+        let e = parse("console.neon.tech").unwrap_err().to_string();
+        assert!(e.contains("line 5") && e.contains("not a URL"), "{e}");
+        assert!(check_neon_api_url(DEFAULT_NEON_API_URL).is_ok());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`private`]: files and folders nobody else can read or redirect (modes, `O_NOFOLLOW`).
 //! - [`rules`]: `[[map]]` rules, git branch → database branch.
 //! - [`state`]: `state.json`, the active branch.
+//! - [`trust`]: commands from the repository (`post_create`) run only once approved (`pgtwig trust`).
 //! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
 
 pub mod anonymize;
@@ -21,6 +22,7 @@ pub mod private;
 pub mod proxy_password;
 pub mod rules;
 pub mod state;
+pub mod trust;
 
 pub use config::{BackendKind, Config, CONFIG_FILE};
 pub use home::ProjectHome;

@@ -29,6 +29,13 @@ pub struct GitPattern {
     matcher: GlobMatcher,
 }
 
+impl GitPattern {
+    /// The glob as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
 impl PartialEq for GitPattern {
     fn eq(&self, other: &Self) -> bool {
         self.text == other.text
@@ -96,8 +103,32 @@ impl<'de> Deserialize<'de> for BranchTemplate {
 }
 
 impl BranchTemplate {
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn is_fixed(&self) -> bool {
         !self.0.contains('{')
+    }
+}
+
+/// Which file a `[[map]]` rule was read from: the committed `.pgtwig.toml`
+/// or the developer's git-ignored `.pgtwig.local.toml`. Told to the user
+/// when pgtwig asks to approve a rule's commands (see `trust`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuleSource {
+    #[default]
+    Committed,
+    Local,
+}
+
+impl RuleSource {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            RuleSource::Committed => crate::config::CONFIG_FILE,
+            RuleSource::Local => crate::config::LOCAL_CONFIG_FILE,
+        }
     }
 }
 
@@ -118,6 +149,9 @@ pub struct MapRule {
     /// Never deleted by `pgtwig gc`.
     #[serde(default)]
     pub protected: bool,
+    /// Set by `Config::discover`, not written in the file.
+    #[serde(skip)]
+    pub source: RuleSource,
 }
 
 /// What a git branch maps to.
@@ -128,6 +162,8 @@ pub struct Target {
     pub create: CreatePolicy,
     pub post_create: Vec<String>,
     pub protected: bool,
+    /// The file the matching rule (and so `post_create`) came from.
+    pub source: RuleSource,
 }
 
 /// The database branch for `git_branch`. `holder` tells who holds an
@@ -148,6 +184,7 @@ pub fn resolve(
             create: CreatePolicy::Auto,
             post_create: vec![],
             protected: false,
+            source: RuleSource::Committed,
         }];
         &default_rule[..]
     } else {
@@ -171,6 +208,7 @@ pub fn resolve(
         create: rule.create,
         post_create: rule.post_create.clone(),
         protected: rule.protected || name == *root,
+        source: rule.source,
         branch: name,
     })
 }

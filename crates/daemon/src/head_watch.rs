@@ -71,13 +71,13 @@ pub async fn run(worktree: PathBuf, head_file: PathBuf) {
             .await;
         match out {
             Ok(o) => {
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                for line in text.lines() {
+                for line in String::from_utf8_lossy(&o.stdout).lines() {
                     tracing::info!("HEAD changed: {line}");
+                }
+                // What the hook reports on stderr went wrong or was skipped
+                // (e.g. post_create commands not approved): a warning.
+                for line in String::from_utf8_lossy(&o.stderr).lines() {
+                    tracing::warn!("HEAD changed: {line}");
                 }
             }
             Err(e) => tracing::warn!("HEAD changed but pgtwig could not follow it: {e}"),

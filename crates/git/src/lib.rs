@@ -67,7 +67,8 @@ impl Worktree {
         self.repo.path()
     }
 
-    /// The repository's git dir shared by all its work trees (`.git` of the main one).
+    /// The git dir shared by every work tree of this clone (`.git` of the
+    /// main work tree): what identifies the repository on this machine.
     pub fn common_dir(&self) -> &Path {
         self.repo.commondir()
     }
