@@ -198,8 +198,8 @@ fn rules_never_create_and_worktrees() {
         "one branch per developer, shared by their git branches"
     );
 
-    // A second work tree: its checkouts create branches but do not move the
-    // proxy, which follows the work tree pgtwig was set up in.
+    // A second work tree: its checkouts make and switch its own branch; the
+    // main work tree keeps its own (tests/worktrees.rs routes clients by it).
     git(&env, &["checkout", "main"]);
     let wt = env.repo.parent().unwrap().join("wt");
     std::fs::write(
@@ -226,11 +226,17 @@ fn rules_never_create_and_worktrees() {
         &["worktree", "add", "-b", "side", wt.to_str().unwrap()],
     );
     assert!(
-        out.contains("database branch \"side\" is ready; the proxy follows"),
+        out.contains("database branch \"side\" for work tree"),
         "{out}"
     );
     assert!(env.project_dir().join("branches/side").exists());
     assert_eq!(active(&env), "main");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env.project_dir().join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let wt_key = wt.canonicalize().unwrap().display().to_string();
+    assert_eq!(state["worktrees"][&wt_key], "side", "{state}");
 }
 
 #[test]

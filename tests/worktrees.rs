@@ -223,6 +223,41 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&pinned.stdout).trim(), "main");
 
+    // A checkout that skips the hook, in a linked work tree: the daemon follows it there.
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "core.hooksPath=/nonexistent",
+            "checkout",
+            "-q",
+            "-b",
+            "feature-w",
+        ])
+        .current_dir(&wt3)
+        .env("PGTWIG_HOME", &env.home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status_json(&env);
+        let followed = status["daemon"]["worktrees"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["path"] == canon(&wt3) && t["branch"] == "feature-w");
+        if followed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not follow wt3's checkout: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(marker_from(&d, &wt3), "main", "feature-w is a copy of main");
+    assert_eq!(marker_from(&d, &wt2), "feature-z");
+
     // The text status names the work trees too.
     let text = env.ok(&["status"]);
     assert!(

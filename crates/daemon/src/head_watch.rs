@@ -1,12 +1,17 @@
 //! Checkouts that skip hooks (IDEs, some git tools, `git -c core.hooksPath=`)
-//! still switch: the daemon watches the HEAD file of the work tree it was
-//! started in and, when it changes, runs the same `pgtwig hook
-//! post-checkout` the git hook runs — after a pause, because git writes
-//! HEAD before it runs the hook, and the hook (which reports to the user
-//! in the terminal) should do the work; the daemon then finds the branch
-//! already active and does nothing.
+//! still switch: the daemon watches the HEAD file of every work tree of the
+//! repository (the main one's, and `<common dir>/worktrees/<name>/HEAD` of
+//! each linked one) and, when one changes, runs the same `pgtwig hook
+//! post-checkout` the git hook runs, in that work tree — after a pause,
+//! because git writes HEAD before it runs the hook, and the hook (which
+//! reports to the user in the terminal) should do the work; the daemon then
+//! finds the branch already active and does nothing.
+//!
+//! The watch is armed by [`arm`] before the daemon says it is ready, so a
+//! checkout right after `pgtwig up` returns is not missed.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -15,11 +20,22 @@ use tokio::sync::mpsc;
 /// How long a checkout's own hook gets before the daemon follows HEAD.
 const HOOK_GRACE: Duration = Duration::from_millis(1500);
 
-pub async fn run(worktree: PathBuf, head_file: PathBuf) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let Some(dir) = head_file.parent().map(|p| p.to_path_buf()) else {
-        return;
-    };
+/// An armed watch; [`Armed::run`] follows it.
+pub struct Armed {
+    watcher: notify::RecommendedWatcher,
+    changed: mpsc::UnboundedReceiver<PathBuf>,
+    /// `<common dir>/worktrees`, watched recursively once it exists.
+    linked: PathBuf,
+    main_root: PathBuf,
+    main_git_dir: PathBuf,
+}
+
+/// Starts watching the HEAD files of the repository whose main work tree is `root` (git dir
+/// `git_dir`, common dir `common_dir`). None (after a warning) when the OS will not watch.
+pub fn arm(root: &Path, git_dir: &Path, common_dir: &Path) -> Option<Armed> {
+    let (tx, changed) = mpsc::unbounded_channel::<PathBuf>();
+    let linked = common_dir.join("worktrees");
+    let linked_made = linked.clone();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         // Only writes count: every read of HEAD (git's, the hook's) is an
         // access event too, and would wake us in a loop.
@@ -28,60 +44,120 @@ pub async fn run(worktree: PathBuf, head_file: PathBuf) {
                 ev.kind,
                 notify::EventKind::Modify(_) | notify::EventKind::Create(_)
             );
-            if written
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|n| n == "HEAD"))
-            {
-                let _ = tx.send(());
+            if written {
+                for p in ev.paths {
+                    // HEAD files, and the first `git worktree add` making worktrees/.
+                    if p.file_name().is_some_and(|n| n == "HEAD") || p == linked_made {
+                        let _ = tx.send(p);
+                    }
+                }
             }
         }
     });
-    let mut watcher = match watcher {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(
-                "cannot watch {} for checkouts: {e}; only the git hook will switch branches",
-                dir.display()
-            );
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+    let warn = |dir: &Path, e: &dyn std::fmt::Display| {
         tracing::warn!(
             "cannot watch {} for checkouts: {e}; only the git hook will switch branches",
             dir.display()
         );
-        return;
+    };
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            warn(git_dir, &e);
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(git_dir, RecursiveMode::NonRecursive) {
+        warn(git_dir, &e);
+        return None;
     }
-    while rx.recv().await.is_some() {
-        // Let git finish and its hook run first; fold bursts (rebase).
-        tokio::time::sleep(HOOK_GRACE).await;
-        while rx.try_recv().is_ok() {}
-        // The hook is idempotent: with the right branch already active it
-        // does nothing, so there is no need to compare HEAD contents.
-        let Ok(exe) = std::env::current_exe() else {
-            continue;
-        };
-        let out = tokio::process::Command::new(exe)
-            .args(["hook", "post-checkout", "0", "0", "1"])
-            .current_dir(&worktree)
-            .output()
-            .await;
-        match out {
-            Ok(o) => {
-                for line in String::from_utf8_lossy(&o.stdout).lines() {
-                    tracing::info!("HEAD changed: {line}");
+    // Linked work trees: their HEADs are in <common>/worktrees/<name>/. Made on demand by
+    // `git worktree add`, so watch the parent while it is missing (see `Armed::run`).
+    let target = if linked.is_dir() { &linked } else { common_dir };
+    let mode = if linked.is_dir() {
+        RecursiveMode::Recursive
+    } else {
+        RecursiveMode::NonRecursive
+    };
+    if let Err(e) = watcher.watch(target, mode) {
+        warn(target, &e);
+    }
+    Some(Armed {
+        watcher,
+        changed,
+        linked,
+        main_root: root.to_path_buf(),
+        main_git_dir: git_dir.to_path_buf(),
+    })
+}
+
+impl Armed {
+    /// Follows checkouts until the daemon stops.
+    pub async fn run(mut self) {
+        while let Some(first) = self.changed.recv().await {
+            // Let git finish and its hook run first; fold bursts (rebase).
+            tokio::time::sleep(HOOK_GRACE).await;
+            let mut heads = BTreeSet::from([first]);
+            while let Ok(p) = self.changed.try_recv() {
+                heads.insert(p);
+            }
+            if heads.remove(&self.linked) {
+                // The first linked work tree: from now on watch all of them, and look at
+                // each once (its HEAD was written before the watch).
+                if let Err(e) = self.watcher.watch(&self.linked, RecursiveMode::Recursive) {
+                    tracing::warn!("cannot watch {}: {e}", self.linked.display());
                 }
-                // What the hook reports on stderr went wrong or was skipped
-                // (e.g. post_create commands not approved): a warning.
-                for line in String::from_utf8_lossy(&o.stderr).lines() {
-                    tracing::warn!("HEAD changed: {line}");
+                if let Ok(entries) = std::fs::read_dir(&self.linked) {
+                    heads.extend(entries.flatten().map(|e| e.path().join("HEAD")));
                 }
             }
-            Err(e) => tracing::warn!("HEAD changed but pgtwig could not follow it: {e}"),
+            let worktrees: BTreeSet<PathBuf> = heads
+                .iter()
+                .filter_map(|h| self.worktree_of_head(h))
+                .collect();
+            for worktree in worktrees {
+                follow(&worktree).await;
+            }
         }
     }
-    drop(watcher);
+
+    /// The work tree whose HEAD file is `head`: the main one, or the linked one whose
+    /// `<common>/worktrees/<name>/gitdir` names its `.git` file.
+    fn worktree_of_head(&self, head: &Path) -> Option<PathBuf> {
+        let dir = head.parent()?;
+        if dir == self.main_git_dir {
+            return Some(self.main_root.clone());
+        }
+        let gitdir = std::fs::read_to_string(dir.join("gitdir")).ok()?;
+        Some(Path::new(gitdir.trim()).parent()?.to_path_buf())
+    }
+}
+
+/// Runs the hook's command in `worktree`. The hook is idempotent: with the right branch
+/// already active it does nothing, so there is no need to compare HEAD contents.
+async fn follow(worktree: &Path) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    if !worktree.is_dir() {
+        return;
+    }
+    let out = tokio::process::Command::new(exe)
+        .args(["hook", "post-checkout", "0", "0", "1"])
+        .current_dir(worktree)
+        .output()
+        .await;
+    match out {
+        Ok(o) => {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                tracing::info!("HEAD changed in {}: {line}", worktree.display());
+            }
+            // What the hook reports on stderr went wrong or was skipped
+            // (e.g. post_create commands not approved): a warning.
+            for line in String::from_utf8_lossy(&o.stderr).lines() {
+                tracing::warn!("HEAD changed in {}: {line}", worktree.display());
+            }
+        }
+        Err(e) => tracing::warn!("HEAD changed but pgtwig could not follow it: {e}"),
+    }
 }

@@ -303,8 +303,13 @@ async fn serve(
             settings.suspend_timeout,
         ));
     }
-    if let Some(w) = worktree {
-        tokio::spawn(head_watch::run(w.root, w.head_file));
+    // Armed here, before the daemon says it is ready: a checkout right after `pgtwig up`
+    // returns must not be missed.
+    let watch = worktree
+        .as_ref()
+        .and_then(|w| head_watch::arm(&w.root, w.head_file.parent()?, &w.common_dir));
+    if let Some(armed) = watch {
+        tokio::spawn(armed.run());
     }
 
     let _ = std::fs::remove_file(&paths.control);
