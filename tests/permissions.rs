@@ -404,17 +404,12 @@ struct TempUser {
     name: String,
     user: nix::unistd::User,
     dir: tempfile::TempDir,
+    _account: common::os_user::OsUser,
 }
 
 impl TempUser {
     fn new(name: &str) -> TempUser {
-        let _ = Command::new("userdel").arg(name).output();
-        let out = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home"])
-            .args(["--shell", "/usr/sbin/nologin", name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "useradd: {out:?}");
+        let account = common::os_user::OsUser::create(name);
         let dir = tempfile::Builder::new()
             .prefix("pgtwig-test-user-")
             .tempdir()
@@ -430,6 +425,7 @@ impl TempUser {
             name: name.to_string(),
             user,
             dir,
+            _account: account,
         }
     }
 
@@ -475,7 +471,7 @@ impl Drop for TempUser {
             }
         }
         let _ = std::fs::remove_dir_all(format!("/tmp/pgtwig-{}", self.user.uid));
-        let _ = Command::new("userdel").arg(&self.name).output();
+        // The account itself goes with `_account`.
     }
 }
 

@@ -10,6 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::os_user::OsUser;
 use common::{free_port, up, Fs, TestEnv, BIN};
 
 /// Root is needed to make users, run processes as them and make network namespaces. Tests
@@ -22,44 +23,6 @@ fn require_root(test: &str) -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
     eprintln!("SKIPPED: {why}");
     false
-}
-
-/// An OS user made for one test and removed after it.
-struct OsUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-impl OsUser {
-    fn create() -> OsUser {
-        let name = format!("pgtwig-t{}", std::process::id() % 100_000);
-        let _ = Command::new("userdel").arg(&name).output();
-        let out = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--user-group",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(&name)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "useradd: {out:?}");
-        let user = nix::unistd::User::from_name(&name).unwrap().unwrap();
-        OsUser {
-            name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-        }
-    }
-}
-
-impl Drop for OsUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
 }
 
 /// psql (never prompting) as `user` (None: the test's own user, the daemon's).
@@ -128,7 +91,7 @@ fn only_the_daemons_user_gets_in_without_the_proxy_password() {
     }
     let env = project("");
     let d = up(&env);
-    let other = OsUser::create();
+    let other = OsUser::create(&format!("pgtwig-t{}", std::process::id() % 100_000));
     let url = env.ok(&["url"]);
     let url = url.trim();
     assert!(

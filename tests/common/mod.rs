@@ -3,6 +3,8 @@
 //! when the test ends) and psql.
 #![allow(dead_code)]
 
+pub mod os_user;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
