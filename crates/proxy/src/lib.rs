@@ -21,7 +21,7 @@
 //!    the authentication exchange is relayed as is: the proxy never sees passwords in clear
 //!    unless the client sends them so.
 //! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
-//!    `ReadyForQuery` status and to swap `BackendKeyData` for a proxy-made key.
+//!    `ReadyForQuery` status and to swap `BackendKeyData`'s secret for a proxy-made one.
 //!
 //! # TLS: `sslmode` and PostgreSQL 17's `sslnegotiation=direct`
 //! Both ways of starting TLS are served, with the same certificate, timeout and size limits:
@@ -64,7 +64,8 @@
 //! connections the server admitted without any credentials (trust: `AuthenticationOk` was its
 //! first answer) are reused, so reuse never lets a client skip authentication. A reused
 //! session looks fresh (settings, temp tables, prepared statements, locks and LISTENs are
-//! gone) but keeps its backend pid.
+//! gone) but keeps its backend pid, which is the server's real one as on a fresh connection
+//! (the secret is new each time).
 //!
 //! # Performance
 //! One task per session drives both directions (no locks, one write per read, no
@@ -73,10 +74,15 @@
 //! while the machine's CPUs are saturated. Run `serve` on its own current-thread runtime.
 //! Measured figures: `BENCH_NOTES.md` in this crate.
 //!
-//! # Cancel requests
-//! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy
-//! (psql's Ctrl-C, `cancel_token().cancel_query()`) is forwarded to the session's server
-//! with the real key.
+//! # Backend pids and cancel requests
+//! `BackendKeyData` carries the server's real backend pid, so what a client was told agrees
+//! with `pg_backend_pid()`, the pid of `NotificationResponse`s (apps ignoring their own
+//! NOTIFYs) and `pg_terminate_backend(pid)` / `pg_cancel_backend(pid)` run from any session.
+//! Only the secret is proxy-made: a `CancelRequest` sent to the proxy (psql's Ctrl-C,
+//! `cancel_token().cancel_query()`) is looked up by (pid, secret) and forwarded to the
+//! session's server with the real secret. Secrets are drawn so no two live keys share a
+//! (pid, secret) pair, which keeps sessions on different hosts with the same pid apart. A
+//! `BackendKeyData` that is not protocol 3.0's 8 bytes ends the session with 08P01.
 
 #![warn(missing_docs)]
 
@@ -343,7 +349,7 @@ impl Proxy {
         out
     }
 
-    /// Number of live proxy-made cancel keys (one per session past authentication).
+    /// Number of live cancel keys (one per session past authentication).
     pub fn cancel_keys(&self) -> usize {
         self.cancel.live_keys()
     }

@@ -3,7 +3,7 @@
 //! Both directions are driven by one hand-written future (like tokio's `copy_bidirectional`),
 //! so a session costs one task and no locks. Each direction reads into its own buffer and
 //! writes what it read in one write. Server→client bytes go through [`BackendScanner`] (see
-//! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData` for a proxy-made key;
+//! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData`'s secret for a proxy-made one;
 //! client→server bytes go through [`FrontendScanner`], which only observes.
 
 use std::future::Future;
@@ -153,10 +153,7 @@ impl BackendEvents for Events<'_> {
     }
 
     fn backend_key_data(&mut self, body: &mut [u8]) {
-        if body.len() != 8 {
-            // Protocol 3.0 keys are 4 bytes; the proxy never negotiates longer ones.
-            return;
-        }
+        // The scanner only reports 8-byte bodies (pid, 4-byte secret).
         let real = (
             u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
             body[4..8].to_vec(),
@@ -175,14 +172,15 @@ impl BackendEvents for Events<'_> {
 }
 
 impl SessionState {
-    /// Registers a proxy key for the server's `real` key and writes it into `body`.
+    /// Registers a proxy key for the server's `real` key and writes its secret into `body`
+    /// (the BackendKeyData body; the pid stays the server's, see `cancel.rs`).
     fn swap_key(&mut self, body: &mut [u8], real: (u32, Vec<u8>)) {
         let key = self.cancel.register(CancelTarget {
             addr: self.upstream.clone(),
             pid: real.0,
             secret: real.1.clone(),
         });
-        body[..4].copy_from_slice(&key.pid.to_be_bytes());
+        body[..4].copy_from_slice(&real.0.to_be_bytes());
         body[4..].copy_from_slice(&key.secret.to_be_bytes());
         self.keys.0.push(key);
         self.real_key = Some(real);

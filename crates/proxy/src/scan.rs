@@ -13,8 +13,8 @@
 
 use std::fmt;
 
-/// The largest message the backend scanner may hold back: `BackendKeyData` with a 256-byte
-/// protocol 3.2 key.
+/// The largest message the backend scanner may hold back (an authentication request read
+/// whole; also the size of a protocol 3.2 `BackendKeyData` with a 256-byte key).
 pub const MAX_HELD_MESSAGE: usize = 1 + 4 + 4 + 256;
 
 /// The peer broke the message framing.
@@ -34,7 +34,8 @@ pub trait BackendEvents {
     /// A `ReadyForQuery` with status `I`, `T` or `E`. Return `true` to stop relaying right
     /// after this message (the session is being closed at a transaction boundary).
     fn ready_for_query(&mut self, status: u8) -> bool;
-    /// A `BackendKeyData`; `body` is (pid, secret) and may be rewritten in place (same length).
+    /// A `BackendKeyData`; `body` is (pid, 4-byte secret), always 8 bytes (other lengths are
+    /// a [`ProtocolError`]), and may be rewritten in place.
     fn backend_key_data(&mut self, body: &mut [u8]);
     /// An authentication request (`R`) small enough to be held whole; `body` (the int32 code
     /// and its data) may be rewritten in place (same length).
@@ -141,10 +142,16 @@ impl BackendScanner {
                 // unread like any other message.
                 b'Z' | b'K' | b'R' if ty != b'R' || len < MAX_HELD_MESSAGE => {
                     let total = 1 + len;
-                    if total > MAX_HELD_MESSAGE
-                        || (ty == b'Z' && len != 5)
-                        || (ty == b'K' && len < 12)
-                    {
+                    if ty == b'K' && len != 12 {
+                        // Protocol 3.0 keys are (pid, 4-byte secret), and the proxy never
+                        // negotiates a newer protocol: anything else cannot be swapped.
+                        return Err(ProtocolError(format!(
+                            "server sent BackendKeyData with a {}-byte body \
+                             (protocol 3.0 has 8: pid and a 4-byte secret)",
+                            len - 4
+                        )));
+                    }
+                    if total > MAX_HELD_MESSAGE || (ty == b'Z' && len != 5) {
                         return Err(ProtocolError(format!(
                             "server sent message '{}' with invalid length {len}",
                             ty as char
@@ -398,6 +405,13 @@ mod tests {
         let mut huge = vec![b'K'];
         huge.extend_from_slice(&100_000u32.to_be_bytes());
         assert!(sc.scan(&mut huge, &mut rec).is_err());
+        // BackendKeyData bodies other than 8 bytes (pid + 4-byte secret) are refused.
+        for body in [&[0u8; 4][..], &[0; 7], &[0; 9], &[0; 36]] {
+            let mut sc = BackendScanner::default();
+            let e = sc.scan(&mut msg(b'K', body), &mut rec).unwrap_err();
+            assert!(e.0.contains("BackendKeyData"), "{e}");
+        }
+        assert!(rec.keys.is_empty());
     }
 
     #[test]
