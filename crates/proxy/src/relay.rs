@@ -161,6 +161,10 @@ impl BackendEvents for Events<'_> {
         self.st.swap_key(body, real);
     }
 
+    fn copy_in_response(&mut self) {
+        self.fe.copy_in_started();
+    }
+
     fn authentication(&mut self, body: &mut [u8]) {
         // Only a TLS upstream can offer channel binding this proxy cannot carry.
         if matches!(self.st.upstream, crate::UpstreamAddr::Tls { .. })
