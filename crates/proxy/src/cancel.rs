@@ -88,6 +88,14 @@ impl CancelMap {
         }
     }
 
+    /// Points a live `key` at another server (its session moved there).
+    pub fn retarget(&self, key: ProxyKey, target: CancelTarget) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = keys.get_mut(&key) {
+            *t = target;
+        }
+    }
+
     /// Forgets `key` (its session ended).
     pub fn remove(&self, key: ProxyKey) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());

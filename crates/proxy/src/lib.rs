@@ -56,6 +56,21 @@
 //! switched the active branch from "a" to "b"` and the server gets a Terminate. With
 //! [`OnSwitch::Keep`] sessions stay where they are.
 //!
+//! A COPY in progress finishes on the old branch first (FROM STDIN and TO STDOUT, simple or
+//! extended protocol); the 57P01 comes at the ReadyForQuery after it.
+//!
+//! **Fresh sessions are moved, not closed.** A session whose client has sent nothing since
+//! its greeting (a connect-per-query client that has just connected) has no state on its
+//! server, so it is moved to the new branch instead: a parked connection for the same startup
+//! packet, or a new one to which the proxy sends the client's startup packet again. Only when
+//! the new server trusts it (`AuthenticationOk` first, as for reuse) is the session moved;
+//! otherwise, or when the new branch cannot be routed to, it gets the 57P01. The client keeps
+//! the greeting it has (the old server's ParameterStatus values and backend pid, so a moved
+//! session's `pg_backend_pid()` differs from its BackendKeyData pid); its cancel key is
+//! pointed at the new server. The old, unused server connection is parked for reuse. A
+//! session that has sent anything — even only a Parse/Describe to prepare a statement it
+//! executes in a second round trip — has history and gets 57P01 at its next boundary.
+//!
 //! # Server connection reuse
 //! With [`ProxyConfig::pool_idle_timeout`] set (the default), a server connection whose
 //! client sent Terminate while idle is reset with `DISCARD ALL` and kept for the next client
@@ -228,6 +243,20 @@ pub(crate) struct SessionRecord {
 pub(crate) struct Registration<'a> {
     proxy: &'a Proxy,
     id: u64,
+}
+
+impl Registration<'_> {
+    /// The session moved to `branch`.
+    pub(crate) fn set_branch(&self, branch: &str) {
+        let mut sessions = self
+            .proxy
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = sessions.get_mut(&self.id) {
+            r.branch = branch.to_string();
+        }
+    }
 }
 
 impl Drop for Registration<'_> {

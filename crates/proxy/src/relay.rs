@@ -123,12 +123,17 @@ struct SessionState {
     stopped_msg: Option<String>,
     /// Server bytes before the first ReadyForQuery, while they are being captured.
     capturing: Option<Vec<u8>>,
-    /// The captured greeting, if it makes the connection reusable.
+    /// The captured greeting, if the server trusted the startup packet (AuthenticationOk
+    /// first): such a connection may be parked for reuse, and a fresh session on it moved.
     greeting: Option<Arc<Greeting>>,
     /// The server's real cancel key.
     real_key: Option<(u32, Vec<u8>)>,
     /// The client's Terminate was kept from the server so the connection can be reused.
     x_withheld: bool,
+    /// Server connection reuse is on: withhold the client's Terminate.
+    reusable: bool,
+    /// The client has sent something since the relay started.
+    client_spoke: bool,
 }
 
 struct Events<'a> {
@@ -200,7 +205,6 @@ pub struct Relay {
     be: BackendScanner,
     fe: FrontendScanner,
     st: SessionState,
-    close_now: Option<String>,
     activity: Option<Arc<crate::spin::Activity>>,
 }
 
@@ -211,8 +215,8 @@ impl Relay {
     }
 
     /// Starts relaying between `client` and `server` (whose startup message was already sent).
-    /// With `reusable`, the server's greeting is kept so the connection can be parked for
-    /// reuse when the client leaves (see `pool.rs`).
+    /// The server's greeting is kept (to move a fresh session, see [`Relay::move_to`]); with
+    /// `reusable` the connection is also parked for reuse when the client leaves (`pool.rs`).
     pub fn new(
         client: ClientStream,
         server: UpstreamStream,
@@ -236,12 +240,13 @@ impl Relay {
                 keys: Keys(Vec::new(), cancel.clone()),
                 close_at_idle: None,
                 stopped_msg: None,
-                capturing: reusable.then(Vec::new),
+                capturing: Some(Vec::new()),
                 greeting: None,
                 real_key: None,
                 x_withheld: false,
+                reusable,
+                client_spoke: false,
             },
-            close_now: None,
             activity: None,
         }
     }
@@ -255,14 +260,8 @@ impl Relay {
         cancel: Arc<CancelMap>,
         shared_status: SharedStatus,
     ) -> Self {
-        let mut relay = Relay::new(
-            client,
-            parked.server,
-            upstream,
-            cancel,
-            shared_status,
-            false,
-        );
+        let mut relay = Relay::new(client, parked.server, upstream, cancel, shared_status, true);
+        relay.st.capturing = None;
         let g = &parked.greeting.bytes;
         let d = &mut relay.s2c;
         d.buf[..g.len()].copy_from_slice(g);
@@ -291,10 +290,59 @@ impl Relay {
     /// next `ReadyForQuery` with status `I`.
     pub fn close_when_idle(&mut self, message: String) {
         if self.is_idle() {
-            self.close_now = Some(message);
+            // Ends once what the client is owed (a replayed greeting) is written.
+            self.st.stopped_msg = Some(message);
         } else {
             self.st.close_at_idle = Some(message);
         }
+    }
+
+    /// True when the session can move to another server unnoticed: the server trusted the
+    /// startup packet, its whole greeting is with the client, and the client has sent
+    /// nothing since (so no state of its own exists on the server).
+    pub fn is_fresh(&self) -> bool {
+        !self.st.client_spoke
+            && self.st.greeting.is_some()
+            && self.st.real_key.is_some()
+            && self.st.status == b'I'
+            && self.be.at_boundary()
+            && self.s2c.written == self.s2c.end
+    }
+
+    /// Moves a [fresh](Self::is_fresh) session to `to` (a trusted connection that has
+    /// answered the same startup packet and is idle, see `pool::open_trusted`). The client
+    /// keeps the greeting it has; its cancel key now reaches the new server. Returns the
+    /// old server connection, as fresh as it was, for parking or closing.
+    pub fn move_to(&mut self, to: Parked, upstream: UpstreamAddr) -> Option<Parked> {
+        let old_server = std::mem::replace(&mut self.server, to.server);
+        let old = match (
+            self.st.greeting.replace(to.greeting),
+            self.st.real_key.replace(to.real_key.clone()),
+        ) {
+            (Some(greeting), Some(real_key)) => Some(Parked {
+                server: old_server,
+                greeting,
+                real_key,
+                since: Instant::now(),
+            }),
+            // Not fresh after all (the caller checks): dropping the connection closes it.
+            _ => None,
+        };
+        self.st.upstream = upstream;
+        if let Some(key) = self.st.keys.0.last() {
+            self.st.cancel.retarget(
+                *key,
+                CancelTarget {
+                    addr: self.st.upstream.clone(),
+                    pid: to.real_key.0,
+                    secret: to.real_key.1,
+                },
+            );
+        }
+        self.st.close_at_idle = None;
+        self.st.stopped_msg = None;
+        self.s2c.eof = false;
+        old
     }
 
     /// Withdraws a pending [`close_when_idle`](Self::close_when_idle) (the branch became
@@ -372,12 +420,14 @@ impl Relay {
                 d.eof = true;
                 continue;
             }
+            self.st.client_spoke = true;
             match self.fe.observe(&d.buf[d.end..d.end + n]) {
                 // Bytes after a Terminate are dropped. A reusable connection does not get
                 // the Terminate itself (if it came whole in this read).
                 Ok(pass) => {
                     let chunk = &d.buf[d.end..d.end + pass];
                     if self.fe.terminated
+                        && self.st.reusable
                         && self.st.greeting.is_some()
                         && chunk.ends_with(&TERMINATE)
                     {
@@ -507,9 +557,6 @@ impl Future for Relay {
         let this = self.get_mut();
         if let Some(a) = &this.activity {
             a.touch();
-        }
-        if let Some(msg) = this.close_now.take() {
-            return Poll::Ready(RelayEnd::Switched(msg));
         }
         if let Poll::Ready(end) = this.poll_s2c(cx) {
             return Poll::Ready(end);
