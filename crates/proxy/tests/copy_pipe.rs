@@ -170,3 +170,79 @@ async fn a_client_key_update_keeps_the_session_working() {
     terminate(&mut s).await;
     env.wait_drained().await;
 }
+
+/// The same with libpq (OpenSSL on the client side): psql running 200 `\copy ... to stdout`
+/// piped into one psql `\copy t from stdin`, through the proxy in both sslmodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_pipe_between_sessions_never_stalls() {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = pgtwig_proxy::load_or_create_tls(dir.path()).unwrap();
+    let env = Env::start(ProxyConfig {
+        tls: Some(tls),
+        ..config()
+    })
+    .await;
+    env.main.psql("create table t(x int, s text)");
+    let shapes = [(200, 64), (50, 20_000), (20, 70_000), (400, 1_000)];
+    let mut script = String::new();
+    let mut expected = 0;
+    for i in 0..ITERATIONS {
+        let (rows, width) = shapes[i % shapes.len()];
+        script.push_str(&format!(
+            "\\copy (select g, repeat(md5(g::text), {}) from generate_series(1, {rows}) g) to stdout\n",
+            width / 32
+        ));
+        expected += rows;
+    }
+    for sslmode in ["disable", "require"] {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode={sslmode}",
+            env.port
+        );
+        let mut from = tokio::process::Command::new("psql")
+            .arg(&conninfo)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out: Stdio = from.stdout.take().unwrap().try_into().unwrap();
+        let into = tokio::process::Command::new("psql")
+            .arg(&conninfo)
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "\\copy t from stdin",
+            ])
+            .stdin(out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = from.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).await.unwrap();
+        drop(stdin);
+        let started = Instant::now();
+        let done = tokio::time::timeout(Duration::from_secs(60), into.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("sslmode={sslmode}: the psql pipe stalled"))
+            .unwrap();
+        assert!(
+            done.status.success(),
+            "sslmode={sslmode}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        assert!(from.wait().await.unwrap().success());
+        assert_eq!(
+            env.main.psql("select count(*) from t"),
+            expected.to_string(),
+            "sslmode={sslmode}"
+        );
+        env.main.psql("truncate t");
+        eprintln!("psql pipe, sslmode={sslmode}: {:?}", started.elapsed());
+    }
+}
