@@ -80,7 +80,10 @@
 //! first answer) are reused, so reuse never lets a client skip authentication. A reused
 //! session looks fresh (settings, temp tables, prepared statements, locks and LISTENs are
 //! gone) but keeps its backend pid, which is the server's real one as on a fresh connection
-//! (the secret is new each time).
+//! (the secret is new each time). Two things survive `DISCARD ALL` (as with PgBouncer): a
+//! custom placeholder setting once set reads `''` instead of NULL, and a library loaded with
+//! `LOAD` stays loaded (`tests/reuse.rs` checks both); [`ProxyConfig::pool_idle_timeout`]
+//! `None` avoids them.
 //!
 //! # Performance
 //! One task per session drives both directions (no locks, one write per read, no
