@@ -59,6 +59,12 @@
 //! A COPY in progress finishes on the old branch first (FROM STDIN and TO STDOUT, simple or
 //! extended protocol); the 57P01 comes at the ReadyForQuery after it.
 //!
+//! The FATAL never travels with the ReadyForQuery before it: libpq reads both at once, takes
+//! an ErrorResponse that arrives while it is idle for a notice, and its next query would fail
+//! with "server closed the connection unexpectedly" and no SQLSTATE. It is sent as the answer
+//! to the client's next message instead (as when a server is terminated while its client is
+//! idle), or after half a second without one; a client sending Terminate gets none.
+//!
 //! **Fresh sessions are moved, not closed.** A session whose client has sent nothing since
 //! its greeting (a connect-per-query client that has just connected) has no state on its
 //! server, so it is moved to the new branch instead: a parked connection for the same startup

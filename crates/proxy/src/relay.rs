@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
 use crate::error::{sqlstate, PgError};
@@ -27,6 +27,9 @@ const S2C_BUF: usize = 32 * 1024;
 const C2S_BUF: usize = 16 * 1024;
 /// How long the proxy spends on goodbyes (final error message, Terminate) before dropping.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a switched session's FATAL waits for the client's next message (see
+/// `Relay::await_next_client_message`); within [`GOODBYE_TIMEOUT`].
+const SWITCH_FATAL_GRACE: Duration = Duration::from_millis(500);
 /// `Terminate` ('X').
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
@@ -527,14 +530,34 @@ impl Relay {
             if !pending.is_empty() {
                 let _ = self.client.write_all(pending).await;
             }
+            let switched = matches!(end, RelayEnd::Switched(_));
+            if switched {
+                let _ = self.client.flush().await;
+            }
             // A FATAL in the middle of a server message would garble it: only at a boundary.
-            if let Some(err) =
-                client_msg.filter(|_| self.be.at_boundary() || matches!(end, RelayEnd::Switched(_)))
-            {
-                let _ = self.client.write_all(&err.encode()).await;
+            if let Some(err) = client_msg.filter(|_| self.be.at_boundary() || switched) {
+                if !switched || self.await_next_client_message().await {
+                    let _ = self.client.write_all(&err.encode()).await;
+                }
             }
             let _ = self.client.flush().await;
             let _ = self.client.shutdown().await;
+        }
+    }
+
+    /// A switched session's FATAL must not reach the client together with the ReadyForQuery
+    /// before it: libpq reads both in one go, takes an ErrorResponse that arrives while it is
+    /// idle for a notice, and its next query fails with "server closed the connection
+    /// unexpectedly" and no SQLSTATE (psycopg after COPY or COMMIT did). So the FATAL waits for
+    /// the client's next message, and becomes its answer as when a server was terminated
+    /// while the client was idle, or [`SWITCH_FATAL_GRACE`] if none comes (by then the
+    /// client is idle and will find it with its next query). False if the client left.
+    async fn await_next_client_message(&mut self) -> bool {
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(SWITCH_FATAL_GRACE, self.client.read(&mut buf)).await {
+            Err(_elapsed) => true,
+            Ok(Ok(n)) => n > 0 && buf[0] != b'X',
+            Ok(Err(_)) => false,
         }
     }
 }

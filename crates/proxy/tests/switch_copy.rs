@@ -92,10 +92,20 @@ async fn tokio_postgres_copy_out_during_a_switch() {
         "the whole COPY arrived ({bytes} bytes)"
     );
     assert!(lines > 0);
-    // tokio-postgres reads the FATAL only when it next talks to the server.
-    let r = client.simple_query("select 1").await;
-    assert!(r.is_err(), "a query after the switch must fail");
-    expect_switched(conn, "copy_out").await;
+    // The FATAL is the answer to the next query (unless that comes after the proxy's grace
+    // period: then the connection task has it).
+    let err = client
+        .simple_query("select 1")
+        .await
+        .expect_err("a query after the switch must fail");
+    match err.as_db_error() {
+        Some(db) => {
+            assert_eq!((db.code().code(), db.message()), ("57P01", SWITCHED));
+            let end = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            assert!(end.is_ok(), "the connection did not end");
+        }
+        None => expect_switched(conn, "copy_out").await,
+    }
     env.wait_drained().await;
 }
 
@@ -180,5 +190,77 @@ async fn psql_copy_to_stdout_during_a_switch() {
     assert!(!String::from_utf8_lossy(&got).contains("after copy"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(SWITCHED), "psql was not told why: {stderr}");
+    env.wait_drained().await;
+}
+
+/// Reads backend messages until one of type `ty` (included).
+async fn read_until(s: &mut tokio::net::TcpStream, ty: u8) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let msgs = split_messages(&got);
+        if msgs.iter().any(|(t, _)| *t == ty) {
+            return msgs;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("no '{}' within 10 s: {msgs:?}", ty as char))
+            .unwrap();
+        assert!(n > 0, "closed before '{}': {msgs:?}", ty as char);
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// libpq reads whatever has arrived with a ReadyForQuery and takes an ErrorResponse it finds
+/// while idle for a notice: its next query then fails with "server closed the connection
+/// unexpectedly" and no SQLSTATE (psycopg after a COPY or COMMIT did). So the FATAL of a
+/// session closed at a ReadyForQuery must not follow it at once: it answers the client's
+/// next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fatal_answers_the_next_message_not_the_ready_for_query() {
+    use support::pgtls::{query_packet, startup};
+    let env = Env::start(config()).await;
+    env.main.psql("create table t(x int)");
+    for case in ["copy", "transaction"] {
+        env.active.send("main".into()).unwrap();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+            .await
+            .unwrap();
+        startup(&mut s, "postgres").await;
+        if case == "copy" {
+            s.write_all(&query_packet("copy t from stdin"))
+                .await
+                .unwrap();
+            read_until(&mut s, b'G').await;
+        } else {
+            s.write_all(&query_packet("begin")).await.unwrap();
+            read_until(&mut s, b'Z').await;
+        }
+        switch_to_feature(&env).await;
+        // End the COPY / the transaction.
+        let mut end = Vec::new();
+        if case == "copy" {
+            end.extend_from_slice(&[b'd', 0, 0, 0, 6, b'1', b'\n', b'c', 0, 0, 0, 4]);
+        } else {
+            end.extend_from_slice(&query_packet("commit"));
+        }
+        s.write_all(&end).await.unwrap();
+        let msgs = read_until(&mut s, b'Z').await;
+        assert_eq!(msgs.last().unwrap(), &(b'Z', b"I".to_vec()), "{case}");
+        let mut b = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut b))
+                .await
+                .is_err(),
+            "{case}: the proxy sent something right after the final ReadyForQuery"
+        );
+        s.write_all(&query_packet("select 1")).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(msgs.len(), 1, "{case}: {msgs:?}");
+        let e = error_fields(&msgs[0].1);
+        assert_eq!((msgs[0].0, e[&b'C'].as_str()), (b'E', "57P01"), "{case}");
+        assert_eq!(e[&b'M'], SWITCHED, "{case}");
+    }
+    assert_eq!(env.main.psql("select count(*) from t"), "1");
     env.wait_drained().await;
 }
