@@ -1,12 +1,17 @@
-//! Proxy-made cancel keys.
+//! Cancel keys: the server's real pid, a proxy-made secret.
 //!
-//! Clients never see a server's real (pid, secret): the relay replaces each `BackendKeyData`
-//! with a key made here and records key → (upstream address, real pid, real secret). A
+//! Clients see each server's real backend pid in `BackendKeyData` (so `pg_backend_pid()`,
+//! `NotificationResponse` pids and `pg_terminate_backend(pid)` agree with what they were
+//! told), but never its real secret: the relay replaces the secret with one made here and
+//! records (pid, proxy secret) → (upstream address, real pid, real secret). A
 //! `CancelRequest` reaching the proxy is forwarded to the right upstream with the real key.
 //! Keys are removed when their session ends.
+//!
+//! Local branches' servers share one machine's pid space, so their pids are unique, but
+//! separate hosts (Neon computes) may hand out the same pid: the proxy secret is drawn so
+//! that no two live keys share a (pid, secret) pair, which keeps such sessions apart.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,19 +33,18 @@ pub struct CancelTarget {
     pub secret: Vec<u8>,
 }
 
-/// A key the proxy handed out: (pid, secret).
+/// A key the proxy handed out: (the server's pid, a proxy-made secret).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProxyKey {
-    /// Proxy-made process id (positive, unique among live sessions).
+    /// The server's real backend pid.
     pub pid: u32,
-    /// Random secret.
+    /// Random secret, unique among live keys with this pid.
     pub secret: u32,
 }
 
-/// Map of live proxy-made keys.
+/// Map of live keys.
 pub struct CancelMap {
-    keys: Mutex<HashMap<u32, (u32, CancelTarget)>>,
-    next_pid: AtomicU32,
+    keys: Mutex<HashMap<ProxyKey, CancelTarget>>,
     rng: SystemRandom,
 }
 
@@ -51,57 +55,62 @@ impl Default for CancelMap {
 }
 
 impl CancelMap {
-    /// An empty map; pids start at a random point.
+    /// An empty map.
     pub fn new() -> Self {
-        let rng = SystemRandom::new();
-        let mut b = [0u8; 4];
-        let _ = rng.fill(&mut b);
         CancelMap {
             keys: Mutex::new(HashMap::new()),
-            next_pid: AtomicU32::new(u32::from_be_bytes(b) & 0x3fff_ffff),
-            rng,
+            rng: SystemRandom::new(),
         }
     }
 
     fn random_u32(&self) -> u32 {
         let mut b = [0u8; 4];
-        // SystemRandom only fails if the OS RNG is unavailable; a zero secret still works.
+        // SystemRandom only fails if the OS RNG is unavailable; the uniqueness loop in
+        // `register` still keeps keys apart then.
         let _ = self.rng.fill(&mut b);
         u32::from_be_bytes(b)
     }
 
-    /// Makes a new key for `target`.
+    /// Makes a new key for `target`: its real pid with a fresh secret.
     pub fn register(&self, target: CancelTarget) -> ProxyKey {
-        let secret = self.random_u32();
+        let mut secret = self.random_u32();
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            // Positive i32 range, never 0: libpq and drivers treat the pid as a signed int.
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-            if pid == 0 || keys.contains_key(&pid) {
-                continue;
+            let key = ProxyKey {
+                pid: target.pid,
+                secret,
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(key) {
+                e.insert(target);
+                return key;
             }
-            keys.insert(pid, (secret, target));
-            return ProxyKey { pid, secret };
+            secret = secret.wrapping_add(self.random_u32() | 1);
+        }
+    }
+
+    /// Points a live `key` at another server (its session moved there).
+    pub fn retarget(&self, key: ProxyKey, target: CancelTarget) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = keys.get_mut(&key) {
+            *t = target;
         }
     }
 
     /// Forgets `key` (its session ended).
     pub fn remove(&self, key: ProxyKey) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.get(&key.pid).is_some_and(|(s, _)| *s == key.secret) {
-            keys.remove(&key.pid);
-        }
+        keys.remove(&key);
     }
 
     /// The real target of a cancel request carrying (`pid`, `secret`), if the key is live.
     pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let secret: [u8; 4] = secret.try_into().ok()?;
-        let secret = u32::from_be_bytes(secret);
+        let key = ProxyKey {
+            pid,
+            secret: u32::from_be_bytes(secret),
+        };
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        let (s, target) = keys.get(&pid)?;
-        // Constant-time-ish comparison is unnecessary for a u32 compare on localhost, but
-        // avoid short-circuiting anyway.
-        ((s ^ secret) == 0).then(|| target.clone())
+        keys.get(&key).cloned()
     }
 
     /// Number of live keys.
@@ -144,11 +153,11 @@ pub async fn forward_cancel(target: &CancelTarget) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn target(pid: u32) -> CancelTarget {
+    fn target(port: u16, pid: u32) -> CancelTarget {
         CancelTarget {
             addr: UpstreamAddr::Tcp {
                 host: "127.0.0.1".into(),
-                port: 1,
+                port,
             },
             pid,
             secret: vec![1, 2, 3, 4],
@@ -158,21 +167,39 @@ mod tests {
     #[test]
     fn register_lookup_remove() {
         let m = CancelMap::new();
-        let a = m.register(target(10));
-        let b = m.register(target(11));
-        assert_ne!(a.pid, b.pid);
-        assert!(a.pid > 0 && a.pid <= i32::MAX as u32);
-        assert_eq!(m.lookup(a.pid, &a.secret.to_be_bytes()), Some(target(10)));
-        assert_eq!(
-            m.lookup(a.pid, &a.secret.wrapping_add(1).to_be_bytes()),
-            None
-        );
-        assert_eq!(m.lookup(a.pid, &[1, 2, 3]), None);
+        let a = m.register(target(1, 10));
+        let b = m.register(target(1, 11));
+        assert_eq!((a.pid, b.pid), (10, 11), "clients see the real pids");
+        assert_eq!(m.lookup(10, &a.secret.to_be_bytes()), Some(target(1, 10)));
+        assert_eq!(m.lookup(10, &a.secret.wrapping_add(1).to_be_bytes()), None);
+        assert_eq!(m.lookup(11, &a.secret.to_be_bytes()), None);
+        assert_eq!(m.lookup(10, &[1, 2, 3]), None);
         m.remove(a);
-        assert_eq!(m.lookup(a.pid, &a.secret.to_be_bytes()), None);
+        assert_eq!(m.lookup(10, &a.secret.to_be_bytes()), None);
         assert_eq!(m.live_keys(), 1);
         m.remove(b);
         assert_eq!(m.live_keys(), 0);
+    }
+
+    #[test]
+    fn the_same_pid_on_two_upstreams_stays_apart() {
+        // Two hosts (Neon computes) may both have a backend 42.
+        let m = CancelMap::new();
+        let keys: Vec<ProxyKey> = (0..200)
+            .map(|i| m.register(target(1 + (i % 2), 42)))
+            .collect();
+        assert_eq!(m.live_keys(), 200, "no key overwrote another");
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(k.pid, 42);
+            let t = m.lookup(42, &k.secret.to_be_bytes()).unwrap();
+            assert_eq!(t, target(1 + (i as u16 % 2), 42));
+        }
+        m.remove(keys[0]);
+        assert_eq!(
+            m.lookup(42, &keys[1].secret.to_be_bytes()),
+            Some(target(2, 42)),
+            "removing one key leaves the other upstream's alone"
+        );
     }
 
     #[test]

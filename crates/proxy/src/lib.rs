@@ -21,7 +21,7 @@
 //!    the authentication exchange is relayed as is: the proxy never sees passwords in clear
 //!    unless the client sends them so.
 //! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
-//!    `ReadyForQuery` status and to swap `BackendKeyData` for a proxy-made key.
+//!    `ReadyForQuery` status and to swap `BackendKeyData`'s secret for a proxy-made one.
 //!
 //! # TLS: `sslmode` and PostgreSQL 17's `sslnegotiation=direct`
 //! Both ways of starting TLS are served, with the same certificate, timeout and size limits:
@@ -56,6 +56,27 @@
 //! switched the active branch from "a" to "b"` and the server gets a Terminate. With
 //! [`OnSwitch::Keep`] sessions stay where they are.
 //!
+//! A COPY in progress finishes on the old branch first (FROM STDIN and TO STDOUT, simple or
+//! extended protocol); the 57P01 comes at the ReadyForQuery after it.
+//!
+//! The FATAL never travels with the ReadyForQuery before it: libpq reads both at once, takes
+//! an ErrorResponse that arrives while it is idle for a notice, and its next query would fail
+//! with "server closed the connection unexpectedly" and no SQLSTATE. It is sent as the answer
+//! to the client's next message instead (as when a server is terminated while its client is
+//! idle), or after half a second without one; a client sending Terminate gets none.
+//!
+//! **Fresh sessions are moved, not closed.** A session whose client has sent nothing since
+//! its greeting (a connect-per-query client that has just connected) has no state on its
+//! server, so it is moved to the new branch instead: a parked connection for the same startup
+//! packet, or a new one to which the proxy sends the client's startup packet again. Only when
+//! the new server trusts it (`AuthenticationOk` first, as for reuse) is the session moved;
+//! otherwise, or when the new branch cannot be routed to, it gets the 57P01. The client keeps
+//! the greeting it has (the old server's ParameterStatus values and backend pid, so a moved
+//! session's `pg_backend_pid()` differs from its BackendKeyData pid); its cancel key is
+//! pointed at the new server. The old, unused server connection is parked for reuse. A
+//! session that has sent anything — even only a Parse/Describe to prepare a statement it
+//! executes in a second round trip — has history and gets 57P01 at its next boundary.
+//!
 //! # Server connection reuse
 //! With [`ProxyConfig::pool_idle_timeout`] set (the default), a server connection whose
 //! client sent Terminate while idle is reset with `DISCARD ALL` and kept for the next client
@@ -64,7 +85,11 @@
 //! connections the server admitted without any credentials (trust: `AuthenticationOk` was its
 //! first answer) are reused, so reuse never lets a client skip authentication. A reused
 //! session looks fresh (settings, temp tables, prepared statements, locks and LISTENs are
-//! gone) but keeps its backend pid.
+//! gone) but keeps its backend pid, which is the server's real one as on a fresh connection
+//! (the secret is new each time). Two things survive `DISCARD ALL` (as with PgBouncer): a
+//! custom placeholder setting once set reads `''` instead of NULL, and a library loaded with
+//! `LOAD` stays loaded (`tests/reuse.rs` checks both); [`ProxyConfig::pool_idle_timeout`]
+//! `None` avoids them.
 //!
 //! # Performance
 //! One task per session drives both directions (no locks, one write per read, no
@@ -73,10 +98,15 @@
 //! while the machine's CPUs are saturated. Run `serve` on its own current-thread runtime.
 //! Measured figures: `BENCH_NOTES.md` in this crate.
 //!
-//! # Cancel requests
-//! Clients only ever see proxy-made (pid, secret) keys; a `CancelRequest` sent to the proxy
-//! (psql's Ctrl-C, `cancel_token().cancel_query()`) is forwarded to the session's server
-//! with the real key.
+//! # Backend pids and cancel requests
+//! `BackendKeyData` carries the server's real backend pid, so what a client was told agrees
+//! with `pg_backend_pid()`, the pid of `NotificationResponse`s (apps ignoring their own
+//! NOTIFYs) and `pg_terminate_backend(pid)` / `pg_cancel_backend(pid)` run from any session.
+//! Only the secret is proxy-made: a `CancelRequest` sent to the proxy (psql's Ctrl-C,
+//! `cancel_token().cancel_query()`) is looked up by (pid, secret) and forwarded to the
+//! session's server with the real secret. Secrets are drawn so no two live keys share a
+//! (pid, secret) pair, which keeps sessions on different hosts with the same pid apart. A
+//! `BackendKeyData` that is not protocol 3.0's 8 bytes ends the session with 08P01.
 
 #![warn(missing_docs)]
 
@@ -228,6 +258,20 @@ pub(crate) struct Registration<'a> {
     id: u64,
 }
 
+impl Registration<'_> {
+    /// The session moved to `branch`.
+    pub(crate) fn set_branch(&self, branch: &str) {
+        let mut sessions = self
+            .proxy
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = sessions.get_mut(&self.id) {
+            r.branch = branch.to_string();
+        }
+    }
+}
+
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.proxy
@@ -353,7 +397,7 @@ impl Proxy {
         out
     }
 
-    /// Number of live proxy-made cancel keys (one per session past authentication).
+    /// Number of live cancel keys (one per session past authentication).
     pub fn cancel_keys(&self) -> usize {
         self.cancel.live_keys()
     }

@@ -110,9 +110,10 @@ impl Pool {
         self.timeout.is_some()
     }
 
-    /// Parks `conn`.
+    /// Parks `conn` (closes it when reuse is off).
     pub fn put(&self, addr: UpstreamAddr, startup: Vec<u8>, conn: Parked) {
         if !self.enabled() {
+            close(conn);
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -181,6 +182,71 @@ impl Pool {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.values().map(Vec::len).sum()
     }
+}
+
+/// Opens a server connection to `addr` for a session moving there: sends `startup` and reads
+/// the greeting up to the first ReadyForQuery. `None` unless the server trusted it
+/// (AuthenticationOk first, a BackendKeyData, ReadyForQuery `I`, nothing after): a server
+/// that asks for a password, refuses or says anything else gets the session its 57P01
+/// instead. The server's pid comes from the greeting.
+pub async fn open_trusted(addr: &UpstreamAddr, startup: &[u8]) -> Option<Parked> {
+    let fut = async {
+        let mut server = crate::stream::connect_upstream(addr).await.ok()?;
+        server.write_all(startup).await.ok()?;
+        let mut buf = Vec::with_capacity(512);
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = server.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let ready = first_ready_for_query(&buf)?;
+            let Some(end) = ready else { continue };
+            if buf[end - 1] != b'I' || buf.len() != end {
+                return None;
+            }
+            buf.truncate(end - 6);
+            let greeting = Greeting::trusted(buf)?;
+            let off = greeting.key_offset?;
+            let k = &greeting.bytes[off..off + 8];
+            let real_key = (
+                u32::from_be_bytes([k[0], k[1], k[2], k[3]]),
+                k[4..8].to_vec(),
+            );
+            return Some(Parked {
+                server,
+                greeting: std::sync::Arc::new(greeting),
+                real_key,
+                since: Instant::now(),
+            });
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The end of the first complete ReadyForQuery in `buf` (`Some(None)`: none yet); `None`
+/// when the bytes cannot be a greeting (bad framing, too long).
+fn first_ready_for_query(buf: &[u8]) -> Option<Option<usize>> {
+    let mut pos = 0;
+    while buf.len() >= pos + 5 {
+        let len =
+            u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
+        if len < 4 || pos + 1 + len > MAX_GREETING + 6 {
+            return None;
+        }
+        if buf.len() < pos + 1 + len {
+            break;
+        }
+        pos += 1 + len;
+        if buf[pos - 1 - len] == b'Z' {
+            return (len == 5).then_some(Some(pos));
+        }
+    }
+    (buf.len() <= MAX_GREETING + 6).then_some(None)
 }
 
 /// True when an idle server connection has said nothing (not closed, no FATAL pending).
@@ -267,6 +333,19 @@ mod tests {
         assert!(Greeting::trusted([g.clone(), msg(b'E', b"\0")].concat()).is_none());
         // Truncated.
         assert!(Greeting::trusted(g[..g.len() - 1].to_vec()).is_none());
+    }
+
+    #[test]
+    fn finds_the_first_ready_for_query() {
+        let g = [AUTH_OK.to_vec(), msg(b'K', &[0, 0, 0, 1, 0, 0, 0, 2])].concat();
+        let z = msg(b'Z', b"I");
+        let all = [g.clone(), z.clone()].concat();
+        for cut in 0..all.len() {
+            assert_eq!(first_ready_for_query(&all[..cut]), Some(None), "cut {cut}");
+        }
+        assert_eq!(first_ready_for_query(&all), Some(Some(all.len())));
+        assert_eq!(first_ready_for_query(&[b'Z', 0, 0, 0, 3]), None);
+        assert_eq!(first_ready_for_query(&vec![b'S'; MAX_GREETING + 10]), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Both directions are driven by one hand-written future (like tokio's `copy_bidirectional`),
 //! so a session costs one task and no locks. Each direction reads into its own buffer and
 //! writes what it read in one write. Server→client bytes go through [`BackendScanner`] (see
-//! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData` for a proxy-made key;
+//! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData`'s secret for a proxy-made one;
 //! client→server bytes go through [`FrontendScanner`], which only observes.
 
 use std::future::Future;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
 use crate::error::{sqlstate, PgError};
@@ -27,6 +27,9 @@ const S2C_BUF: usize = 32 * 1024;
 const C2S_BUF: usize = 16 * 1024;
 /// How long the proxy spends on goodbyes (final error message, Terminate) before dropping.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a switched session's FATAL waits for the client's next message (see
+/// `Relay::await_next_client_message`); within [`GOODBYE_TIMEOUT`].
+const SWITCH_FATAL_GRACE: Duration = Duration::from_millis(500);
 /// `Terminate` ('X').
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
@@ -123,12 +126,17 @@ struct SessionState {
     stopped_msg: Option<String>,
     /// Server bytes before the first ReadyForQuery, while they are being captured.
     capturing: Option<Vec<u8>>,
-    /// The captured greeting, if it makes the connection reusable.
+    /// The captured greeting, if the server trusted the startup packet (AuthenticationOk
+    /// first): such a connection may be parked for reuse, and a fresh session on it moved.
     greeting: Option<Arc<Greeting>>,
     /// The server's real cancel key.
     real_key: Option<(u32, Vec<u8>)>,
     /// The client's Terminate was kept from the server so the connection can be reused.
     x_withheld: bool,
+    /// Server connection reuse is on: withhold the client's Terminate.
+    reusable: bool,
+    /// The client has sent something since the relay started.
+    client_spoke: bool,
 }
 
 struct Events<'a> {
@@ -153,15 +161,16 @@ impl BackendEvents for Events<'_> {
     }
 
     fn backend_key_data(&mut self, body: &mut [u8]) {
-        if body.len() != 8 {
-            // Protocol 3.0 keys are 4 bytes; the proxy never negotiates longer ones.
-            return;
-        }
+        // The scanner only reports 8-byte bodies (pid, 4-byte secret).
         let real = (
             u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
             body[4..8].to_vec(),
         );
         self.st.swap_key(body, real);
+    }
+
+    fn copy_in_response(&mut self) {
+        self.fe.copy_in_started();
     }
 
     fn authentication(&mut self, body: &mut [u8]) {
@@ -175,14 +184,15 @@ impl BackendEvents for Events<'_> {
 }
 
 impl SessionState {
-    /// Registers a proxy key for the server's `real` key and writes it into `body`.
+    /// Registers a proxy key for the server's `real` key and writes its secret into `body`
+    /// (the BackendKeyData body; the pid stays the server's, see `cancel.rs`).
     fn swap_key(&mut self, body: &mut [u8], real: (u32, Vec<u8>)) {
         let key = self.cancel.register(CancelTarget {
             addr: self.upstream.clone(),
             pid: real.0,
             secret: real.1.clone(),
         });
-        body[..4].copy_from_slice(&key.pid.to_be_bytes());
+        body[..4].copy_from_slice(&real.0.to_be_bytes());
         body[4..].copy_from_slice(&key.secret.to_be_bytes());
         self.keys.0.push(key);
         self.real_key = Some(real);
@@ -198,7 +208,6 @@ pub struct Relay {
     be: BackendScanner,
     fe: FrontendScanner,
     st: SessionState,
-    close_now: Option<String>,
     activity: Option<Arc<crate::spin::Activity>>,
 }
 
@@ -209,8 +218,8 @@ impl Relay {
     }
 
     /// Starts relaying between `client` and `server` (whose startup message was already sent).
-    /// With `reusable`, the server's greeting is kept so the connection can be parked for
-    /// reuse when the client leaves (see `pool.rs`).
+    /// The server's greeting is kept (to move a fresh session, see [`Relay::move_to`]); with
+    /// `reusable` the connection is also parked for reuse when the client leaves (`pool.rs`).
     pub fn new(
         client: ClientStream,
         server: UpstreamStream,
@@ -234,12 +243,13 @@ impl Relay {
                 keys: Keys(Vec::new(), cancel.clone()),
                 close_at_idle: None,
                 stopped_msg: None,
-                capturing: reusable.then(Vec::new),
+                capturing: Some(Vec::new()),
                 greeting: None,
                 real_key: None,
                 x_withheld: false,
+                reusable,
+                client_spoke: false,
             },
-            close_now: None,
             activity: None,
         }
     }
@@ -253,14 +263,8 @@ impl Relay {
         cancel: Arc<CancelMap>,
         shared_status: SharedStatus,
     ) -> Self {
-        let mut relay = Relay::new(
-            client,
-            parked.server,
-            upstream,
-            cancel,
-            shared_status,
-            false,
-        );
+        let mut relay = Relay::new(client, parked.server, upstream, cancel, shared_status, true);
+        relay.st.capturing = None;
         let g = &parked.greeting.bytes;
         let d = &mut relay.s2c;
         d.buf[..g.len()].copy_from_slice(g);
@@ -289,10 +293,59 @@ impl Relay {
     /// next `ReadyForQuery` with status `I`.
     pub fn close_when_idle(&mut self, message: String) {
         if self.is_idle() {
-            self.close_now = Some(message);
+            // Ends once what the client is owed (a replayed greeting) is written.
+            self.st.stopped_msg = Some(message);
         } else {
             self.st.close_at_idle = Some(message);
         }
+    }
+
+    /// True when the session can move to another server unnoticed: the server trusted the
+    /// startup packet, its whole greeting is with the client, and the client has sent
+    /// nothing since (so no state of its own exists on the server).
+    pub fn is_fresh(&self) -> bool {
+        !self.st.client_spoke
+            && self.st.greeting.is_some()
+            && self.st.real_key.is_some()
+            && self.st.status == b'I'
+            && self.be.at_boundary()
+            && self.s2c.written == self.s2c.end
+    }
+
+    /// Moves a [fresh](Self::is_fresh) session to `to` (a trusted connection that has
+    /// answered the same startup packet and is idle, see `pool::open_trusted`). The client
+    /// keeps the greeting it has; its cancel key now reaches the new server. Returns the
+    /// old server connection, as fresh as it was, for parking or closing.
+    pub fn move_to(&mut self, to: Parked, upstream: UpstreamAddr) -> Option<Parked> {
+        let old_server = std::mem::replace(&mut self.server, to.server);
+        let old = match (
+            self.st.greeting.replace(to.greeting),
+            self.st.real_key.replace(to.real_key.clone()),
+        ) {
+            (Some(greeting), Some(real_key)) => Some(Parked {
+                server: old_server,
+                greeting,
+                real_key,
+                since: Instant::now(),
+            }),
+            // Not fresh after all (the caller checks): dropping the connection closes it.
+            _ => None,
+        };
+        self.st.upstream = upstream;
+        if let Some(key) = self.st.keys.0.last() {
+            self.st.cancel.retarget(
+                *key,
+                CancelTarget {
+                    addr: self.st.upstream.clone(),
+                    pid: to.real_key.0,
+                    secret: to.real_key.1,
+                },
+            );
+        }
+        self.st.close_at_idle = None;
+        self.st.stopped_msg = None;
+        self.s2c.eof = false;
+        old
     }
 
     /// Withdraws a pending [`close_when_idle`](Self::close_when_idle) (the branch became
@@ -370,12 +423,14 @@ impl Relay {
                 d.eof = true;
                 continue;
             }
+            self.st.client_spoke = true;
             match self.fe.observe(&d.buf[d.end..d.end + n]) {
                 // Bytes after a Terminate are dropped. A reusable connection does not get
                 // the Terminate itself (if it came whole in this read).
                 Ok(pass) => {
                     let chunk = &d.buf[d.end..d.end + pass];
                     if self.fe.terminated
+                        && self.st.reusable
                         && self.st.greeting.is_some()
                         && chunk.ends_with(&TERMINATE)
                     {
@@ -475,14 +530,34 @@ impl Relay {
             if !pending.is_empty() {
                 let _ = self.client.write_all(pending).await;
             }
+            let switched = matches!(end, RelayEnd::Switched(_));
+            if switched {
+                let _ = self.client.flush().await;
+            }
             // A FATAL in the middle of a server message would garble it: only at a boundary.
-            if let Some(err) =
-                client_msg.filter(|_| self.be.at_boundary() || matches!(end, RelayEnd::Switched(_)))
-            {
-                let _ = self.client.write_all(&err.encode()).await;
+            if let Some(err) = client_msg.filter(|_| self.be.at_boundary() || switched) {
+                if !switched || self.await_next_client_message().await {
+                    let _ = self.client.write_all(&err.encode()).await;
+                }
             }
             let _ = self.client.flush().await;
             let _ = self.client.shutdown().await;
+        }
+    }
+
+    /// A switched session's FATAL must not reach the client together with the ReadyForQuery
+    /// before it: libpq reads both in one go, takes an ErrorResponse that arrives while it is
+    /// idle for a notice, and its next query fails with "server closed the connection
+    /// unexpectedly" and no SQLSTATE (psycopg after COPY or COMMIT did). So the FATAL waits for
+    /// the client's next message, and becomes its answer as when a server was terminated
+    /// while the client was idle, or [`SWITCH_FATAL_GRACE`] if none comes (by then the
+    /// client is idle and will find it with its next query). False if the client left.
+    async fn await_next_client_message(&mut self) -> bool {
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(SWITCH_FATAL_GRACE, self.client.read(&mut buf)).await {
+            Err(_elapsed) => true,
+            Ok(Ok(n)) => n > 0 && buf[0] != b'X',
+            Ok(Err(_)) => false,
         }
     }
 }
@@ -505,9 +580,6 @@ impl Future for Relay {
         let this = self.get_mut();
         if let Some(a) = &this.activity {
             a.touch();
-        }
-        if let Some(msg) = this.close_now.take() {
-            return Poll::Ready(RelayEnd::Switched(msg));
         }
         if let Poll::Ready(end) = this.poll_s2c(cx) {
             return Poll::Ready(end);

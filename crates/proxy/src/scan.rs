@@ -8,13 +8,14 @@
 //!   complete; every other message passes through as soon as its bytes arrive. An incomplete
 //!   header (< 5 bytes) is held back too.
 //! * [`FrontendScanner`] (client→server) only observes: it counts messages that will be
-//!   answered with a `ReadyForQuery` (Query, Sync, FunctionCall), notices Terminate, and
+//!   answered with a `ReadyForQuery` (Query, Sync, FunctionCall — but not the Syncs a server
+//!   ignores in COPY FROM STDIN mode), notices Terminate, and
 //!   knows whether the client is at a message boundary. It never holds bytes back.
 
 use std::fmt;
 
-/// The largest message the backend scanner may hold back: `BackendKeyData` with a 256-byte
-/// protocol 3.2 key.
+/// The largest message the backend scanner may hold back (an authentication request read
+/// whole; also the size of a protocol 3.2 `BackendKeyData` with a 256-byte key).
 pub const MAX_HELD_MESSAGE: usize = 1 + 4 + 4 + 256;
 
 /// The peer broke the message framing.
@@ -34,11 +35,14 @@ pub trait BackendEvents {
     /// A `ReadyForQuery` with status `I`, `T` or `E`. Return `true` to stop relaying right
     /// after this message (the session is being closed at a transaction boundary).
     fn ready_for_query(&mut self, status: u8) -> bool;
-    /// A `BackendKeyData`; `body` is (pid, secret) and may be rewritten in place (same length).
+    /// A `BackendKeyData`; `body` is (pid, 4-byte secret), always 8 bytes (other lengths are
+    /// a [`ProtocolError`]), and may be rewritten in place.
     fn backend_key_data(&mut self, body: &mut [u8]);
     /// An authentication request (`R`) small enough to be held whole; `body` (the int32 code
     /// and its data) may be rewritten in place (same length).
     fn authentication(&mut self, _body: &mut [u8]) {}
+    /// A `CopyInResponse` header: the server is in COPY FROM STDIN mode (passed on unheld).
+    fn copy_in_response(&mut self) {}
 }
 
 /// The SASL mechanism that binds SCRAM to the TLS channel.
@@ -141,10 +145,16 @@ impl BackendScanner {
                 // unread like any other message.
                 b'Z' | b'K' | b'R' if ty != b'R' || len < MAX_HELD_MESSAGE => {
                     let total = 1 + len;
-                    if total > MAX_HELD_MESSAGE
-                        || (ty == b'Z' && len != 5)
-                        || (ty == b'K' && len < 12)
-                    {
+                    if ty == b'K' && len != 12 {
+                        // Protocol 3.0 keys are (pid, 4-byte secret), and the proxy never
+                        // negotiates a newer protocol: anything else cannot be swapped.
+                        return Err(ProtocolError(format!(
+                            "server sent BackendKeyData with a {}-byte body \
+                             (protocol 3.0 has 8: pid and a 4-byte secret)",
+                            len - 4
+                        )));
+                    }
+                    if total > MAX_HELD_MESSAGE || (ty == b'Z' && len != 5) {
                         return Err(ProtocolError(format!(
                             "server sent message '{}' with invalid length {len}",
                             ty as char
@@ -177,6 +187,9 @@ impl BackendScanner {
                     }
                 }
                 _ => {
+                    if ty == b'G' {
+                        events.copy_in_response();
+                    }
                     self.last_type = ty;
                     pos += 5;
                     self.remaining = len - 4;
@@ -198,6 +211,11 @@ pub struct FrontendScanner {
     pub open_batch: bool,
     /// The client sent Terminate.
     pub terminated: bool,
+    /// Syncs since the last Execute or Query: if that started a COPY FROM STDIN, the server
+    /// ignores them (see [`FrontendScanner::copy_in_started`]).
+    syncs_since_execute: u64,
+    /// The server answered with CopyInResponse and the client has not ended the COPY yet.
+    in_copy_in: bool,
 }
 
 impl FrontendScanner {
@@ -239,17 +257,41 @@ impl FrontendScanner {
             }
             self.remaining = len - 4;
             match ty {
-                b'Q' | b'F' => self.awaiting_ready += 1,
+                b'Q' => {
+                    self.awaiting_ready += 1;
+                    self.syncs_since_execute = 0;
+                }
+                b'F' => self.awaiting_ready += 1,
                 b'S' => {
                     self.awaiting_ready += 1;
+                    self.syncs_since_execute += 1;
                     self.open_batch = false;
                 }
-                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_batch = true,
+                b'E' => {
+                    self.open_batch = true;
+                    self.syncs_since_execute = 0;
+                }
+                b'P' | b'B' | b'D' | b'C' | b'H' => self.open_batch = true,
+                // CopyDone / CopyFail: the server leaves COPY FROM STDIN mode, in which it
+                // ignored every Sync (libpq and tokio-postgres send one right after the
+                // Execute, and another after CopyDone): those get no ReadyForQuery.
+                b'c' | b'f' if self.in_copy_in => {
+                    self.in_copy_in = false;
+                    self.awaiting_ready =
+                        self.awaiting_ready.saturating_sub(self.syncs_since_execute);
+                    self.syncs_since_execute = 0;
+                }
                 b'X' => self.terminated = true,
                 _ => {}
             }
         }
         Ok(pos)
+    }
+
+    /// Records a `CopyInResponse` from the server: the Syncs the client sent since the
+    /// Execute (or Query) that started the COPY will be ignored by the server.
+    pub fn copy_in_started(&mut self) {
+        self.in_copy_in = true;
     }
 
     /// Records a `ReadyForQuery` from the server.
@@ -398,6 +440,13 @@ mod tests {
         let mut huge = vec![b'K'];
         huge.extend_from_slice(&100_000u32.to_be_bytes());
         assert!(sc.scan(&mut huge, &mut rec).is_err());
+        // BackendKeyData bodies other than 8 bytes (pid + 4-byte secret) are refused.
+        for body in [&[0u8; 4][..], &[0; 7], &[0; 9], &[0; 36]] {
+            let mut sc = BackendScanner::default();
+            let e = sc.scan(&mut msg(b'K', body), &mut rec).unwrap_err();
+            assert!(e.0.contains("BackendKeyData"), "{e}");
+        }
+        assert!(rec.keys.is_empty());
     }
 
     #[test]
@@ -445,6 +494,33 @@ mod tests {
             fe.ready_seen();
             assert_eq!(fe.awaiting_ready, 0);
         }
+    }
+
+    #[test]
+    fn syncs_during_copy_in_expect_no_ready_for_query() {
+        // tokio-postgres / libpq extended COPY FROM STDIN: Bind, Execute, Sync, then the data,
+        // CopyDone and another Sync. The server ignores the first Sync (it came in COPY
+        // mode) and answers the second with the only ReadyForQuery.
+        let mut fe = FrontendScanner::default();
+        fe.observe(&[msg(b'B', &[0; 8]), msg(b'E', &[0; 5]), msg(b'S', b"")].concat())
+            .unwrap();
+        fe.copy_in_started();
+        fe.observe(&[msg(b'd', b"1\n"), msg(b'c', b""), msg(b'S', b"")].concat())
+            .unwrap();
+        fe.ready_seen();
+        assert!(fe.quiescent(), "awaiting {}", fe.awaiting_ready);
+        // Simple-protocol COPY: nothing to discount.
+        fe.observe(&msg(b'Q', b"copy t from stdin\0")).unwrap();
+        fe.copy_in_started();
+        fe.observe(&[msg(b'd', b"1\n"), msg(b'c', b"")].concat())
+            .unwrap();
+        assert_eq!(fe.awaiting_ready, 1);
+        fe.ready_seen();
+        assert!(fe.quiescent());
+        // A CopyFail nobody asked for (the COPY never started) changes nothing.
+        fe.observe(&[msg(b'f', b"x\0"), msg(b'S', b"")].concat())
+            .unwrap();
+        assert_eq!(fe.awaiting_ready, 1);
     }
 
     #[test]

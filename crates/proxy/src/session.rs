@@ -207,7 +207,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     // Subscribed before routing, so a drain of the branch this session is
     // about to land on cannot slip between routing and the relay loop.
     let mut drains = proxy.drains.subscribe();
-    let route = match proxy
+    let mut route = match proxy
         .router
         .route_client(pinned.as_deref(), &client_info)
         .await
@@ -297,7 +297,25 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     let end = loop {
         tokio::select! {
             biased;
-            end = &mut relay => break end,
+            end = &mut relay => {
+                if matches!(end, RelayEnd::Switched(_)) && !draining && relay.is_fresh() {
+                    match move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet).await {
+                        Moved::To(to) => {
+                            tracing::debug!(
+                                "fresh session {peer} moved from {} to {}",
+                                route.branch,
+                                to.branch
+                            );
+                            registration.set_branch(&to.branch);
+                            route = to;
+                            continue;
+                        }
+                        Moved::Stayed => continue,
+                        Moved::Failed => {}
+                    }
+                }
+                break end
+            }
             drain = drains.recv(), if drains_open => match drain {
                 Ok((branch, message)) if branch == route.branch => {
                     draining = true;
@@ -338,6 +356,52 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             .put(route.addr.clone(), plan.upstream_packet, parked);
     }
     drop(route.lease);
+}
+
+enum Moved {
+    /// Now on this route's server.
+    To(crate::Route),
+    /// The active branch is this session's again: nothing to do.
+    Stayed,
+    /// Could not move: close the session as usual.
+    Failed,
+}
+
+/// Moves a fresh session (see `Relay::is_fresh`) to where its client now routes (the active
+/// branch of its work tree): a parked connection for the same startup packet or a new trusted
+/// one, the client none the wiser. The old server connection, unused, is parked for the next
+/// session on the old branch.
+async fn move_fresh(
+    proxy: &Proxy,
+    relay: &mut Relay,
+    from: &crate::Route,
+    client: &ClientInfo,
+    startup: &[u8],
+) -> Moved {
+    let to = match proxy.router.route_client(None, client).await {
+        Ok(r) if r.branch == from.branch => return Moved::Stayed,
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("not moving a fresh session to the active branch: {e}");
+            return Moved::Failed;
+        }
+    };
+    let conn = match proxy.pool.take(&to.addr, startup) {
+        Some(parked) => Some(parked),
+        None => crate::pool::open_trusted(&to.addr, startup).await,
+    };
+    let Some(conn) = conn else {
+        tracing::debug!(
+            "not moving a fresh session to \"{}\": no trusted connection to {}",
+            to.branch,
+            to.addr
+        );
+        return Moved::Failed;
+    };
+    if let Some(old) = relay.move_to(conn, to.addr.clone()) {
+        proxy.pool.put(from.addr.clone(), startup.to_vec(), old);
+    }
+    Moved::To(to)
 }
 
 /// Lets the client in, or tells it why not (see `auth.rs`): the proxy's owner as is,

@@ -177,3 +177,69 @@ async fn reuse_can_be_turned_off() {
     assert_ne!(pids[0], pids[1]);
     assert_eq!(env.proxy.pooled_connections(), 0);
 }
+
+/// What `DISCARD ALL` cannot reset, so a reused session differs from a fresh one (PgBouncer
+/// has the same two gaps; README's "Connection reuse" lists them with the way out,
+/// `reuse_connections = false`). This test documents them: if it fails, PostgreSQL started
+/// resetting one of them and the README should say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_leaks_placeholder_settings_and_loaded_libraries() {
+    let env = Env::start(config()).await;
+    let probe = "select current_setting('x.y', true) is null, \
+                 coalesce(current_setting('x.y', true), '<null>'), \
+                 current_setting('auto_explain.log_min_duration', true) is not null";
+    let (c, conn) = env.connect("postgres").await;
+    let pid: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let fresh = c.query_one(probe, &[]).await.unwrap();
+    assert!(fresh.get::<_, bool>(0), "x.y is unset in a fresh session");
+    assert!(!fresh.get::<_, bool>(2), "auto_explain is not loaded yet");
+    c.batch_execute("select set_config('x.y', 'v', false); load 'auto_explain'")
+        .await
+        .unwrap();
+    drop(c);
+    conn.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.proxy.pooled_connections() != 1 {
+        assert!(Instant::now() < deadline, "connection was not parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (c, _conn) = env.connect("postgres").await;
+    let reused: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reused, pid, "the server connection was reused");
+    let row = c.query_one(probe, &[]).await.unwrap();
+    // 1. A custom placeholder setting, once set, stays defined: RESET ALL (part of DISCARD
+    //    ALL) puts it back to '' rather than removing it, so it reads '' instead of NULL.
+    assert!(
+        !row.get::<_, bool>(0),
+        "x.y is still defined after DISCARD ALL"
+    );
+    assert_eq!(row.get::<_, String>(1), "");
+    // 2. A library loaded with LOAD stays loaded (its settings exist, its hooks run).
+    assert!(row.get::<_, bool>(2), "auto_explain is still loaded");
+
+    // With reuse off, the next session is fresh.
+    let env = Env::start(ProxyConfig {
+        pool_idle_timeout: None,
+        ..config()
+    })
+    .await;
+    let (c, conn) = env.connect("postgres").await;
+    c.batch_execute("select set_config('x.y', 'v', false); load 'auto_explain'")
+        .await
+        .unwrap();
+    drop(c);
+    conn.await.unwrap().unwrap();
+    let (c, _conn) = env.connect("postgres").await;
+    let row = c.query_one(probe, &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert!(!row.get::<_, bool>(2));
+}
