@@ -77,6 +77,7 @@ pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
     }
     let statements = anonymize::update_statements(rules, &salt(&project)?);
     println!("Masking {database} of \"{from}\"");
+    warn_unmasked_databases(backend, &from, &database.name)?;
     let database = database.name;
     let started = std::time::Instant::now();
     let mut prepare = |socket_dir: &Path| -> Result<(), String> {
@@ -160,6 +161,32 @@ fn pii_looking_columns(client: &mut postgres::Client) -> Result<Vec<(String, Str
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
+}
+
+/// Say which other databases of `from` hold columns that look like personal
+/// data: the anonymized branch gets them as they are (the rules are about
+/// `ruled` only).
+fn warn_unmasked_databases(backend: &LocalBackend, from: &BranchName, ruled: &str) -> Result<()> {
+    let sock = backend.start(from)?;
+    let databases = pgtwig_local::databases::list_for_data(&sock)
+        .with_context(|| format!("listing the databases of \"{from}\""))?;
+    for database in databases.iter().filter(|d| *d != ruled) {
+        let mut client = connect(&sock, database)
+            .with_context(|| format!("connecting to \"{database}\" on \"{from}\""))?;
+        let columns = pii_looking_columns(&mut client)?;
+        if !columns.is_empty() {
+            let names: Vec<String> = columns
+                .iter()
+                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                .collect();
+            eprintln!(
+                "pgtwig: warning: database \"{database}\" of \"{from}\" has columns that look like personal data \
+                 ({}); they are copied unmasked (the rules apply to database \"{ruled}\"); drop what the branch does not need",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--check`: in the database the rules apply to, every PII-looking column
