@@ -175,6 +175,8 @@ fn import_diff_check_post_create_and_urls_use_the_apps_database() {
         &main_postgres,
         "create table kept_by_import(n int); insert into kept_by_import values (7)",
     );
+    // What an older pgtwig left: the source restored under its own name.
+    common::psql(&main_postgres, "create database prod");
 
     // The source checks passwords.
     let err = env.fails(&["import", "--from", &prod.url("app", "wrong", "prod")]);
@@ -184,6 +186,10 @@ fn import_diff_check_post_create_and_urls_use_the_apps_database() {
         out.contains(
             "Restored database \"prod\" of the source into database \"app\" of branch \"main\""
         ),
+        "{out}"
+    );
+    assert!(
+        out.contains("Branch \"main\" also has a database \"prod\""),
         "{out}"
     );
     assert_eq!(common::psql(&main_url, "select count(*) from users"), "100");
@@ -235,6 +241,11 @@ fn import_diff_check_post_create_and_urls_use_the_apps_database() {
     assert!(stderr.contains("database \"app\""), "{stderr}");
     let out = env.ok_code(&["diff", "main", "feature", "--database", "postgres"], 0);
     assert!(out.contains("(database \"postgres\")"), "{out}");
+    let err = env.fails(&["diff", "main", "feature", "--database", "nosuch"]);
+    assert!(
+        err.contains("branch \"main\" has no database \"nosuch\""),
+        "{err}"
+    );
 
     // --check: the app's database against the rules, every other one as a whole.
     let out = env.run(&["anonymize", "--check"]);

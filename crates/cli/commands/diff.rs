@@ -34,8 +34,21 @@ fn snapshot(backend: &Backend, branch: &BranchName, database: &str) -> Result<Sn
         }
         Backend::Neon(n) => n.connect(branch, database, "pgtwig diff"),
     };
-    let mut client = connected.with_context(|| {
-        format!("cannot connect to database \"{database}\" on branch \"{branch}\"")
+    let mut client = connected.map_err(|e| {
+        let missing = e
+            .downcast_ref::<postgres::Error>()
+            .and_then(|e| e.code())
+            .is_some_and(|c| c.code() == "3D000");
+        if missing {
+            anyhow::anyhow!(
+                "branch \"{branch}\" has no database \"{database}\"; compare another with --database, \
+                 or name the app's with `database` in .pgtwig.toml"
+            )
+        } else {
+            e.context(format!(
+                "cannot connect to database \"{database}\" on branch \"{branch}\""
+            ))
+        }
     })?;
     Snapshot::read(&mut client)
         .with_context(|| format!("reading the schema of branch \"{branch}\""))

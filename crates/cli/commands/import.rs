@@ -180,7 +180,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     // The source's database, whatever it is called, becomes the app's
     // (made empty by `replace_database`); the branch's others stay.
     let target = project.database(args.database.as_deref())?.name;
+    // A database named like the source's, left on the branch by an older
+    // pgtwig (which restored into the source's name): said, not dropped.
+    let mut stale_namesake = false;
     let mut fill = |sock: &Path| -> Result<(), String> {
+        if database != target {
+            stale_namesake =
+                pgtwig_local::databases::exists(sock, &database).map_err(|e| e.to_string())?;
+        }
         let mut cmd = Command::new(pg.bin("pg_restore"));
         cmd.args(["--verbose", "--no-owner", "--no-acl", "--exit-on-error"])
             .arg(format!("--jobs={jobs}"))
@@ -218,6 +225,12 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         branch.meta.pg_major,
         output::duration(started.elapsed())
     );
+    if stale_namesake {
+        println!(
+            "Branch \"{into}\" also has a database \"{database}\" (from an earlier import?); it was left as it was: \
+             drop it if the app does not use it (`pgtwig anonymize --check` looks at it too)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -112,7 +112,14 @@ impl LocalBackend {
         let result = (|| {
             let (pg, cloned) = {
                 let _lock = self.lock()?;
-                match self.get(name).ok() {
+                // A branch that exists but cannot be read is an error, not a
+                // reason to start from an empty cluster (that would drop its other databases).
+                let old = if self.exists(name) {
+                    Some(self.get(name)?)
+                } else {
+                    None
+                };
+                match old {
                     Some(old) => {
                         let cloned = self.build_clone(&old, &build)?;
                         (self.install_for(&old)?, Some((old, cloned.method)))
