@@ -64,8 +64,24 @@ fn anonymized_branch_keeps_no_original_value_anywhere() {
         !files_containing(&env.project_dir().join("branches/main/data"), b"pii-mail-").is_empty()
     );
 
-    let out = env.ok(&["anonymize", "--into", "anon"]);
+    // Another database of the branch with a PII-looking column: the rules are about the app's
+    // database only, so anonymize says it copies that one as it is.
+    env.psql("main", "create database crm");
+    let crm = env
+        .ok(&["branch", "url", "main", "--database", "crm"])
+        .trim()
+        .to_string();
+    common::psql(&crm, "create table contacts(email text)");
+    let run = env.run(&["anonymize", "--into", "anon"]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{out}{err}");
     assert!(out.contains("Created anonymized branch \"anon\""), "{out}");
+    assert!(
+        out.contains("Masking database \"postgres\"")
+            && err.contains("database \"crm\" of \"main\" has columns that look like personal data (public.contacts.email)"),
+        "{out}{err}"
+    );
     let anon_dir = env.project_dir().join("branches/anon");
     for needle in [
         "pii-mail-",
@@ -138,6 +154,12 @@ fn anonymized_branch_keeps_no_original_value_anywhere() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("public.users.birth_date") && !text.contains("users.email"),
+        "{text}"
+    );
+    // ... and reports each other database on its own.
+    assert!(
+        text.contains("database \"crm\" on \"main\": columns that look like personal data")
+            && text.contains("\"public.contacts.email\""),
         "{text}"
     );
 }

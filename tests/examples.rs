@@ -60,7 +60,7 @@ fn the_example_app_follows_git_checkouts() {
     std::fs::write(
         env.repo.join(".pgtwig.toml"),
         format!(
-            "project = \"shop\"\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n[[map]]\ngit = \"*\"\nbranch = \"{{branch}}\"\n\
+            "project = \"shop\"\ndatabase = \"app\"\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n[[map]]\ngit = \"*\"\nbranch = \"{{branch}}\"\n\
              post_create = [\"'{}' migrate\"]\n",
             app.display()
         ),
@@ -80,7 +80,8 @@ fn the_example_app_follows_git_checkouts() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    // The URL the README gives: the proxy, and the app's database.
+    let url = format!("postgres://postgres@127.0.0.1:{port}/app");
     let run = |args: &[&str]| {
         let out = Command::new(&app)
             .args(args)

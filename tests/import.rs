@@ -40,15 +40,15 @@ fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
         "--exclude-table-data",
         "public.logs",
     ]);
+    // No `database` in the config: the app's is `postgres`, whatever the source calls its own.
     assert!(
-        out.contains("Imported database \"app\"") && out.contains("into branch \"main\""),
+        out.contains(
+            "Restored database \"app\" of the source into database \"postgres\" of branch \"main\""
+        ),
         "{out}"
     );
     env.ok(&["branch", "start", "main"]);
-    let app = env
-        .ok(&["branch", "url", "main", "--database", "app"])
-        .trim()
-        .to_string();
+    let app = env.url("main");
     assert_eq!(
         common::psql(
             &app,
@@ -75,10 +75,7 @@ fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
     // Schema only, into another branch.
     env.ok(&["import", "--from", &src, "--into", "empty", "--schema-only"]);
     env.ok(&["branch", "start", "empty"]);
-    let empty = env
-        .ok(&["branch", "url", "empty", "--database", "app"])
-        .trim()
-        .to_string();
+    let empty = env.url("empty");
     assert_eq!(common::psql(&empty, "select count(*) from users"), "0");
 
     // Failures: clear errors, the branch untouched, nothing left behind.

@@ -419,3 +419,45 @@ fn init_with_a_neon_project_writes_a_config_that_works() {
         "branch list asked the stand-in"
     );
 }
+
+#[test]
+fn the_top_level_database_is_the_apps_on_neon_too() {
+    let n = NeonEnv::new("");
+    let env = &n.env;
+    n.direct("main", "create database app");
+    let path = env.repo.join(".pgtwig.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "root_branch = \"main\"\n",
+            "root_branch = \"main\"\ndatabase = \"app\"\n",
+        ),
+    )
+    .unwrap();
+    env.ok(&["branch", "create", "feat"]);
+    let out = env.run(&["branch", "url", "feat"]);
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(url.contains("/app"), "{url}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("database \"app\" (the app's, from .pgtwig.toml)"),
+        "{out:?}"
+    );
+    assert_eq!(common::psql(&url, "select current_database()"), "app");
+    // `diff` compares it: a table made there shows, one in neondb does not.
+    let feat_url = url.clone();
+    common::psql(&feat_url, "create table only_in_app(id int)");
+    let out = env.ok_code(&["diff", "main", "feat"], 1);
+    assert!(out.contains("+ table public.only_in_app"), "{out}");
+    // Both spellings may be set only to the same name.
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("[neon]\n", "[neon]\ndatabase = \"neondb\"\n"),
+    )
+    .unwrap();
+    let err = env.fails(&["branch", "url", "feat"]);
+    assert!(err.contains("keep one"), "{err}");
+}

@@ -28,7 +28,7 @@ pub struct Neon {
     /// `[neon] ca_file`, made absolute.
     pub ca_file: Option<PathBuf>,
     pub role: Option<String>,
-    /// `[neon] database`.
+    /// The app's database (`Config::database`: `database`, else `[neon] database`, else neondb).
     pub database: String,
 }
 
@@ -63,7 +63,7 @@ impl Project {
             connect,
             ca_file: config.ca_file.as_ref().map(|p| self.root.join(p)),
             role: config.role.clone(),
-            database: config.database.clone(),
+            database: self.config.database().to_string(),
         })
     }
 }
@@ -210,15 +210,6 @@ impl Backend {
             Backend::Local(b) => b.exists(name),
             Backend::Neon(n) => n.backend.exists(name.as_str())?,
         })
-    }
-
-    /// The database connection strings name unless told otherwise:
-    /// "postgres" locally, `[neon] database` on Neon.
-    pub fn default_database(&self) -> &str {
-        match self {
-            Backend::Local(_) => "postgres",
-            Backend::Neon(n) => &n.database,
-        }
     }
 
     /// A connection string straight to branch `name` (not through the

@@ -40,6 +40,48 @@ impl Project {
     }
 }
 
+/// The database a command looks at, and why that one.
+pub struct Database {
+    pub name: String,
+    /// Said after the name: where it came from.
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "database \"{}\" ({})", self.name, self.why)
+    }
+}
+
+impl Project {
+    /// `--database` when given, else the app's database (`database` in
+    /// .pgtwig.toml; see `Config::database` for the defaults).
+    pub fn database(&self, flag: Option<&str>) -> Result<Database> {
+        if let Some(name) = flag {
+            pgtwig_core::config::check_database_name(name)
+                .map_err(|e| anyhow::anyhow!("--database: {e}"))?;
+            return Ok(Database {
+                name: name.to_string(),
+                why: "--database",
+            });
+        }
+        let explicit = self.config.database.is_some()
+            || self
+                .config
+                .neon
+                .as_ref()
+                .is_some_and(|n| n.database.is_some());
+        Ok(Database {
+            name: self.config.database().to_string(),
+            why: if explicit {
+                "the app's, from .pgtwig.toml"
+            } else {
+                "the default; name the app's with `database = \"...\"` in .pgtwig.toml"
+            },
+        })
+    }
+}
+
 /// The top of the git work tree containing `start`: the nearest folder with
 /// a `.git` entry (a folder, or a file for worktrees and submodules).
 pub fn git_toplevel(start: &Path) -> Option<PathBuf> {

@@ -11,7 +11,7 @@ use pgtwig_core::anonymize::{self, AnonymizeConfig};
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
 
-use crate::project::Project;
+use crate::project::{Database, Project};
 
 #[derive(Args)]
 pub struct AnonymizeArgs {
@@ -28,9 +28,9 @@ pub struct AnonymizeArgs {
     /// Only list columns that look like personal data and have no rule (exit 1 if any).
     #[arg(long)]
     check: bool,
-    /// Database the rules apply to.
-    #[arg(long, default_value = "postgres")]
-    database: String,
+    /// Database the rules apply to (default: the app's, `database` in .pgtwig.toml).
+    #[arg(long)]
+    database: Option<String>,
 }
 
 fn connect(socket_dir: &Path, database: &str) -> Result<postgres::Client, postgres::Error> {
@@ -67,15 +67,18 @@ pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| project.config.root_branch.clone());
     let rules = &project.config.anonymize;
+    let database = project.database(args.database.as_deref())?;
     if args.check {
-        return check(backend, &from, &args.database, rules);
+        return check(backend, &from, &database, rules);
     }
     let into = args.into.expect("clap requires --into");
     if rules.columns.is_empty() {
         bail!("no masking rules: add them under [anonymize.columns] in .pgtwig.toml (`pgtwig anonymize --check` lists columns that look like personal data)");
     }
     let statements = anonymize::update_statements(rules, &salt(&project)?);
-    let database = args.database.clone();
+    println!("Masking {database} of \"{from}\"");
+    warn_unmasked_databases(backend, &from, &database.name)?;
+    let database = database.name;
     let started = std::time::Instant::now();
     let mut prepare = |socket_dir: &Path| -> Result<(), String> {
         let mut client = connect(socket_dir, &database)
@@ -84,7 +87,7 @@ pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
     };
     let report = backend.create_prepared(&into, &from, &mut prepare)?;
     println!(
-        "Created anonymized branch \"{into}\" from \"{from}\": {} column(s) in {} table(s) masked, tables rewritten, old WAL discarded ({})",
+        "Created anonymized branch \"{into}\" from \"{from}\": {} column(s) in {} table(s) of database \"{database}\" masked, tables rewritten, old WAL discarded ({})",
         rules.columns.len(),
         statements.len(),
         crate::output::duration(started.elapsed())
@@ -144,41 +147,116 @@ fn apply(
     Ok(())
 }
 
+/// Columns of the database at `client` whose names look like personal data.
+fn pii_looking_columns(client: &mut postgres::Client) -> Result<Vec<(String, String, String)>> {
+    Ok(client
+        .query(
+            "select n.nspname::text, c.relname::text, a.attname::text from pg_attribute a \
+             join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
+             where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
+             and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') \
+             and a.attname ~* $1 order by 1, 2, 3",
+            &[&anonymize::PII_PATTERN],
+        )?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Say which other databases of `from` hold columns that look like personal
+/// data: the anonymized branch gets them as they are (the rules are about
+/// `ruled` only).
+fn warn_unmasked_databases(backend: &LocalBackend, from: &BranchName, ruled: &str) -> Result<()> {
+    let sock = backend.start(from)?;
+    let databases = pgtwig_local::databases::list_for_data(&sock)
+        .with_context(|| format!("listing the databases of \"{from}\""))?;
+    for database in databases.iter().filter(|d| *d != ruled) {
+        let mut client = connect(&sock, database)
+            .with_context(|| format!("connecting to \"{database}\" on \"{from}\""))?;
+        let columns = pii_looking_columns(&mut client)?;
+        if !columns.is_empty() {
+            let names: Vec<String> = columns
+                .iter()
+                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                .collect();
+            eprintln!(
+                "pgtwig: warning: database \"{database}\" of \"{from}\" has columns that look like personal data \
+                 ({}); they are copied unmasked (the rules apply to database \"{ruled}\"); drop what the branch does not need",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--check`: in the database the rules apply to, every PII-looking column
+/// without a rule; in each other database of the branch (not a template),
+/// every PII-looking column, as `anonymize` copies those unmasked. Reported
+/// per database; exit 1 when any is found.
 fn check(
     backend: &LocalBackend,
     from: &BranchName,
-    database: &str,
+    ruled: &Database,
     rules: &AnonymizeConfig,
 ) -> Result<ExitCode> {
     let sock = backend.start(from)?;
-    let mut client = connect(&sock, database)
-        .with_context(|| format!("connecting to \"{database}\" on \"{from}\""))?;
-    let rows = client.query(
-        "select n.nspname, c.relname, a.attname from pg_attribute a join pg_class c on c.oid = a.attrelid \
-         join pg_namespace n on n.oid = c.relnamespace \
-         where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
-         and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') \
-         and a.attname ~* $1 order by 1, 2, 3",
-        &[&anonymize::PII_PATTERN],
-    )?;
-    let mut unruled = Vec::new();
-    for r in rows {
-        let (s, t, c): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let covered = rules
-            .columns
-            .keys()
-            .any(|k| k.schema == s && k.table == t && k.column == c);
-        if !covered {
-            unruled.push(format!("{s}.{t}.{c}"));
+    let databases = pgtwig_local::databases::list_for_data(&sock)
+        .with_context(|| format!("listing the databases of \"{from}\""))?;
+    if !databases.contains(&ruled.name) {
+        bail!(
+            "branch \"{from}\" has no {ruled}; it has: {} (name the app's with `database` in .pgtwig.toml, or pass --database)",
+            databases.join(", ")
+        );
+    }
+    // The ruled database first: it is the one the rules are about.
+    let mut order: Vec<&String> = databases.iter().filter(|d| **d == ruled.name).collect();
+    order.extend(databases.iter().filter(|d| **d != ruled.name));
+    let mut found = false;
+    for database in order {
+        let mut client = connect(&sock, database)
+            .with_context(|| format!("connecting to \"{database}\" on \"{from}\""))?;
+        let columns = pii_looking_columns(&mut client)?;
+        if *database == ruled.name {
+            let unruled: Vec<String> = columns
+                .iter()
+                .filter(|(s, t, c)| {
+                    !rules
+                        .columns
+                        .keys()
+                        .any(|k| k.schema == *s && k.table == *t && k.column == *c)
+                })
+                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                .collect();
+            if unruled.is_empty() {
+                println!(
+                    "{ruled} on \"{from}\": every column that looks like personal data has a masking rule"
+                );
+            } else {
+                found = true;
+                println!(
+                    "{ruled} on \"{from}\": columns that look like personal data and have no rule in [anonymize.columns]:"
+                );
+                for c in &unruled {
+                    println!("  \"{c}\"");
+                }
+            }
+        } else if columns.is_empty() {
+            println!("database \"{database}\" on \"{from}\": no column looks like personal data");
+        } else {
+            found = true;
+            println!(
+                "database \"{database}\" on \"{from}\": columns that look like personal data; `pgtwig anonymize` masks \
+                 database \"{}\" only and would copy these as they are (drop what the branch does not need):",
+                ruled.name
+            );
+            for (s, t, c) in &columns {
+                println!("  \"{s}.{t}.{c}\"");
+            }
         }
     }
-    if unruled.is_empty() {
-        println!("Every column that looks like personal data on \"{from}\" has a masking rule");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("Columns on \"{from}\" that look like personal data and have no rule in [anonymize.columns]:");
-    for c in &unruled {
-        println!("  \"{c}\"");
-    }
-    Ok(ExitCode::from(1))
+    Ok(if found {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

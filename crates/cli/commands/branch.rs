@@ -52,7 +52,7 @@ pub enum BranchCommand {
     /// Print a connection string straight to a branch's server (its Unix socket).
     Url {
         name: BranchName,
-        /// Database name in the URL (default: postgres, or [neon] database).
+        /// Database name in the URL (default: the app's, `database` in .pgtwig.toml).
         #[arg(long)]
         database: Option<String>,
     },
@@ -134,10 +134,12 @@ fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> R
                 println!("Branch \"{name}\" was not running");
             }
         }
-        BranchCommand::Url { name, database } => println!(
-            "{}",
-            backend.url(&name, database.as_deref().unwrap_or("postgres"))?
-        ),
+        BranchCommand::Url { name, database } => {
+            let database = project.database(database.as_deref())?;
+            // stderr: stdout is the URL, for `psql "$(pgtwig branch url x)"`.
+            eprintln!("pgtwig: {database}");
+            println!("{}", backend.url(&name, &database.name)?)
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -201,10 +203,11 @@ fn run_neon(cmd: BranchCommand, project: &Project, neon: &Neon) -> Result<ExitCo
                  after its suspend_timeout without connections ([neon] suspend_timeout in .pgtwig.toml)"
             )
         }
-        BranchCommand::Url { name, database } => println!(
-            "{}",
-            neon.url(&name, database.as_deref().unwrap_or(&neon.database))?
-        ),
+        BranchCommand::Url { name, database } => {
+            let database = project.database(database.as_deref())?;
+            eprintln!("pgtwig: {database}");
+            println!("{}", neon.url(&name, &database.name)?)
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

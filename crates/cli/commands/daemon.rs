@@ -59,15 +59,15 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     // The daemon follows the work tree it is started in (git worktrees of
     // one repository share a project).
     let worktree = crate::commands::git::follow_worktree(&project, &backend)?;
+    let database = project.config.database();
     let url_hint = match &backend {
-        Backend::Local(_) => "postgres://postgres@{listen}/postgres \
-                              (other users and containers: `pgtwig url`)"
-            .to_string(),
-        Backend::Neon(_) => {
-            "postgres://ROLE:PASSWORD@{listen}/DATABASE (your Neon role, its password and a database; \
+        Backend::Local(_) => format!(
+            "postgres://postgres@{{listen}}/{database} (other users and containers: `pgtwig url`)"
+        ),
+        Backend::Neon(_) => format!(
+            "postgres://ROLE:PASSWORD@{{listen}}/{database} (your Neon role and its password; \
              the same on every branch)"
-                .to_string()
-        }
+        ),
     };
     let branches = match backend {
         Backend::Local(b) => Branches::Local(b),

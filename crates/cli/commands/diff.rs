@@ -16,7 +16,7 @@ pub struct DiffArgs {
     a: BranchName,
     /// The branch to compare to (e.g. the pull request's).
     b: BranchName,
-    /// Database to compare in both branches (default: postgres, or [neon] database).
+    /// Database to compare in both branches (default: the app's, `database` in .pgtwig.toml).
     #[arg(long)]
     database: Option<String>,
     /// Print the difference as JSON (added, removed, changed).
@@ -34,8 +34,21 @@ fn snapshot(backend: &Backend, branch: &BranchName, database: &str) -> Result<Sn
         }
         Backend::Neon(n) => n.connect(branch, database, "pgtwig diff"),
     };
-    let mut client = connected.with_context(|| {
-        format!("cannot connect to database \"{database}\" on branch \"{branch}\"")
+    let mut client = connected.map_err(|e| {
+        let missing = e
+            .downcast_ref::<postgres::Error>()
+            .and_then(|e| e.code())
+            .is_some_and(|c| c.code() == "3D000");
+        if missing {
+            anyhow::anyhow!(
+                "branch \"{branch}\" has no database \"{database}\"; compare another with --database, \
+                 or name the app's with `database` in .pgtwig.toml"
+            )
+        } else {
+            e.context(format!(
+                "cannot connect to database \"{database}\" on branch \"{branch}\""
+            ))
+        }
     })?;
     Snapshot::read(&mut client)
         .with_context(|| format!("reading the schema of branch \"{branch}\""))
@@ -46,10 +59,12 @@ fn snapshot(backend: &Backend, branch: &BranchName, database: &str) -> Result<Sn
 pub fn run(args: DiffArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.backend(false)?;
-    let database = args
-        .database
-        .clone()
-        .unwrap_or_else(|| backend.default_database().to_string());
+    let database = project.database(args.database.as_deref())?;
+    eprintln!(
+        "pgtwig diff: comparing {database} of \"{}\" and \"{}\"",
+        args.a, args.b
+    );
+    let database = database.name;
     let a = snapshot(&backend, &args.a, &database)?;
     let b = snapshot(&backend, &args.b, &database)?;
     let diff = SchemaDiff::between(&a, &b);
@@ -57,7 +72,7 @@ pub fn run(args: DiffArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&diff)?);
     } else if diff.is_empty() {
         println!(
-            "No schema differences between \"{}\" and \"{}\" (database {})",
+            "No schema differences between \"{}\" and \"{}\" (database \"{}\")",
             args.a, args.b, database
         );
     } else {

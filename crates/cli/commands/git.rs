@@ -193,7 +193,8 @@ fn run_post_create(project: &Project, backend: &Backend, target: &rules::Target)
     {
         return;
     }
-    let url = match backend.url(branch, backend.default_database()) {
+    let database = project.config.database();
+    let url = match post_create_url(backend, branch, database) {
         Ok(u) => u,
         Err(e) => {
             eprintln!("pgtwig: cannot run post_create for \"{branch}\": {e:#}");
@@ -201,7 +202,7 @@ fn run_post_create(project: &Project, backend: &Backend, target: &rules::Target)
         }
     };
     for cmd in commands {
-        println!("pgtwig: post_create: {cmd}");
+        println!("pgtwig: post_create (database \"{database}\"): {cmd}");
         let status = Command::new("sh")
             .args(["-c", cmd])
             .current_dir(&project.root)
@@ -220,6 +221,20 @@ fn run_post_create(project: &Project, backend: &Backend, target: &rules::Target)
             }
         }
     }
+}
+
+/// DATABASE_URL for post_create: the app's database on the new branch,
+/// made there first when the branch's parent predates `database` in
+/// .pgtwig.toml (migrations must not run into a database that is not there).
+fn post_create_url(backend: &Backend, branch: &BranchName, database: &str) -> Result<String> {
+    if let Backend::Local(b) = backend {
+        if b.ensure_database(branch, database)? {
+            println!(
+                "pgtwig: created database \"{database}\" on \"{branch}\" (the app's, from .pgtwig.toml; its parent has none)"
+            );
+        }
+    }
+    backend.url(branch, database)
 }
 
 /// Record the work tree the daemon follows (the main one); returns it and its repository.
@@ -276,7 +291,7 @@ pub enum PrCommand {
         /// Delete it with `pgtwig gc` after this long (e.g. 7d, 12h).
         #[arg(long)]
         ttl: Option<String>,
-        /// Database name in the printed URL (default: postgres, or [neon] database).
+        /// Database name in the printed URL (default: the app's, `database` in .pgtwig.toml).
         #[arg(long)]
         database: Option<String>,
     },
@@ -321,8 +336,10 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                     output::duration(started.elapsed())
                 );
             }
-            let database = database.as_deref().unwrap_or(backend.default_database());
-            let url = backend.url(&name, database)?;
+            let database = project.database(database.as_deref())?;
+            // stderr: stdout is the URL.
+            eprintln!("pgtwig: {database}");
+            let url = backend.url(&name, &database.name)?;
             if let Some(out) = std::env::var_os("GITHUB_OUTPUT").filter(|o| !o.is_empty()) {
                 use std::io::Write;
                 let mut f = std::fs::OpenOptions::new()

@@ -1,7 +1,10 @@
 //! `pgtwig import --from postgres://…`: seed or refresh a branch from a real
 //! database. `pg_dump` (directory format, parallel) reads the source —
-//! which is never written to — and `pg_restore` (parallel) fills a fresh
-//! cluster built out of sight; only a complete import replaces the branch.
+//! which is never written to — and `pg_restore` (parallel) fills the app's
+//! database (`database` in .pgtwig.toml, whatever the source calls its own)
+//! in a copy of the branch built out of sight; the branch's other
+//! databases come along as they are. Only a complete import replaces the
+//! branch.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -25,6 +28,9 @@ pub struct ImportArgs {
     /// The branch to seed or refresh (default: the root branch).
     #[arg(long = "into", value_name = "BRANCH")]
     into: Option<BranchName>,
+    /// The branch's database to fill (default: the app's, `database` in .pgtwig.toml).
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
     /// Tables, views, functions… but no rows.
     #[arg(long)]
     schema_only: bool,
@@ -171,16 +177,16 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     // 2. Restore into a fresh cluster that replaces the branch only when complete.
     let pb = bar(items as u64, "restore");
     pb.set_message(output::size(dump_size));
+    // The source's database, whatever it is called, becomes the app's
+    // (made empty by `replace_database`); the branch's others stay.
+    let target = project.database(args.database.as_deref())?.name;
+    // A database named like the source's, left on the branch by an older
+    // pgtwig (which restored into the source's name): said, not dropped.
+    let mut stale_namesake = false;
     let mut fill = |sock: &Path| -> Result<(), String> {
-        if database != "postgres" {
-            let mut c = pgtwig_local::cluster::client_config(sock, "postgres", "pgtwig import")
-                .connect(postgres::NoTls)
-                .map_err(|e| e.to_string())?;
-            c.batch_execute(&format!(
-                "CREATE DATABASE {}",
-                pgtwig_core::anonymize::ident(&database)
-            ))
-            .map_err(|e| e.to_string())?;
+        if database != target {
+            stale_namesake =
+                pgtwig_local::databases::exists(sock, &database).map_err(|e| e.to_string())?;
         }
         let mut cmd = Command::new(pg.bin("pg_restore"));
         cmd.args(["--verbose", "--no-owner", "--no-acl", "--exit-on-error"])
@@ -189,7 +195,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             .arg(sock)
             .args(["--port", &pgtwig_local::cluster::PORT.to_string()])
             .args(["--username", pgtwig_local::cluster::SUPERUSER])
-            .args(["--dbname", &database])
+            .args(["--dbname", &target])
             .arg(&dump);
         run_tool(cmd, |line| {
             if line.contains("processing item")
@@ -202,13 +208,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         pgtwig_core::failpoint::hit("import.before_publish");
         Ok(())
     };
-    let result = backend.fill_fresh(&into, &mut fill);
+    let result = backend.replace_database(&into, &target, &mut fill);
     pb.finish_and_clear();
     let _ = std::fs::remove_dir_all(&work);
     let branch = result
         .map_err(|e| anyhow::anyhow!("restoring failed; branch \"{into}\" was not changed: {e}"))?;
     println!(
-        "Imported database \"{database}\" ({} dumped{}) into branch \"{into}\" (PostgreSQL {}, {})",
+        "Restored database \"{database}\" of the source into database \"{target}\" of branch \"{into}\" \
+         ({} dumped{}; PostgreSQL {}, {}); its other databases are as they were",
         output::size(dump_size),
         if args.schema_only {
             ", schema only"
@@ -218,6 +225,12 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         branch.meta.pg_major,
         output::duration(started.elapsed())
     );
+    if stale_namesake {
+        println!(
+            "Branch \"{into}\" also has a database \"{database}\" (from an earlier import?); it was left as it was: \
+             drop it if the app does not use it (`pgtwig anonymize --check` looks at it too)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

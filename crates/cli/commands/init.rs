@@ -20,6 +20,9 @@ pub struct InitArgs {
     /// Name of the root branch (default: main, or the Neon project's default branch).
     #[arg(long)]
     root: Option<BranchName>,
+    /// The app's database, made in the root branch (default: postgres; on Neon, neondb).
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
     /// Keep the branches in this Neon project (backend = "neon") instead of on this machine.
     #[arg(long, value_name = "PROJECT_ID")]
     neon_project: Option<String>,
@@ -38,45 +41,62 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     };
     let config_path = top.join(CONFIG_FILE);
     let adopted = config_path.exists();
-    let config = if adopted {
-        // Read as every other command does, .pgtwig.local.toml included.
-        let (c, _) = Config::discover(&top)?;
-        println!("Using existing {}", config_path.display());
-        c
-    } else {
-        let project = match args.name {
-            Some(n) => n,
-            None => names::from_git(
-                &top.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            ),
-        };
-        let mut c = Config::new(project);
-        if let Some(id) = &args.neon_project {
-            c.backend = pgtwig_core::BackendKind::Neon;
-            let mut neon = pgtwig_core::config::NeonConfig::new(id.clone());
-            if let Some(url) = &args.neon_api_url {
-                pgtwig_core::config::check_neon_api_url(url)
-                    .map_err(|e| anyhow::anyhow!("--neon-api-url: {e}"))?;
-                neon.api_url = url.clone();
+    let config =
+        if adopted {
+            // Read as every other command does, .pgtwig.local.toml included.
+            let (c, _) = Config::discover(&top)?;
+            println!("Using existing {}", config_path.display());
+            if let Some(wanted) = &args.database {
+                if c.database.as_deref() != Some(wanted.as_str()) {
+                    bail!(
+                    "--database {wanted}: the existing {} says the app's database is \"{}\"{}; \
+                     set `database = \"{wanted}\"` in it (and commit it) instead",
+                    config_path.display(),
+                    c.database(),
+                    if c.database.is_none() { " (by default)" } else { "" }
+                );
+                }
             }
-            c.neon = Some(neon);
-            // The user typed --neon-api-url: approved before it is first used.
-            trust::approve_written(&Project::at(c.clone(), top.clone())?)?;
-            c.root_branch = match args.root.clone() {
-                Some(r) => r,
-                None => neon_default_branch(&c, &top)?,
+            c
+        } else {
+            let project = match args.name {
+                Some(n) => n,
+                None => names::from_git(
+                    &top.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
             };
-        }
-        if let Some(root) = args.root {
-            c.root_branch = root;
-        }
-        std::fs::write(&config_path, c.to_commented_toml())
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        println!("Wrote {} (commit it)", config_path.display());
-        c
-    };
+            let mut c = Config::new(project);
+            if let Some(d) = &args.database {
+                pgtwig_core::config::check_database_name(d)
+                    .map_err(|e| anyhow::anyhow!("--database: {e}"))?;
+                c.database = Some(d.clone());
+            }
+            if let Some(id) = &args.neon_project {
+                c.backend = pgtwig_core::BackendKind::Neon;
+                let mut neon = pgtwig_core::config::NeonConfig::new(id.clone());
+                if let Some(url) = &args.neon_api_url {
+                    pgtwig_core::config::check_neon_api_url(url)
+                        .map_err(|e| anyhow::anyhow!("--neon-api-url: {e}"))?;
+                    neon.api_url = url.clone();
+                }
+                c.neon = Some(neon);
+                // The user typed --neon-api-url: approved before it is first used.
+                trust::approve_written(&Project::at(c.clone(), top.clone())?)?;
+                c.root_branch = match args.root.clone() {
+                    Some(r) => r,
+                    None => neon_default_branch(&c, &top)?,
+                };
+            }
+            if let Some(root) = args.root {
+                c.root_branch = root;
+            }
+            std::fs::write(&config_path, c.to_commented_toml())
+                .with_context(|| format!("cannot write {}", config_path.display()))?;
+            println!("Wrote {} (commit it)", config_path.display());
+            c
+        };
     let project = Project::at(config, top)?;
     if adopted {
         // Someone else's file (a clone, a pull request): its commands wait for `pgtwig trust`.
@@ -89,14 +109,19 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         Backend::Neon(n) => return init_neon(&project, &n),
     };
     let root = &project.config.root_branch;
+    let database = project.config.database();
     if backend.exists(root) {
         backend.get(root)?;
         println!("Root branch \"{root}\" already exists");
+        // Every branch has the app's database: a root made before the config named it gets it now.
+        if backend.ensure_database(root, database)? {
+            println!("Created database \"{database}\" (the app's) in root branch \"{root}\"");
+        }
     } else {
         let started = std::time::Instant::now();
-        let branch = backend.create_root(root, None)?;
+        let branch = backend.create_root(root, None, database)?;
         println!(
-            "Created root branch \"{root}\" (PostgreSQL {}, {})",
+            "Created root branch \"{root}\" with database \"{database}\" (PostgreSQL {}, {})",
             branch.meta.pg_major,
             crate::output::duration(started.elapsed())
         );
@@ -105,7 +130,11 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     println!("State lives in {}", project.home.dir().display());
     println!(
         "Connect straight to it: psql \"{}\"",
-        backend.url(root, "postgres")?
+        backend.url(root, database)?
+    );
+    println!(
+        "The app's DATABASE_URL, once `pgtwig up` runs: postgres://postgres@{}/{database}",
+        project.config.proxy.listen
     );
     if backend.server_user().switch {
         println!(

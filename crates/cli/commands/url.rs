@@ -47,13 +47,12 @@ pub fn run(args: UrlArgs) -> Result<ExitCode> {
             listen.url_host()
         }
     });
-    let database = args
-        .database
-        .clone()
-        .unwrap_or_else(|| backend.default_database().to_string());
+    let database = project.database(args.database.as_deref())?;
+    // stderr: stdout is the URL, for `$(pgtwig url)`.
+    eprintln!("pgtwig: {database}");
     let dbname = match &args.branch {
-        Some(b) => format!("{database}@{}", BranchName::parse(b)?),
-        None => database,
+        Some(b) => format!("{}@{}", database.name, BranchName::parse(b)?),
+        None => database.name.clone(),
     };
     let url = match &backend {
         Backend::Local(_) => {
@@ -74,7 +73,7 @@ pub fn run(args: UrlArgs) -> Result<ExitCode> {
                         .active
                 }
             };
-            let direct = backend.url(&branch, backend.default_database())?;
+            let direct = backend.url(&branch, &database.name)?;
             let credentials = direct
                 .split_once("://")
                 .and_then(|(_, rest)| rest.rsplit_once('@'))

@@ -33,6 +33,16 @@ pub struct Config {
     /// The branch every other branch derives from, directly or not.
     #[serde(default = "default_root")]
     pub root_branch: BranchName,
+    /// The app's database, on every branch: what DATABASE_URLs name, where
+    /// `import` restores to, what `diff`, `anonymize` and `post_create` use.
+    /// Unset: `postgres` locally, `[neon] database` (else "neondb") on Neon —
+    /// see [`Config::database`].
+    #[serde(
+        default,
+        deserialize_with = "database_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub database: Option<String>,
     /// How far back `branch create --at` can go: WAL and base snapshots
     /// older than this are pruned ("0": keep no history).
     #[serde(default = "default_retention", with = "duration_text")]
@@ -67,10 +77,15 @@ pub struct NeonConfig {
     /// `diff`); default: the branch's only role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
-    /// The database in connection strings pgtwig prints, and the one `diff`
-    /// compares (Neon's default database is "neondb").
-    #[serde(default = "default_neon_database")]
-    pub database: String,
+    /// The app's database on Neon, as the top-level `database` says it (an
+    /// older spelling; both may be set only to the same name). Unset:
+    /// "neondb", Neon's default database.
+    #[serde(
+        default,
+        deserialize_with = "database_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub database: Option<String>,
     /// Connect here ("host:port") instead of the endpoint's own host, e.g.
     /// through an SSH tunnel. TLS still checks the endpoint's host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,8 +107,41 @@ pub struct NeonConfig {
 /// Neon's public API, the default `api_url`.
 pub const DEFAULT_NEON_API_URL: &str = "https://console.neon.tech/api/v2";
 
-fn default_neon_database() -> String {
-    "neondb".into()
+/// The database a Neon project starts with.
+pub const DEFAULT_NEON_DATABASE: &str = "neondb";
+
+/// The database of a local branch unless `.pgtwig.toml` names another.
+pub const DEFAULT_LOCAL_DATABASE: &str = "postgres";
+
+/// Check a database name for `database =`: a PostgreSQL identifier
+/// (1–63 bytes), not a template (they are not for data), without `@`
+/// (the proxy reads `app@branch` as a pin to a branch).
+pub fn check_database_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "database \"{name}\" must be 1 to 63 bytes long (a PostgreSQL name)"
+        ));
+    }
+    if name.contains('@') {
+        return Err(format!(
+            "database \"{name}\" contains '@', which the proxy reads as a branch pin (app@branch); choose a name without it"
+        ));
+    }
+    if name.contains('\0') {
+        return Err(format!("database \"{name}\" contains a NUL byte"));
+    }
+    if matches!(name, "template0" | "template1") {
+        return Err(format!(
+            "database \"{name}\" is a template database, not one for the app's data; name the app's own (e.g. \"app\")"
+        ));
+    }
+    Ok(())
+}
+
+fn database_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    check_database_name(&text).map_err(serde::de::Error::custom)?;
+    Ok(Some(text))
 }
 
 fn default_neon_api() -> String {
@@ -147,7 +195,7 @@ impl NeonConfig {
             project_id: project_id.into(),
             api_url: default_neon_api(),
             role: None,
-            database: default_neon_database(),
+            database: None,
             connect: None,
             ca_file: None,
             suspend_timeout: None,
@@ -289,6 +337,7 @@ impl Config {
             project,
             backend: BackendKind::Local,
             root_branch: default_root(),
+            database: None,
             history_retention: default_retention(),
             proxy: ProxyConfig::default(),
             map: Vec::new(),
@@ -320,6 +369,20 @@ impl Config {
                     })
                 }
                 Some(_) => {}
+            }
+        }
+        if let (Some(top), Some(neon)) = (
+            &config.database,
+            config.neon.as_ref().and_then(|n| n.database.as_ref()),
+        ) {
+            if top != neon {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "database = \"{top}\" and [neon] database = \"{neon}\" name different databases; \
+                         keep one (the top-level `database` is the app's database on either backend)"
+                    ),
+                });
             }
         }
         Ok(config)
@@ -369,6 +432,24 @@ impl Config {
         })
     }
 
+    /// The app's database: what connection strings name, where `import`
+    /// restores, what `diff`, `anonymize` and `post_create` look at unless
+    /// told otherwise. `database` at the top level on either backend; else
+    /// `[neon] database` (default "neondb") on Neon, "postgres" locally.
+    pub fn database(&self) -> &str {
+        if let Some(d) = &self.database {
+            return d;
+        }
+        match self.backend {
+            BackendKind::Local => DEFAULT_LOCAL_DATABASE,
+            BackendKind::Neon => self
+                .neon
+                .as_ref()
+                .and_then(|n| n.database.as_deref())
+                .unwrap_or(DEFAULT_NEON_DATABASE),
+        }
+    }
+
     /// The text `pgtwig init` writes: the settings with a comment each.
     pub fn to_commented_toml(&self) -> String {
         let backend = match self.backend {
@@ -376,6 +457,22 @@ impl Config {
             BackendKind::Neon => "neon",
         };
         let neon = self.neon.as_ref().map(neon_section).unwrap_or_default();
+        let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+        // Written out locally, so the file says which database the app uses;
+        // on Neon only when given (else [neon] database / "neondb" applies).
+        let database = match (&self.database, self.backend) {
+            (Some(d), _) => format!("database = {}\n", quoted(d)),
+            (None, BackendKind::Local) => format!("database = {}\n", quoted(self.database())),
+            (None, BackendKind::Neon) => String::new(),
+        };
+        let database = if database.is_empty() {
+            database
+        } else {
+            format!(
+                "# The app's database, on every branch: `import` restores into it, post_create and\n\
+                 # `diff` / `anonymize` use it, and DATABASE_URL names it.\n{database}"
+            )
+        };
         format!(
             "# pgtwig: a database branch for every git branch. Commit this file.\n\
              # Docs: https://github.com/pgtwig/pgtwig#configuration\n\
@@ -386,10 +483,11 @@ impl Config {
              backend = \"{backend}\"\n\
              # The branch every other branch derives from (production data, or an import of it).\n\
              root_branch = \"{}\"\n\
+             {database}\
              {neon}\
              \n\
              [proxy]\n\
-             # Where the app's fixed DATABASE_URL points: postgres://postgres@localhost:5432/postgres\n\
+             # Where the app's fixed DATABASE_URL points: postgres://postgres@localhost:5432/{}\n\
              listen = \"{}\"\n\
              # Stop a branch's server after this long without sessions (\"0\" = never).\n\
              suspend_timeout = \"15m\"\n\
@@ -407,7 +505,11 @@ impl Config {
              create = \"auto\"\n\
              # Commands run after a branch is made, with DATABASE_URL pointing at it (e.g. migrations).\n\
              post_create = []\n",
-            self.project, self.root_branch, self.proxy.listen, self.root_branch
+            self.project,
+            self.root_branch,
+            self.database(),
+            self.proxy.listen,
+            self.root_branch
         )
     }
 }
@@ -435,10 +537,10 @@ fn neon_section(n: &NeonConfig) -> String {
         Some(role) => out += &format!("role = {}\n", quoted(role)),
         None => out += "# role = \"neondb_owner\"\n",
     }
-    if n.database != default_neon_database() {
+    if let Some(database) = &n.database {
         out += &format!(
-            "# The database in printed connection strings, and the one `diff` compares.\ndatabase = {}\n",
-            quoted(&n.database)
+            "# The app's database (as the top-level `database`).\ndatabase = {}\n",
+            quoted(database)
         );
     }
     if let Some(connect) = &n.connect {
@@ -537,7 +639,7 @@ mod tests {
         c.neon = Some(NeonConfig {
             api_url: "http://127.0.0.1:9/api/v2".into(),
             role: Some("app_owner".into()),
-            database: "shop".into(),
+            database: Some("shop".into()),
             connect: Some("127.0.0.1:5433".into()),
             ca_file: Some("certs/neon \"ca\".pem".into()),
             suspend_timeout: Some(std::time::Duration::from_secs(300)),
@@ -616,6 +718,48 @@ mod tests {
         let e = parse("console.neon.tech").unwrap_err().to_string();
         assert!(e.contains("line 5") && e.contains("not a URL"), "{e}");
         assert!(check_neon_api_url(DEFAULT_NEON_API_URL).is_ok());
+    }
+
+    #[test]
+    fn the_apps_database() {
+        let parse = |text: &str| Config::parse(text, Path::new(".pgtwig.toml"));
+        let c = parse("project = \"a\"\n").unwrap();
+        assert_eq!(c.database(), "postgres", "nothing says otherwise");
+        let c = parse("project = \"a\"\ndatabase = \"app\"\n").unwrap();
+        assert_eq!(c.database(), "app");
+        let neon = "project = \"a\"\nbackend = \"neon\"\n[neon]\nproject_id = \"p\"\n";
+        assert_eq!(parse(neon).unwrap().database(), "neondb");
+        let c = parse(&format!("{neon}database = \"shop\"\n")).unwrap();
+        assert_eq!(c.database(), "shop");
+        let c = parse(&format!("database = \"app\"\n{neon}")).unwrap();
+        assert_eq!(c.database(), "app", "the top level on Neon too");
+        let e = parse(&format!("database = \"app\"\n{neon}database = \"shop\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"app\"") && e.contains("\"shop\"") && e.contains("keep one"),
+            "{e}"
+        );
+        for bad in ["", "template1", "app@main"] {
+            let e = parse(&format!("project = \"a\"\ndatabase = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("line 2") && e.contains("database"), "{bad}: {e}");
+        }
+        // What init writes says which database, and reads back.
+        let mut c = Config::new(BranchName::parse("shop").unwrap());
+        let text = c.to_commented_toml();
+        assert!(
+            text.contains("\ndatabase = \"postgres\"\n") && text.contains("5432/postgres"),
+            "{text}"
+        );
+        c.database = Some("app".into());
+        let text = c.to_commented_toml();
+        assert!(text.contains("5432/app"), "{text}");
+        assert_eq!(
+            Config::parse(&text, Path::new("x")).unwrap().database(),
+            "app"
+        );
     }
 
     #[test]

@@ -359,17 +359,33 @@ impl LocalBackend {
         Ok(was)
     }
 
-    /// Create the root branch with `initdb`.
-    pub fn create_root(&self, name: &BranchName, git_branch: Option<String>) -> Result<Branch> {
+    /// Create the root branch with `initdb`, holding the app's `database`
+    /// (made before the branch appears, so every branch derived from it has
+    /// it; "postgres" is initdb's own).
+    pub fn create_root(
+        &self,
+        name: &BranchName,
+        git_branch: Option<String>,
+        database: &str,
+    ) -> Result<Branch> {
         let _lock = self.lock_for_new(name)?;
         let pg = pgbin::newest()?;
         let build = self.new_build_dir(name)?;
-        cluster::initdb(
-            &pg,
-            &self.user,
-            &build.join("data"),
-            &build.join("server.log"),
-        )?;
+        let log = build.join("server.log");
+        let made = (|| {
+            cluster::initdb(&pg, &self.user, &build.join("data"), &log)?;
+            if database != "postgres" {
+                self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+                    crate::databases::create_if_missing(sock, database)
+                        .map_err(|e| Error::Other(format!("creating database \"{database}\": {e}")))
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            self.discard_build(&build, &log);
+            return Err(e);
+        }
         let meta = BranchMeta {
             parent: None,
             created: now_rfc3339(),

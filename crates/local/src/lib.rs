@@ -6,6 +6,7 @@
 //! - `ownership`: which folder of a project is whose, and tightening
 //!   projects made by an older pgtwig.
 //! - [`cluster`]: initdb, start, stop and status of one cluster.
+//! - [`databases`]: the databases in a cluster (the app's, the others).
 //! - `beneath`: reaching into the server user's data directories without
 //!   following links.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
@@ -22,6 +23,7 @@ mod beneath;
 mod build;
 pub mod clone;
 pub mod cluster;
+pub mod databases;
 pub mod engine;
 pub mod history;
 mod ownership;

@@ -1,7 +1,8 @@
 //! Branches made or changed out of sight before they appear: an
-//! anonymized clone ([`LocalBackend::create_prepared`]) and a fresh cluster
-//! filled by an import ([`LocalBackend::fill_fresh`]). Both run a server
-//! from the build folder in `tmp/` and publish by rename only when done.
+//! anonymized clone ([`LocalBackend::create_prepared`]) and a branch whose
+//! app database an import fills anew ([`LocalBackend::replace_database`]).
+//! Both run a server from the build folder in `tmp/` and publish by rename
+//! only when done.
 
 use std::fs;
 use std::path::Path;
@@ -89,45 +90,84 @@ impl LocalBackend {
         result
     }
 
-    /// Make `name` a fresh cluster filled by `fill` (given the socket folder
-    /// of the new cluster, running from its build folder), replacing the
-    /// branch of that name if there is one — atomically: until `fill`
-    /// succeeds and the new cluster is stopped cleanly, the old branch is
-    /// untouched and in service; a failure leaves nothing behind. For
-    /// `pgtwig import`. A replaced running branch is started again.
-    pub fn fill_fresh(
+    /// Fill database `database` of branch `name` anew, keeping the branch's
+    /// other databases as they are: the branch (as it is now; a fresh
+    /// cluster when there is no such branch) is cloned into a build,
+    /// started out of sight, `database` is made empty there and `fill` is
+    /// given the build's socket folder to fill it; only when that succeeds
+    /// and the build's server stopped cleanly does the build replace the
+    /// branch. Until then the branch is untouched and in service; a
+    /// failure leaves nothing behind. For `pgtwig import`. The long fill
+    /// runs without the project lock (the clone and the swap take it), so
+    /// what the branch's other databases get meanwhile is not carried
+    /// over. A replaced running branch is started again.
+    pub fn replace_database(
         &self,
         name: &BranchName,
+        database: &str,
         fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
     ) -> Result<Branch> {
-        let pg = pgbin::newest()?;
         let build = self.new_build_dir_unlocked(name)?;
+        let log = build.join("server.log");
         let result = (|| {
-            let data = build.join("data");
-            let log = build.join("server.log");
-            cluster::initdb(&pg, &self.user, &data, &log)?;
+            let (pg, cloned) = {
+                let _lock = self.lock()?;
+                // A branch that exists but cannot be read is an error, not a
+                // reason to start from an empty cluster (that would drop its other databases).
+                let old = if self.exists(name) {
+                    Some(self.get(name)?)
+                } else {
+                    None
+                };
+                match old {
+                    Some(old) => {
+                        let cloned = self.build_clone(&old, &build)?;
+                        (self.install_for(&old)?, Some((old, cloned.method)))
+                    }
+                    None => {
+                        let pg = pgbin::newest()?;
+                        cluster::initdb(&pg, &self.user, &build.join("data"), &log)?;
+                        (pg, None)
+                    }
+                }
+            };
             self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+                crate::databases::recreate(sock, database).map_err(|e| {
+                    Error::Other(format!("making database \"{database}\" empty: {e}"))
+                })?;
                 fill(sock).map_err(Error::Other)
-            })
+            })?;
+            Ok((pg, cloned))
         })();
-        if let Err(e) = result {
-            self.discard_build(&build, &build.join("server.log"));
-            return Err(e);
-        }
+        let (pg, cloned) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.discard_build(&build, &log);
+                return Err(e);
+            }
+        };
         // Only the swap needs the lock: the long fill ran beside other commands.
         let _lock = self.lock()?;
-        let old = self.get(name).ok();
-        let meta = BranchMeta {
-            parent: old.as_ref().and_then(|b| b.meta.parent.clone()),
-            created: now_rfc3339(),
-            clone_method: CloneMethod::Initdb,
-            pg_major: pg.major,
-            git_branch: old.as_ref().and_then(|b| b.meta.git_branch.clone()),
-            expires: None,
+        let meta = match cloned {
+            // Still the same branch, refreshed: what it was made for stays.
+            Some((old, method)) => BranchMeta {
+                created: now_rfc3339(),
+                clone_method: method,
+                pg_major: pg.major,
+                ..old.meta
+            },
+            None => BranchMeta {
+                parent: None,
+                created: now_rfc3339(),
+                clone_method: CloneMethod::Initdb,
+                pg_major: pg.major,
+                git_branch: None,
+                expires: None,
+            },
         };
         write_meta(&build, &meta)?;
         sync_tree(&build)?;
-        if old.is_some() || self.exists(name) {
+        if self.exists(name) {
             let was_running = self.swap_in(name, &build, None)?;
             if was_running {
                 self.start_locked(name)?;
@@ -136,5 +176,17 @@ impl LocalBackend {
         } else {
             self.publish(name, &build, &meta)
         }
+    }
+
+    /// Make sure branch `name` holds database `database` (starting the
+    /// branch): the app's database on a branch made before `.pgtwig.toml`
+    /// named it. Returns whether it had to be made.
+    pub fn ensure_database(&self, name: &BranchName, database: &str) -> Result<bool> {
+        let sock = self.start(name)?;
+        crate::databases::create_if_missing(&sock, database).map_err(|e| {
+            Error::Other(format!(
+                "creating database \"{database}\" on branch \"{name}\": {e}"
+            ))
+        })
     }
 }

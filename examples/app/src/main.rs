@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use tokio_postgres::{Client, NoTls};
 
-const DEFAULT_URL: &str = "postgres://postgres@localhost:5432/postgres";
+const DEFAULT_URL: &str = "postgres://postgres@localhost:5432/app";
 
 const USAGE: &str = "usage: pgtwig-example-app <command>
 
@@ -17,7 +17,7 @@ commands:
   list        list the to-dos
   whoami      print the database and the pgtwig branch that answered
 
-DATABASE_URL (default postgres://postgres@localhost:5432/postgres) says where to connect.";
+DATABASE_URL (default postgres://postgres@localhost:5432/app) says where to connect.";
 
 /// Numbered migrations, applied in order, each once, recorded in `schema_migrations`.
 const MIGRATIONS: &[(i32, &str)] = &[

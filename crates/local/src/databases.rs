@@ -1,0 +1,83 @@
+//! The databases inside a branch's cluster: the app's own (named by
+//! `database` in `.pgtwig.toml`) and whatever else the branch holds.
+//!
+//! pgtwig talks to them as the superuser over the branch's (or a build's)
+//! private socket, connected to `template1`: it always exists, and it is
+//! never the app's database (`database` may not name a template), so the
+//! app's can be dropped and made again from there. New databases are made
+//! from `template0`, as `pg_restore` expects: nothing a user added to
+//! `template1` ends up in them twice.
+
+use std::path::Path;
+
+use crate::cluster;
+
+fn admin(socket_dir: &Path, app: &str) -> Result<postgres::Client, postgres::Error> {
+    cluster::client_config(socket_dir, "template1", app).connect(postgres::NoTls)
+}
+
+/// A quoted SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Whether `database` exists on the server at `socket_dir`.
+pub fn exists(socket_dir: &Path, database: &str) -> Result<bool, postgres::Error> {
+    let mut c = admin(socket_dir, "pgtwig")?;
+    let row = c.query_one(
+        "select count(*) from pg_database where datname = $1",
+        &[&database],
+    )?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Create `database`, empty, unless it exists; returns whether it was made.
+pub fn create_if_missing(socket_dir: &Path, database: &str) -> Result<bool, postgres::Error> {
+    if exists(socket_dir, database)? {
+        return Ok(false);
+    }
+    let mut c = admin(socket_dir, "pgtwig")?;
+    c.batch_execute(&format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        ident(database)
+    ))?;
+    Ok(true)
+}
+
+/// Replace `database` with an empty one (its sessions are ended first);
+/// made if it did not exist. For an import into a build, out of sight.
+pub fn recreate(socket_dir: &Path, database: &str) -> Result<(), postgres::Error> {
+    let mut c = admin(socket_dir, "pgtwig import")?;
+    // One statement per call: DROP/CREATE DATABASE refuse a transaction block.
+    c.batch_execute(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        ident(database)
+    ))?;
+    c.batch_execute(&format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        ident(database)
+    ))?;
+    Ok(())
+}
+
+/// Every database a client could hold data in: not a template, and
+/// accepting connections; sorted by name.
+pub fn list_for_data(socket_dir: &Path) -> Result<Vec<String>, postgres::Error> {
+    let mut c = admin(socket_dir, "pgtwig")?;
+    Ok(c.query(
+        "select datname::text from pg_database where not datistemplate and datallowconn order by 1",
+        &[],
+    )?
+    .into_iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(super::ident("app"), "\"app\"");
+        assert_eq!(super::ident("a\"b"), "\"a\"\"b\"");
+    }
+}
