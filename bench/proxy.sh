@@ -63,7 +63,7 @@ export PGTWIG_HOME=$WORK/home
 SOCK=$(cd "$WORK/repo" && "$PGTWIG" branch url main | sed 's/.*host=//')
 PGPORT=$(free_port)
 "${AS[@]}" "$PGBIN/postgres" -D "$DATA" -k "$SOCK" -p "$PGPORT" \
-  -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=128MB \
+  -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=128MB \
   >"$WORK/pg.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do pg_isready -q -h "$SOCK" -p "$PGPORT" && break; sleep 0.1; done

@@ -94,18 +94,52 @@ impl WorktreeFinder {
             .copied()
             .find(|&pid| holds(pid, &link))
             .or_else(|| {
-                processes_of(uid)
-                    .filter(|pid| !recent.contains(pid))
-                    .find(|&pid| holds(pid, &link))
+                // Only a process running in one of the repository's work trees can change
+                // where the client goes, so only those are searched (one readlink of its cwd
+                // each), newest first: a client that just connected is usually a process
+                // that just started (psql, a test run), or else one found before (`recent`).
+                let roots = self.worktree_roots();
+                let mut pids: Vec<u32> = all_pids().filter(|p| !recent.contains(p)).collect();
+                pids.sort_unstable_by(|a, b| b.cmp(a));
+                pids.into_iter().find(|&pid| {
+                    owned_by(pid, uid)
+                        && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                            .is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
+                        && holds(pid, &link)
+                })
             });
         let pid = found.ok_or_else(|| {
-            format!("no process of uid {uid} holds the client socket (inode {inode})")
+            format!(
+                "no process of uid {uid} in a work tree of this project holds the client socket \
+                 (inode {inode})"
+            )
         })?;
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.retain(|&p| p != pid);
         recent.push_front(pid);
         recent.truncate(RECENT_PIDS);
         Ok(pid)
+    }
+
+    /// The top folders of the repository's work trees: the main one (the common dir's parent,
+    /// unless the repository is bare) and each linked one (`<common>/worktrees/*/gitdir`).
+    fn worktree_roots(&self) -> Vec<PathBuf> {
+        let mut roots = Vec::new();
+        if self.common_dir.file_name().is_some_and(|n| n == ".git") {
+            if let Some(main) = self.common_dir.parent() {
+                roots.push(main.to_path_buf());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.common_dir.join("worktrees")) {
+            for e in entries.flatten() {
+                if let Ok(gitdir) = std::fs::read_to_string(e.path().join("gitdir")) {
+                    if let Some(root) = Path::new(gitdir.trim()).parent() {
+                        roots.push(root.canonicalize().unwrap_or_else(|_| root.to_path_buf()));
+                    }
+                }
+            }
+        }
+        roots
     }
 
     /// The work tree of this repository containing `dir`, if any.
@@ -151,16 +185,18 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn processes_of(uid: u32) -> impl Iterator<Item = u32> {
+/// Every process id, unordered (no per-process system call: the uid is checked later, and
+/// only for the processes looked at).
+fn all_pids() -> impl Iterator<Item = u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(move |e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let meta = e.metadata().ok()?;
-            (meta.uid() == uid).then_some(pid)
-        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+fn owned_by(pid: u32, uid: u32) -> bool {
+    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
 }
 
 fn holds(pid: u32, link: &str) -> bool {
@@ -238,17 +274,31 @@ mod tests {
     }
 
     #[test]
-    fn the_process_holding_a_socket_is_found() {
+    fn the_process_holding_a_socket_is_found_when_it_runs_in_a_work_tree() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let inode = std::fs::metadata(format!("/proc/self/fd/{}", client.as_raw_fd()))
             .unwrap()
             .ino();
-        let finder = WorktreeFinder::new(Path::new("/nonexistent"));
         let me = nix::unistd::geteuid().as_raw();
-        assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
-        // Second time from the recent list.
-        assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
-        assert!(finder.pid_of_socket(me, u64::MAX).is_err());
+        // This test process runs in the crate folder, inside the pgtwig checkout (a work tree
+        // when tests run from git; skip the positive half where they do not).
+        let cwd = std::env::current_dir().unwrap();
+        let ours = std::process::Command::new("git")
+            .args(["rev-parse", "--git-common-dir"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| cwd.join(String::from_utf8_lossy(&o.stdout).trim()));
+        if let Some(common) = ours {
+            let finder = WorktreeFinder::new(&common);
+            assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
+            // Second time from the recent list.
+            assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
+            assert!(finder.pid_of_socket(me, u64::MAX).is_err());
+        }
+        // A repository this process does not run in: not searched, not found.
+        let finder = WorktreeFinder::new(Path::new("/nonexistent/.git"));
+        assert!(finder.pid_of_socket(me, inode).is_err());
     }
 }
