@@ -60,7 +60,7 @@ fn one_line(text: &str) -> String {
     }
 }
 
-fn user_name() -> String {
+pub(crate) fn user_name() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .ok()
@@ -281,7 +281,13 @@ pub enum PrCommand {
         database: Option<String>,
     },
     /// Delete branch pr-NUMBER (if it exists).
-    Close { number: u64 },
+    Close {
+        number: u64,
+        /// Also when it is a work tree's active branch (that work tree falls back to its
+        /// rule's parent, else the root).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
@@ -339,18 +345,18 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
             }
             println!("{url}");
         }
-        PrCommand::Close { number } => {
+        PrCommand::Close { number, force } => {
             let name = BranchName::parse(&format!("pr-{number}"))?;
             if backend.exists(&name)? {
-                // As `branch delete`: sessions end at a transaction boundary first.
-                let _drained = crate::commands::branch::drain_sessions(
-                    &backend.daemon_paths()?,
-                    true,
-                    &name,
+                // As `branch delete`: refused for a work tree's active branch unless forced;
+                // sessions end at a transaction boundary first.
+                crate::commands::branch::delete_guarded(
                     &project,
+                    &backend,
+                    &name,
+                    force,
+                    &format!("pgtwig pr close {number}"),
                 )?;
-                backend.delete(&name, &project.config.root_branch)?;
-                println!("Deleted branch \"{name}\"");
             } else {
                 println!("Branch \"{name}\" is already closed");
             }
@@ -400,9 +406,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         .and_then(|wt| wt.local_branches())
         .ok();
     let protected = rules::protected_names(&project.config.map);
-    let active = ProjectState::load(&project.home.state_path())
-        .ok()
-        .map(|s| s.active);
+    let state = ProjectState::load(&project.home.state_path()).ok();
     let now = SystemTime::now();
     let mut doomed = Vec::new();
     for b in gc_candidates(&backend)? {
@@ -447,9 +451,11 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         } else {
             continue;
         };
-        if active.as_ref() == Some(&name) {
-            println!("keep   {name} ({reason}, but it is the active branch)");
-            continue;
+        if let Some(on) = state.as_ref().map(|s| s.worktrees_on(&name)) {
+            if let Some(first) = on.first() {
+                println!("keep   {name} ({reason}, but it is the active branch of {first})");
+                continue;
+            }
         }
         doomed.push((name, reason));
     }
