@@ -299,3 +299,48 @@ fn pr_close_of_an_active_branch_needs_force() {
     assert!(out.contains("now uses branch \"main\""), "{out}");
     assert_eq!(state(&env)["active"], "main");
 }
+
+#[test]
+fn gc_keeps_a_branch_made_protected_with_an_older_config_checked_out() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    // The first commit's configuration has no rules; the second protects "dev".
+    std::fs::write(env.repo.join(".pgtwig.toml"), "project = \"shop\"\n").unwrap();
+    env.init();
+    git(&env, &["add", ".pgtwig.toml"]);
+    git(&env, &["commit", "-qm", "pgtwig"]);
+    let old_commit = git(&env, &["rev-parse", "HEAD"]).trim().to_string();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[[map]]\ngit = \"dev\"\nbranch = \"dev\"\nprotected = true\n\
+         [[map]]\ngit = \"*\"\nbranch = \"{branch}\"\n",
+    )
+    .unwrap();
+    git(&env, &["commit", "-qam", "protect dev"]);
+    // The hook makes both from the newer configuration; only dev's rule protects.
+    git(&env, &["checkout", "-q", "-b", "dev"]);
+    git(&env, &["checkout", "-q", "-b", "feature"]);
+    assert_eq!(env.branch_json("dev")["protected"], true);
+    assert_eq!(env.branch_json("feature")["protected"], false);
+    git(&env, &["checkout", "-q", "main"]);
+    git(&env, &["branch", "-q", "-D", "dev", "feature"]);
+    // An older commit: its .pgtwig.toml knows nothing of the protection.
+    git(&env, &["checkout", "-q", "--detach", &old_commit]);
+    assert!(!std::fs::read_to_string(env.repo.join(".pgtwig.toml"))
+        .unwrap()
+        .contains("protected"));
+
+    let dry = env.ok(&["gc", "--dry-run"]);
+    assert!(dry.contains("would delete feature"), "{dry}");
+    assert!(!dry.contains("would delete dev"), "{dry}");
+    let out = env.ok(&["gc"]);
+    assert!(
+        out.contains(
+            "keep   dev (git branch \"dev\" no longer exists, but a protected = true rule made it)"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("deleted feature"), "{out}");
+    let left = names(&env);
+    assert!(left.contains(&"dev".to_string()), "{left:?}");
+    assert!(!left.contains(&"feature".to_string()), "{left:?}");
+}

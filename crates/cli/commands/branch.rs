@@ -292,6 +292,7 @@ fn list_neon(neon: &Neon, project: &Project, as_json: bool) -> Result<ExitCode> 
                     "host": b.endpoint.as_ref().map(|e| e.host.clone()),
                     "expires": b.branch.expires_at,
                     "git_branch": b.git_branch,
+                    "protected": b.protected,
                     "neon_id": b.branch.id,
                 })
             })
@@ -463,6 +464,8 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                     "clone_method": m.map(|m| m.clone_method),
                     "pg_major": m.map(|m| m.pg_major),
                     "git_branch": m.and_then(|m| m.git_branch.clone()),
+                    "expires": m.and_then(|m| m.expires.clone()),
+                    "protected": m.map(|m| m.protected),
                     "problem": b.problem,
                 })
             })

@@ -110,7 +110,13 @@ fn follow_checkout() -> Result<()> {
         }
         project.check_parent(&target.parent)?;
         let started = Instant::now();
-        let made = match backend.create(&target.branch, &target.parent, Some(git.clone()), None) {
+        let made = match backend.create_recorded(
+            &target.branch,
+            &target.parent,
+            Some(git.clone()),
+            None,
+            target.protected,
+        ) {
             Ok(how) => Some(how),
             // Made meanwhile by another pgtwig (the daemon following HEAD).
             Err(e) if already_exists(&e) => None,
@@ -370,6 +376,8 @@ struct GcCandidate {
     name: String,
     git_branch: Option<String>,
     expires: Option<String>,
+    /// Recorded when it was made by a `protected = true` rule.
+    protected: bool,
 }
 
 fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
@@ -383,6 +391,7 @@ fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
                     name: b.name.to_string(),
                     git_branch: meta.git_branch,
                     expires: meta.expires,
+                    protected: meta.protected,
                 })
             })
             .collect(),
@@ -394,6 +403,7 @@ fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
                 name: b.branch.name,
                 git_branch: b.git_branch,
                 expires: b.branch.expires_at,
+                protected: b.protected,
             })
             .collect(),
     })
@@ -451,6 +461,12 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         } else {
             continue;
         };
+        // The record of how it was made wins over the configuration checked out now (an
+        // older commit may not have the rule that protects it).
+        if b.protected {
+            println!("keep   {name} ({reason}, but a protected = true rule made it)");
+            continue;
+        }
         if let Some(on) = state.as_ref().map(|s| s.worktrees_on(&name)) {
             if let Some(first) = on.first() {
                 println!("keep   {name} ({reason}, but it is the active branch of {first})");

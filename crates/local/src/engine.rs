@@ -45,6 +45,10 @@ pub struct BranchMeta {
     /// RFC 3339; `pgtwig gc` deletes the branch after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// Made by a `protected = true` rule: `gc` keeps it whatever `.pgtwig.toml` is checked
+    /// out later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -377,6 +381,7 @@ impl LocalBackend {
             pg_major: pg.major,
             git_branch,
             expires: None,
+            protected: false,
         };
         self.publish(name, &build, &meta)
     }
@@ -399,6 +404,19 @@ impl LocalBackend {
         git_branch: Option<String>,
         expires: Option<String>,
     ) -> Result<CreateReport> {
+        self.create_recorded(name, parent, git_branch, expires, false)
+    }
+
+    /// [`create_with`](Self::create_with), recording whether the rule that made it
+    /// protects it (kept by `gc` whatever configuration is checked out later).
+    pub fn create_recorded(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+        expires: Option<String>,
+        protected: bool,
+    ) -> Result<CreateReport> {
         let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
@@ -410,6 +428,7 @@ impl LocalBackend {
             pg_major: parent_branch.meta.pg_major,
             git_branch,
             expires,
+            protected,
         };
         failpoint::hit("create.before_publish");
         let branch = self.publish(name, &build, &meta)?;
@@ -454,6 +473,7 @@ impl LocalBackend {
             pg_major: parent.meta.pg_major,
             git_branch: old.meta.git_branch.clone(),
             expires: old.meta.expires.clone(),
+            protected: old.meta.protected,
         };
         write_meta(&build, &meta)?;
         sync_tree(&build)?;

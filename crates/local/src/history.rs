@@ -325,6 +325,7 @@ impl LocalBackend {
                 pg_major: parent_branch.meta.pg_major,
                 git_branch: None,
                 expires: None,
+                protected: false,
             };
             let branch = self.publish(name, &build, &meta)?;
             Ok(CreateReport {

@@ -79,6 +79,7 @@ impl LocalBackend {
                 pg_major: parent_branch.meta.pg_major,
                 git_branch: None,
                 expires: None,
+                protected: false,
             };
             let branch = self.publish(name, &build, &meta)?;
             Ok(cloned.report(branch))
@@ -124,6 +125,7 @@ impl LocalBackend {
             pg_major: pg.major,
             git_branch: old.as_ref().and_then(|b| b.meta.git_branch.clone()),
             expires: None,
+            protected: old.as_ref().is_some_and(|b| b.meta.protected),
         };
         write_meta(&build, &meta)?;
         sync_tree(&build)?;
