@@ -344,3 +344,99 @@ fn gc_keeps_a_branch_made_protected_with_an_older_config_checked_out() {
     assert!(left.contains(&"dev".to_string()), "{left:?}");
     assert!(!left.contains(&"feature".to_string()), "{left:?}");
 }
+
+/// `pgtwig ARGS` in `cwd` as a shell, IDE or cron job runs it: no PGTWIG_HOME, HOME elsewhere.
+fn without_pgtwig_home(cwd: &Path, home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(common::BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("PGTWIG_HOME")
+        .env("HOME", home)
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_state_is_found_through_git_config_without_pgtwig_home() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(env.repo.join(".pgtwig.toml"), "project = \"shop\"\n").unwrap();
+    env.init();
+    // init recorded the state root in the repository's shared git config.
+    let recorded = git(&env, &["config", "--local", "pgtwig.home"]);
+    assert_eq!(recorded.trim(), env.home.to_str().unwrap());
+    git(&env, &["add", ".pgtwig.toml"]);
+    git(&env, &["commit", "-qm", "pgtwig"]);
+    let wt2 = env.repo.parent().unwrap().join("wt2");
+    git(
+        &env,
+        &["worktree", "add", "-q", wt2.to_str().unwrap(), "-b", "side"],
+    );
+    let fake_home = env.repo.parent().unwrap().join("fake-home");
+    std::fs::create_dir_all(&fake_home).unwrap();
+
+    // From the repository and from the second work tree: the same project, its branches.
+    for cwd in [&env.repo, &wt2] {
+        let out = without_pgtwig_home(cwd, &fake_home, &["branch", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "in {}: {}",
+            cwd.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<&str> = list.iter().map(|b| b["name"].as_str().unwrap()).collect();
+        assert_eq!(names, vec!["main", "side"], "in {}", cwd.display());
+    }
+    // The hook too: a checkout without PGTWIG_HOME makes the branch in the same state.
+    let out = Command::new("git")
+        .args(["checkout", "-q", "-b", "feature"])
+        .current_dir(&wt2)
+        .env_remove("PGTWIG_HOME")
+        .env("HOME", &fake_home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        env.project_dir().join("branches/feature").is_dir(),
+        "hook said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!fake_home.join(".local/share/pgtwig").exists());
+
+    // Pointing at a folder without this project's state: the error names the folder, where
+    // that came from, and does not send the user straight to a second `pgtwig init`.
+    let empty = env.repo.parent().unwrap().join("elsewhere");
+    git(
+        &env,
+        &["config", "--local", "pgtwig.home", empty.to_str().unwrap()],
+    );
+    let out = without_pgtwig_home(&wt2, &fake_home, &["branch", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "no state for this project in {}",
+            empty.join("shop").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("recorded as pgtwig.home in")
+            && err.contains(".git/config")
+            && err.contains("PGTWIG_HOME is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Only if the project was never set up on this machine, run `pgtwig init`"),
+        "{err}"
+    );
+    let out = Command::new(common::BIN)
+        .args(["branch", "list"])
+        .current_dir(&env.repo)
+        .env("PGTWIG_HOME", &empty)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(the state folder from PGTWIG_HOME)"), "{err}");
+}

@@ -84,7 +84,7 @@ fn follow_checkout() -> Result<()> {
         // Detached HEAD (rebase, bisect): keep the current database branch.
         return Ok(());
     };
-    let state = ProjectState::load(&project.home.state_path()).map_err(anyhow::Error::msg)?;
+    let state = project.load_state()?;
     let holders = Holders::of(&backend)?;
     let Some(target) = rules::resolve(
         &project.config.map,

@@ -93,8 +93,8 @@ pub struct CreateReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("pgtwig has no state for this project in {dir}; run `pgtwig init` in the repository")]
-    NotInitialized { dir: PathBuf },
+    #[error("{message}")]
+    NotInitialized { dir: PathBuf, message: String },
     #[error("branch \"{name}\" does not exist{}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`",
         if .known.is_empty() { String::new() } else { format!(" (branches: {})", .known.join(", ")) })]
     NotFound {
@@ -162,6 +162,7 @@ impl LocalBackend {
         if !create && !home.branches_dir().is_dir() {
             return Err(Error::NotInitialized {
                 dir: home.dir().to_path_buf(),
+                message: home.missing_state_message(),
             });
         }
         let backend = LocalBackend { home, user };
