@@ -40,9 +40,58 @@ pub fn hook(cmd: HookCommand) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Err(e) = follow_checkout() {
-        eprintln!("pgtwig: {}", one_line(&format!("{e:#}")));
+        if let Some(pgtwig_local::Error::Busy { holder }) = e.downcast_ref::<pgtwig_local::Error>()
+        {
+            // Never hold a checkout up behind a long command: say what was skipped and let a
+            // process of its own (and the daemon's HEAD watcher) finish the switch.
+            let finisher = finish_in_background();
+            eprintln!(
+                "pgtwig: busy with {holder}; the database branch will follow this checkout when it \
+                 is done{}",
+                match finisher {
+                    Ok(()) => " (in the background)".to_string(),
+                    Err(e) => format!(
+                        " — run `pgtwig hook post-checkout` here then, or let the daemon's HEAD \
+                         watcher do it (cannot wait in the background: {e})"
+                    ),
+                }
+            );
+        } else {
+            eprintln!("pgtwig: {}", one_line(&format!("{e:#}")));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long the git hook waits for the project lock before it leaves the switch to
+/// [`finish_in_background`].
+const HOOK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Run this hook again, detached, waiting for the lock as long as it takes; its output goes
+/// to the daemon's log.
+fn finish_in_background() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["hook", "post-checkout", "0", "0", "1"])
+        .env(pgtwig_daemon::head_watch::HOOK_WAITS_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    let log = Project::discover()
+        .and_then(|p| p.backend(false))
+        .and_then(|b| b.daemon_paths())
+        .ok()
+        .and_then(|paths| pgtwig_core::private::open_append(&paths.log).ok());
+    match log {
+        Some(log) => {
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
+        None => {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
+    }
+    cmd.spawn()?;
+    Ok(())
 }
 
 /// A multi-line error (toml's come with a source snippet) as one line:
@@ -77,7 +126,12 @@ pub(crate) fn user_name() -> String {
 /// Make the database follow the checked-out git branch.
 fn follow_checkout() -> Result<()> {
     let project = Project::discover()?;
-    let backend = project.backend(false)?;
+    let mut backend = project.backend(false)?;
+    if let Backend::Local(b) = &mut backend {
+        if std::env::var_os(pgtwig_daemon::head_watch::HOOK_WAITS_ENV).is_none() {
+            b.set_lock_wait(Some(HOOK_LOCK_WAIT));
+        }
+    }
     let cwd = std::env::current_dir()?;
     let wt = Worktree::discover(&cwd)?;
     let Head::Branch(git) = wt.head()? else {

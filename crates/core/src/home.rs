@@ -201,6 +201,7 @@ impl ProjectHome {
 /// private from the start.
 const TOP_FILES: &[&str] = &[
     "lock",
+    "lock.holder",
     "state.json",
     "daemon.lock",
     "daemon.pid",
