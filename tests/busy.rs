@@ -117,7 +117,7 @@ fn the_hook_switches_while_an_anonymize_builds() {
     let building: Vec<String> = env
         .tmp_entries()
         .into_iter()
-        .filter(|e| e.starts_with("fill-anon-") && !e.ends_with(".lock"))
+        .filter(|e| e.starts_with("build-anon-") && !e.ends_with(".lock"))
         .collect();
     assert_eq!(building.len(), 1, "{:?}", env.tmp_entries());
     assert!(anonymize.try_wait().unwrap().is_none());
@@ -168,4 +168,53 @@ fn a_hook_behind_a_lock_holder_says_so_and_the_switch_follows_in_the_background(
     });
     assert!(names(&env).contains(&"feature".to_string()));
     assert!(!names(&env).contains(&"half".to_string()));
+}
+
+#[test]
+fn a_connection_that_wakes_a_branch_behind_a_lock_holder_hears_busy_instead_of_waiting() {
+    let env = project();
+    env.ok(&["branch", "stop", "main"]);
+    let d = common::up(&env);
+    let mut holder = paused_at(&env, &["branch", "create", "half"], "create.before_publish");
+
+    let mut psql = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            d.port
+        ))
+        .args(["-X", "-A", "-t", "-w", "-c", "select count(*) from users"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while psql.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = psql.kill();
+            panic!("the connection waited for the project lock for 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = psql.wait_with_output().unwrap();
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the lock holder still runs when the client has its answer"
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pgtwig is busy with `pgtwig branch create half`"),
+        "{err}"
+    );
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(
+        common::psql(
+            &format!("postgres://postgres@127.0.0.1:{}/postgres", d.port),
+            "select count(*) from users"
+        ),
+        "100"
+    );
+    drop(d);
 }

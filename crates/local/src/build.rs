@@ -142,8 +142,8 @@ impl LocalBackend {
                 let _ = fs::remove_file(&keep_file);
                 continue;
             }
-            // An import fills its build without the lock (it can take long):
-            // leave it alone while the process that owns it lives.
+            // An older pgtwig's import, filling its build without the lock and
+            // without a lock file of its own: left alone while its process lives.
             if let Some(pid) = name
                 .strip_prefix("fill-")
                 .and_then(|r| r.rsplit('-').next())
@@ -154,6 +154,10 @@ impl LocalBackend {
                 {
                     continue;
                 }
+                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+            }
+            if name.starts_with("build-") {
+                // A build whose lock file is gone: its owner is too (see UnlockedBuild).
                 let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
             }
             remove_tree(&path)?;
@@ -192,24 +196,40 @@ impl LocalBackend {
     /// A build folder in tmp/ to work on without the project lock (see
     /// [`UnlockedBuild`]); recover_interrupted() leaves it alone while it lives.
     pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<UnlockedBuild> {
+        use std::os::unix::fs::MetadataExt;
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = self
-            .home
-            .tmp_dir()
-            .join(format!("fill-{name}-{}-{seq}", std::process::id()));
-        // The lock first: a folder without one is taken for an older pgtwig's leftover.
-        let lock_path = build_lock_path(&dir);
-        let held = take_build_lock(&lock_path).ok_or_else(|| {
-            Error::Other(format!("cannot lock the new build {}", lock_path.display()))
-        })?;
-        let build = UnlockedBuild {
-            dir: dir.clone(),
-            lock_path,
-            _held: held,
-        };
-        self.make_build_dir(dir)?;
-        Ok(build)
+        for _ in 0..8 {
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = self
+                .home
+                .tmp_dir()
+                .join(format!("build-{name}-{}-{seq}", std::process::id()));
+            // The lock first: a build folder without one is a dead command's leftover.
+            let lock_path = build_lock_path(&dir);
+            let Some(held) = take_build_lock(&lock_path) else {
+                continue;
+            };
+            // A lock holder cleaning tmp/ may have removed the file between our open and
+            // our lock: then the lock is on a file nobody else can see. Try another name.
+            let same = match (held.metadata(), fs::metadata(&lock_path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let build = UnlockedBuild {
+                dir: dir.clone(),
+                lock_path,
+                _held: held,
+            };
+            self.make_build_dir(dir)?;
+            return Ok(build);
+        }
+        Err(Error::Other(format!(
+            "cannot lock a new build folder in {}",
+            self.home.tmp_dir().display()
+        )))
     }
 
     fn build_dir_path(&self, kind: &str, name: &BranchName) -> PathBuf {
