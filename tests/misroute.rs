@@ -115,8 +115,9 @@ fn names(env: &TestEnv) -> Vec<String> {
 }
 
 /// A project whose `feature/*` branches derive from `staging`, each branch holding a marker
-/// row with its own name, and a daemon.
-fn project() -> (TestEnv, Daemon) {
+/// row with its own name. The daemon is started after the checkouts (`up`), so that its HEAD
+/// watcher's late follow-up of a checkout cannot land after the test's delete.
+fn project() -> TestEnv {
     let env = TestEnv::new(Fs::Plain).unwrap();
     std::fs::write(env.repo.join(".pgtwig.toml"), CONFIG).unwrap();
     env.init();
@@ -130,17 +131,17 @@ fn project() -> (TestEnv, Daemon) {
     env.ok(&["branch", "create", "staging"]);
     env.ok(&["branch", "start", "staging"]);
     env.psql("staging", "update marker set branch = 'staging'");
-    let d = up(&env);
-    (env, d)
+    env
 }
 
 #[test]
 fn deleting_the_main_work_trees_active_branch_needs_force_and_falls_back_to_the_rules_parent() {
-    let (env, d) = project();
+    let env = project();
     let out = git(&env, &["checkout", "-q", "-b", "feature/a"]);
     assert!(out.contains("feature-a"), "{out}");
     env.ok(&["branch", "start", "feature-a"]);
     env.psql("feature-a", "update marker set branch = 'feature-a'");
+    let d = up(&env);
     let mut held = Held::open(&d, &env.repo);
     assert_eq!(
         held.query("select branch from marker").as_deref(),
@@ -220,7 +221,7 @@ fn deleting_the_main_work_trees_active_branch_needs_force_and_falls_back_to_the_
 
 #[test]
 fn deleting_a_second_work_trees_active_branch_needs_force_and_moves_only_that_work_tree() {
-    let (env, d) = project();
+    let env = project();
     let wt2 = env.repo.parent().unwrap().join("wt2");
     let out = git(
         &env,
@@ -236,6 +237,7 @@ fn deleting_a_second_work_trees_active_branch_needs_force_and_moves_only_that_wo
     assert!(out.contains("feature-b"), "{out}");
     env.ok(&["branch", "start", "feature-b"]);
     env.psql("feature-b", "update marker set branch = 'feature-b'");
+    let d = up(&env);
     assert_eq!(marker_from(&d, &wt2), "feature-b");
     assert_eq!(marker_from(&d, &env.repo), "main");
     let wt2_canon = wt2.canonicalize().unwrap();
