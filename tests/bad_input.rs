@@ -119,7 +119,10 @@ fn no_project_bad_config_and_no_state() {
     // A good config but no state yet.
     std::fs::write(env.repo.join(".pgtwig.toml"), "project = \"shop\"\n").unwrap();
     let err = env.fails(&["branch", "list"]);
-    assert!(err.contains("run `pgtwig init`"), "{err}");
+    assert!(
+        err.contains("no state for this project") && err.contains("run `pgtwig init`"),
+        "{err}"
+    );
     env.init();
     assert_eq!(env.list_json().len(), 1);
 }

@@ -201,11 +201,19 @@ fn git_checkouts_follow_neon_branches_through_the_proxy() {
     let out = env.ok_code(&["diff", "main", "feature-login"], 1);
     assert!(out.contains("invoices"), "{out}");
 
-    // Reset with the daemon running: sessions drained, the branch back to main's data.
+    // Reset of the active branch needs --force (its data is replaced under the app).
+    let err = env.fails(&["branch", "reset", "feature-login"]);
+    assert!(
+        err.contains("is the active branch of the main work tree")
+            && err.contains("fresh copy of \"main\""),
+        "{err}"
+    );
+    // With it and the daemon running: sessions drained, the branch back to main's data.
     let out = env.ok(&[
         "branch",
         "reset",
         "feature-login",
+        "--force",
         "--keep-old",
         "feature-old",
     ]);

@@ -262,7 +262,15 @@ fn reset_with_open_sessions_closes_them_at_transaction_boundaries() {
         .unwrap();
 
     let reset = {
-        let cmd = env.cmd(&["branch", "reset", "dev", "--keep-old", "dev-before"]);
+        // dev is the active branch: a reset under the running app is asked for with --force.
+        let cmd = env.cmd(&[
+            "branch",
+            "reset",
+            "dev",
+            "--force",
+            "--keep-old",
+            "dev-before",
+        ]);
         std::thread::spawn(move || {
             let mut cmd = cmd;
             cmd.output().unwrap()
@@ -278,7 +286,7 @@ fn reset_with_open_sessions_closes_them_at_transaction_boundaries() {
     assert_eq!(db.code().code(), "57P01");
     assert!(
         db.message()
-            .contains("resetting or deleting database branch \"dev\""),
+            .contains("resetting database branch \"dev\" to a fresh copy of \"main\""),
         "{db:?}"
     );
     // The transaction is not cut: the reset waits for it.

@@ -235,21 +235,35 @@ impl Backend {
         git_branch: Option<String>,
         expires: Option<String>,
     ) -> Result<String> {
+        self.create_recorded(name, parent, git_branch, expires, false)
+    }
+
+    /// [`create`](Self::create), recording in the branch's metadata that the rule that
+    /// made it protects it: `gc` then keeps it whatever `.pgtwig.toml` is checked out later.
+    pub fn create_recorded(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+        expires: Option<String>,
+        protected: bool,
+    ) -> Result<String> {
         Ok(match self {
             Backend::Local(b) => b
-                .create_with(name, parent, git_branch, expires)?
+                .create_recorded(name, parent, git_branch, expires, protected)?
                 .branch
                 .meta
                 .clone_method
                 .describe()
                 .to_string(),
             Backend::Neon(n) => {
-                n.backend.create(
+                n.backend.create_recorded(
                     name.as_str(),
                     parent.as_str(),
                     pgtwig_neon::PointInTime::Head,
                     git_branch,
                     expires,
+                    protected,
                 )?;
                 "Neon branch".to_string()
             }

@@ -20,10 +20,25 @@ impl Project {
         Project::at(config, root)
     }
 
+    /// The project configured by `config` in work tree `root`; its state is under
+    /// `PGTWIG_HOME`, else the folder `init` recorded in the repository's git config, else
+    /// the platform default.
     pub fn at(config: Config, root: PathBuf) -> Result<Project> {
-        let state_home = home::pgtwig_home().map_err(anyhow::Error::msg)?;
-        let home = ProjectHome::new(&state_home, &config.project);
+        let recorded = pgtwig_git::Worktree::discover(&root)
+            .ok()
+            .and_then(|w| w.recorded_home());
+        let state = home::locate(recorded).map_err(anyhow::Error::msg)?;
+        let home = ProjectHome::new(&state.dir, &config.project).with_source(state.source);
         Ok(Project { config, root, home })
+    }
+
+    /// The project's state.json; a missing one is the "no state for this project" error.
+    pub fn load_state(&self) -> Result<pgtwig_core::state::ProjectState> {
+        let path = self.home.state_path();
+        if !path.exists() {
+            anyhow::bail!(self.home.missing_state_message());
+        }
+        pgtwig_core::state::ProjectState::load(&path).map_err(anyhow::Error::msg)
     }
 
     /// Refuse `parent` for a new branch when it is the root and the project

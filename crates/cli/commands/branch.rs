@@ -11,7 +11,10 @@ use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
 use pgtwig_neon::PointInTime;
 use serde_json::json;
 
+use pgtwig_core::state::ProjectState;
+
 use crate::backend::{Backend, Neon};
+use crate::commands::in_use::{self, Change};
 use crate::output;
 use crate::project::Project;
 
@@ -34,10 +37,20 @@ pub enum BranchCommand {
         json: bool,
     },
     /// Delete a branch and its data (never the root; children keep working).
-    Delete { name: BranchName },
+    Delete {
+        name: BranchName,
+        /// Also when it is a work tree's active branch: that work tree falls back to the
+        /// parent its [[map]] rule gives (else the root) and its sessions are ended.
+        #[arg(long)]
+        force: bool,
+    },
     /// Re-derive a branch from its parent's current state, under the same name.
     Reset {
         name: BranchName,
+        /// Also when it is a work tree's active branch: its data is replaced under the
+        /// running app, whose sessions are ended at their next transaction boundary.
+        #[arg(long)]
+        force: bool,
         /// Keep the old state as a new branch with this name instead of deleting it.
         #[arg(long, value_name = "NEW")]
         keep_old: Option<BranchName>,
@@ -61,12 +74,15 @@ pub enum BranchCommand {
 pub fn run(cmd: BranchCommand) -> Result<ExitCode> {
     let project = Project::discover()?;
     match project.backend(false)? {
-        Backend::Local(backend) => run_local(cmd, &project, &backend),
-        Backend::Neon(neon) => run_neon(cmd, &project, &neon),
+        whole @ Backend::Local(_) => run_local(cmd, &project, &whole),
+        whole @ Backend::Neon(_) => run_neon(cmd, &project, &whole),
     }
 }
 
-fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> Result<ExitCode> {
+fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<ExitCode> {
+    let Backend::Local(backend) = whole else {
+        unreachable!("run_local is called with the local backend")
+    };
     match cmd {
         BranchCommand::Create { name, from, at } => {
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
@@ -83,23 +99,36 @@ fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> R
             print_built("Created", &report, &parent, started, backend)?;
         }
         BranchCommand::List { json } => return list(backend, project, json),
-        BranchCommand::Delete { name } => {
-            let _drained = drain_sessions(
-                &DaemonPaths::for_backend(backend)?,
-                backend.exists(&name),
-                &name,
+        BranchCommand::Delete { name, force } => {
+            delete_guarded(
                 project,
+                whole,
+                &name,
+                force,
+                &format!("pgtwig branch delete {name}"),
             )?;
-            backend.delete(&name, &project.config.root_branch)?;
-            println!("Deleted branch \"{name}\"");
         }
-        BranchCommand::Reset { name, keep_old } => {
+        BranchCommand::Reset {
+            name,
+            force,
+            keep_old,
+        } => {
             let started = Instant::now();
+            let change = Change::Reset {
+                parent: backend
+                    .get(&name)
+                    .ok()
+                    .and_then(|b| b.meta.parent)
+                    .map(|p| p.to_string()),
+            };
+            let command = format!("pgtwig branch reset {name}");
+            let affected = in_use::check(project, whole, &name, &change, force, &command)?;
             let _drained = drain_sessions(
                 &DaemonPaths::for_backend(backend)?,
                 backend.exists(&name),
                 &name,
                 project,
+                Some(in_use::drain_message(&name, &change, &affected)),
             )?;
             let report = backend.reset(&name, keep_old.as_ref())?;
             let parent = report
@@ -144,7 +173,11 @@ fn run_local(cmd: BranchCommand, project: &Project, backend: &LocalBackend) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_neon(cmd: BranchCommand, project: &Project, neon: &Neon) -> Result<ExitCode> {
+fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<ExitCode> {
+    let Backend::Neon(neon) = whole else {
+        unreachable!("run_neon is called with the Neon backend")
+    };
+    let neon: &Neon = neon;
     let backend = &neon.backend;
     match cmd {
         BranchCommand::Create { name, from, at } => {
@@ -166,16 +199,37 @@ fn run_neon(cmd: BranchCommand, project: &Project, neon: &Neon) -> Result<ExitCo
             );
         }
         BranchCommand::List { json } => return list_neon(neon, project, json),
-        BranchCommand::Delete { name } => {
-            let _drained =
-                drain_sessions(&DaemonPaths::for_neon(&neon.backend)?, true, &name, project)?;
-            backend.delete(name.as_str(), project.config.root_branch.as_str())?;
-            println!("Deleted Neon branch \"{name}\"");
+        BranchCommand::Delete { name, force } => {
+            delete_guarded(
+                project,
+                whole,
+                &name,
+                force,
+                &format!("pgtwig branch delete {name}"),
+            )?;
         }
-        BranchCommand::Reset { name, keep_old } => {
+        BranchCommand::Reset {
+            name,
+            force,
+            keep_old,
+        } => {
             let started = Instant::now();
-            let _drained =
-                drain_sessions(&DaemonPaths::for_neon(&neon.backend)?, true, &name, project)?;
+            let change = Change::Reset {
+                parent: backend
+                    .list()
+                    .ok()
+                    .and_then(|all| all.into_iter().find(|b| b.branch.name == name.as_str()))
+                    .and_then(|b| b.parent_name),
+            };
+            let command = format!("pgtwig branch reset {name}");
+            let affected = in_use::check(project, whole, &name, &change, force, &command)?;
+            let _drained = drain_sessions(
+                &DaemonPaths::for_neon(&neon.backend)?,
+                true,
+                &name,
+                project,
+                Some(in_use::drain_message(&name, &change, &affected)),
+            )?;
             let b = backend.reset(name.as_str(), keep_old.as_ref().map(|k| k.as_str()))?;
             println!(
                 "Reset Neon branch \"{name}\" to the current state of \"{}\" ({})",
@@ -241,6 +295,7 @@ fn list_neon(neon: &Neon, project: &Project, as_json: bool) -> Result<ExitCode> 
                     "host": b.endpoint.as_ref().map(|e| e.host.clone()),
                     "expires": b.branch.expires_at,
                     "git_branch": b.git_branch,
+                    "protected": b.protected,
                     "neon_id": b.branch.id,
                 })
             })
@@ -292,6 +347,49 @@ fn spawn_snapshot(name: &BranchName) {
     let _ = cmd.spawn();
 }
 
+/// Delete `name`, refusing (unless `force`) when it is some work tree's active branch; with
+/// `force` those work trees first fall back (see [`in_use`]). `command` reruns it.
+pub fn delete_guarded(
+    project: &Project,
+    backend: &Backend,
+    name: &BranchName,
+    force: bool,
+    command: &str,
+) -> Result<()> {
+    let exists = backend.exists(name)?;
+    let affected = in_use::check(project, backend, name, &Change::Delete, force, command)?;
+    in_use::move_away(project, backend, &affected)?;
+    let _drained = drain_sessions(
+        &backend.daemon_paths()?,
+        exists,
+        name,
+        project,
+        Some(in_use::drain_message(name, &Change::Delete, &affected)),
+    )?;
+    backend.delete(name, &project.config.root_branch)?;
+    forget_removed_worktrees(project, backend, name);
+    let what = match backend {
+        Backend::Local(_) => "branch",
+        Backend::Neon(_) => "Neon branch",
+    };
+    println!("Deleted {what} \"{name}\"");
+    in_use::report_moved(name, &affected);
+    Ok(())
+}
+
+/// Entries of removed work trees that pointed at the deleted branch route nobody; drop them.
+fn forget_removed_worktrees(project: &Project, backend: &Backend, name: &BranchName) {
+    let path = project.home.state_path();
+    let Ok(_lock) = backend.lock() else { return };
+    if let Ok(mut state) = ProjectState::load(&path) {
+        let before = state.worktrees.len();
+        state.forget_removed_on(name);
+        if state.worktrees.len() != before {
+            let _ = state.save(&path);
+        }
+    }
+}
+
 /// With the proxy running, end the branch's sessions at their transaction
 /// boundaries and hold new ones off while the returned guard lives, so a
 /// reset or delete never cuts a transaction short.
@@ -300,13 +398,15 @@ pub fn drain_sessions(
     exists: bool,
     name: &BranchName,
     project: &Project,
+    why: Option<String>,
 ) -> Result<Option<std::os::unix::net::UnixStream>> {
     if *name == project.config.root_branch || !exists {
         return Ok(None); // refused below with the usual message
     }
-    match pgtwig_daemon::control::drain(
+    match pgtwig_daemon::control::drain_saying(
         &paths.control,
         name.as_str(),
+        why,
         std::time::Duration::from_secs(90),
     ) {
         Ok(stream) => Ok(Some(stream)),
@@ -367,6 +467,8 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                     "clone_method": m.map(|m| m.clone_method),
                     "pg_major": m.map(|m| m.pg_major),
                     "git_branch": m.and_then(|m| m.git_branch.clone()),
+                    "expires": m.and_then(|m| m.expires.clone()),
+                    "protected": m.map(|m| m.protected),
                     "problem": b.problem,
                 })
             })

@@ -70,7 +70,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         ),
     };
     let branches = match backend {
-        Backend::Local(b) => Branches::Local(b),
+        Backend::Local(mut b) => {
+            // A connection that wakes a stopped branch never waits long behind another
+            // command: it gets "pgtwig is busy with …" instead.
+            b.set_start_lock_wait(Some(Duration::from_secs(1)));
+            Branches::Local(b)
+        }
         Backend::Neon(n) => Branches::Neon {
             tls: n.upstream_tls()?,
             connect: n.connect.clone(),

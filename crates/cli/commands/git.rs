@@ -40,9 +40,58 @@ pub fn hook(cmd: HookCommand) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Err(e) = follow_checkout() {
-        eprintln!("pgtwig: {}", one_line(&format!("{e:#}")));
+        if let Some(pgtwig_local::Error::Busy { holder }) = e.downcast_ref::<pgtwig_local::Error>()
+        {
+            // Never hold a checkout up behind a long command: say what was skipped and let a
+            // process of its own (and the daemon's HEAD watcher) finish the switch.
+            let finisher = finish_in_background();
+            eprintln!(
+                "pgtwig: busy with {holder}; the database branch will follow this checkout when it \
+                 is done{}",
+                match finisher {
+                    Ok(()) => " (in the background)".to_string(),
+                    Err(e) => format!(
+                        " — run `pgtwig hook post-checkout` here then, or let the daemon's HEAD \
+                         watcher do it (cannot wait in the background: {e})"
+                    ),
+                }
+            );
+        } else {
+            eprintln!("pgtwig: {}", one_line(&format!("{e:#}")));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long the git hook waits for the project lock before it leaves the switch to
+/// [`finish_in_background`].
+const HOOK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Run this hook again, detached, waiting for the lock as long as it takes; its output goes
+/// to the daemon's log.
+fn finish_in_background() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["hook", "post-checkout", "0", "0", "1"])
+        .env(pgtwig_daemon::head_watch::HOOK_WAITS_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    let log = Project::discover()
+        .and_then(|p| p.backend(false))
+        .and_then(|b| b.daemon_paths())
+        .ok()
+        .and_then(|paths| pgtwig_core::private::open_append(&paths.log).ok());
+    match log {
+        Some(log) => {
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
+        None => {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
+    }
+    cmd.spawn()?;
+    Ok(())
 }
 
 /// A multi-line error (toml's come with a source snippet) as one line:
@@ -60,7 +109,7 @@ fn one_line(text: &str) -> String {
     }
 }
 
-fn user_name() -> String {
+pub(crate) fn user_name() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .ok()
@@ -77,14 +126,19 @@ fn user_name() -> String {
 /// Make the database follow the checked-out git branch.
 fn follow_checkout() -> Result<()> {
     let project = Project::discover()?;
-    let backend = project.backend(false)?;
+    let mut backend = project.backend(false)?;
+    if let Backend::Local(b) = &mut backend {
+        if std::env::var_os(pgtwig_daemon::head_watch::HOOK_WAITS_ENV).is_none() {
+            b.set_lock_wait(Some(HOOK_LOCK_WAIT));
+        }
+    }
     let cwd = std::env::current_dir()?;
     let wt = Worktree::discover(&cwd)?;
     let Head::Branch(git) = wt.head()? else {
         // Detached HEAD (rebase, bisect): keep the current database branch.
         return Ok(());
     };
-    let state = ProjectState::load(&project.home.state_path()).map_err(anyhow::Error::msg)?;
+    let state = project.load_state()?;
     let holders = Holders::of(&backend)?;
     let Some(target) = rules::resolve(
         &project.config.map,
@@ -110,7 +164,13 @@ fn follow_checkout() -> Result<()> {
         }
         project.check_parent(&target.parent)?;
         let started = Instant::now();
-        let made = match backend.create(&target.branch, &target.parent, Some(git.clone()), None) {
+        let made = match backend.create_recorded(
+            &target.branch,
+            &target.parent,
+            Some(git.clone()),
+            None,
+            target.protected,
+        ) {
             Ok(how) => Some(how),
             // Made meanwhile by another pgtwig (the daemon following HEAD).
             Err(e) if already_exists(&e) => None,
@@ -296,7 +356,13 @@ pub enum PrCommand {
         database: Option<String>,
     },
     /// Delete branch pr-NUMBER (if it exists).
-    Close { number: u64 },
+    Close {
+        number: u64,
+        /// Also when it is a work tree's active branch (that work tree falls back to its
+        /// rule's parent, else the root).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
@@ -356,18 +422,18 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
             }
             println!("{url}");
         }
-        PrCommand::Close { number } => {
+        PrCommand::Close { number, force } => {
             let name = BranchName::parse(&format!("pr-{number}"))?;
             if backend.exists(&name)? {
-                // As `branch delete`: sessions end at a transaction boundary first.
-                let _drained = crate::commands::branch::drain_sessions(
-                    &backend.daemon_paths()?,
-                    true,
-                    &name,
+                // As `branch delete`: refused for a work tree's active branch unless forced;
+                // sessions end at a transaction boundary first.
+                crate::commands::branch::delete_guarded(
                     &project,
+                    &backend,
+                    &name,
+                    force,
+                    &format!("pgtwig pr close {number}"),
                 )?;
-                backend.delete(&name, &project.config.root_branch)?;
-                println!("Deleted branch \"{name}\"");
             } else {
                 println!("Branch \"{name}\" is already closed");
             }
@@ -381,6 +447,8 @@ struct GcCandidate {
     name: String,
     git_branch: Option<String>,
     expires: Option<String>,
+    /// Recorded when it was made by a `protected = true` rule.
+    protected: bool,
 }
 
 fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
@@ -394,6 +462,7 @@ fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
                     name: b.name.to_string(),
                     git_branch: meta.git_branch,
                     expires: meta.expires,
+                    protected: meta.protected,
                 })
             })
             .collect(),
@@ -405,6 +474,7 @@ fn gc_candidates(backend: &Backend) -> Result<Vec<GcCandidate>> {
                 name: b.branch.name,
                 git_branch: b.git_branch,
                 expires: b.branch.expires_at,
+                protected: b.protected,
             })
             .collect(),
     })
@@ -417,9 +487,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         .and_then(|wt| wt.local_branches())
         .ok();
     let protected = rules::protected_names(&project.config.map);
-    let active = ProjectState::load(&project.home.state_path())
-        .ok()
-        .map(|s| s.active);
+    let state = ProjectState::load(&project.home.state_path()).ok();
     let now = SystemTime::now();
     let mut doomed = Vec::new();
     for b in gc_candidates(&backend)? {
@@ -464,9 +532,17 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         } else {
             continue;
         };
-        if active.as_ref() == Some(&name) {
-            println!("keep   {name} ({reason}, but it is the active branch)");
+        // The record of how it was made wins over the configuration checked out now (an
+        // older commit may not have the rule that protects it).
+        if b.protected {
+            println!("keep   {name} ({reason}, but a protected = true rule made it)");
             continue;
+        }
+        if let Some(on) = state.as_ref().map(|s| s.worktrees_on(&name)) {
+            if let Some(first) = on.first() {
+                println!("keep   {name} ({reason}, but it is the active branch of {first})");
+                continue;
+            }
         }
         doomed.push((name, reason));
     }

@@ -210,6 +210,8 @@ fn write_state_and_hook(project: &Project) -> Result<()> {
         .with_context(|| format!("cannot write {}", state_path.display()))?;
     }
     let wt = pgtwig_git::Worktree::discover(&project.root)?;
+    // Commands run without PGTWIG_HOME (another shell, an IDE, cron) find this state.
+    wt.record_home(project.home.state_root())?;
     let exe = std::env::current_exe().context("cannot find the pgtwig executable")?;
     match pgtwig_git::install_hook(&wt, &exe)? {
         pgtwig_git::HookChange::Installed { path, chained } => println!(

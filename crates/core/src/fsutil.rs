@@ -62,28 +62,68 @@ impl ProjectLock {
     pub fn acquire(path: &Path) -> io::Result<ProjectLock> {
         let file = open_lock_file(path)?;
         file.lock()?;
-        Ok(ProjectLock {
-            file,
-            path: path.to_path_buf(),
-        })
+        Ok(ProjectLock::held(file, path))
     }
 
     /// Take the lock only if nobody holds it.
     pub fn try_acquire(path: &Path) -> io::Result<Option<ProjectLock>> {
         let file = open_lock_file(path)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(ProjectLock {
-                file,
-                path: path.to_path_buf(),
-            })),
+            Ok(()) => Ok(Some(ProjectLock::held(file, path))),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
             Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Take the lock, waiting at most `wait`; `Err(holder)` when it stayed taken, with what
+    /// holds it (see [`ProjectLock::holder`]).
+    pub fn acquire_within(
+        path: &Path,
+        wait: std::time::Duration,
+    ) -> io::Result<Result<ProjectLock, String>> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let Some(lock) = ProjectLock::try_acquire(path)? {
+                return Ok(Ok(lock));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(Err(ProjectLock::holder(path)));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// What holds the lock at `path`, as its holder recorded it ("`pgtwig anonymize …`
+    /// (pid 123)"), for "pgtwig is busy with …" messages.
+    pub fn holder(path: &Path) -> String {
+        private::read_to_string(&holder_path(path))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "another command".into())
+    }
+
+    fn held(file: File, path: &Path) -> ProjectLock {
+        // Best effort: only read when someone waits for the lock.
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let what = format!("`pgtwig {}` (pid {})", args.join(" "), std::process::id());
+        let _ = write_atomic(&holder_path(path), what.as_bytes());
+        ProjectLock {
+            file,
+            path: path.to_path_buf(),
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Where the holder of the lock at `path` says who it is: `lock` → `lock.holder`.
+fn holder_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".holder");
+    path.with_file_name(name)
 }
 
 /// A lock file is private (0600) like everything in the state folder, and

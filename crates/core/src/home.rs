@@ -1,4 +1,5 @@
-//! Where pgtwig keeps state: `PGTWIG_HOME`, else the platform's data
+//! Where pgtwig keeps state: `PGTWIG_HOME`, else the folder `pgtwig init`
+//! recorded in the repository's git config (`pgtwig.home`), else the platform's data
 //! directory (`~/.local/share/pgtwig` on Linux, `~/Library/Application
 //! Support/pgtwig` on macOS). Root gets `/var/lib/pgtwig`, because the
 //! PostgreSQL servers then run as an unprivileged user who cannot enter
@@ -25,17 +26,80 @@ use crate::names::BranchName;
 use crate::private;
 
 pub const HOME_ENV: &str = "PGTWIG_HOME";
+/// The git config key (in the repository's shared config) where `pgtwig init` records the
+/// state root, so a shell, IDE or cron job without `PGTWIG_HOME` finds the same state.
+pub const GIT_CONFIG_KEY: &str = "pgtwig.home";
 
-/// The state root for all projects.
-pub fn pgtwig_home() -> Result<PathBuf, String> {
+/// Where the state root was found, for messages that must say where pgtwig looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HomeSource {
+    /// The `PGTWIG_HOME` variable.
+    Env,
+    /// `pgtwig.home` in this git config file.
+    Recorded { config_file: PathBuf },
+    /// The platform default (neither of the above was set).
+    Default,
+}
+
+impl std::fmt::Display for HomeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HomeSource::Env => write!(f, "from {HOME_ENV}"),
+            HomeSource::Recorded { config_file } => write!(
+                f,
+                "recorded as {GIT_CONFIG_KEY} in {} ({HOME_ENV} is not set)",
+                config_file.display()
+            ),
+            HomeSource::Default => write!(
+                f,
+                "the default: {HOME_ENV} is not set and the repository records no {GIT_CONFIG_KEY}"
+            ),
+        }
+    }
+}
+
+/// The state root for all projects and where it came from.
+#[derive(Debug, Clone)]
+pub struct StateRoot {
+    pub dir: PathBuf,
+    pub source: HomeSource,
+}
+
+/// The state root: `PGTWIG_HOME`, else `recorded` (the repository's `pgtwig.home` and the
+/// git config file holding it), else the platform default.
+pub fn locate(recorded: Option<(PathBuf, PathBuf)>) -> Result<StateRoot, String> {
     if let Some(h) = std::env::var_os(HOME_ENV).filter(|h| !h.is_empty()) {
-        let h = PathBuf::from(h);
-        return Ok(if h.is_absolute() {
-            h
-        } else {
-            std::env::current_dir().map_err(|e| e.to_string())?.join(h)
+        return Ok(StateRoot {
+            dir: absolute(PathBuf::from(h))?,
+            source: HomeSource::Env,
         });
     }
+    if let Some((dir, config_file)) = recorded {
+        return Ok(StateRoot {
+            dir: absolute(dir)?,
+            source: HomeSource::Recorded { config_file },
+        });
+    }
+    Ok(StateRoot {
+        dir: default_home()?,
+        source: HomeSource::Default,
+    })
+}
+
+/// The state root from `PGTWIG_HOME` or the platform default (no repository consulted).
+pub fn pgtwig_home() -> Result<PathBuf, String> {
+    locate(None).map(|r| r.dir)
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf, String> {
+    Ok(if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map_err(|e| e.to_string())?.join(p)
+    })
+}
+
+fn default_home() -> Result<PathBuf, String> {
     if nix::unistd::geteuid().is_root() {
         return Ok(PathBuf::from("/var/lib/pgtwig"));
     }
@@ -50,17 +114,46 @@ pub fn pgtwig_home() -> Result<PathBuf, String> {
 #[derive(Debug, Clone)]
 pub struct ProjectHome {
     dir: PathBuf,
+    source: Option<HomeSource>,
 }
 
 impl ProjectHome {
     pub fn new(home: &Path, project: &BranchName) -> ProjectHome {
         ProjectHome {
             dir: home.join(project.as_str()),
+            source: None,
         }
+    }
+
+    /// Notes where the state root came from (see [`locate`]).
+    pub fn with_source(mut self, source: HomeSource) -> ProjectHome {
+        self.source = Some(source);
+        self
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The folder holding every project's state (what `PGTWIG_HOME` names).
+    pub fn state_root(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
+    }
+
+    /// "pgtwig has no state for this project in …": where it looked, where that came from,
+    /// and what to do (not only `pgtwig init`, which would make a second, empty project).
+    pub fn missing_state_message(&self) -> String {
+        let came_from = match &self.source {
+            Some(s) => format!(" (the state folder {s})"),
+            None => String::new(),
+        };
+        format!(
+            "pgtwig has no state for this project in {}{came_from}. If this project was set up \
+             with its state elsewhere, point pgtwig at that folder: set {HOME_ENV}, or record it for \
+             the repository with `git config {GIT_CONFIG_KEY} FOLDER`. Only if the project was never \
+             set up on this machine, run `pgtwig init` in the repository",
+            self.dir.display()
+        )
     }
     pub fn lock_path(&self) -> PathBuf {
         self.dir.join("lock")
@@ -108,6 +201,7 @@ impl ProjectHome {
 /// private from the start.
 const TOP_FILES: &[&str] = &[
     "lock",
+    "lock.holder",
     "state.json",
     "daemon.lock",
     "daemon.pid",

@@ -213,6 +213,25 @@ pub fn resolve(
     })
 }
 
+/// Where a work tree goes when its active branch `gone` is deleted: the parent the
+/// `[[map]]` rule for its checked-out git branch gives (`git_branch`; `None` when HEAD is
+/// detached), else the root — and the root too when that parent is `gone` itself or does
+/// not exist.
+pub fn fallback(
+    rules: &[MapRule],
+    git_branch: Option<&str>,
+    user: &str,
+    root: &BranchName,
+    gone: &BranchName,
+    exists: impl Fn(&BranchName) -> bool,
+) -> BranchName {
+    git_branch
+        .and_then(|g| resolve(rules, g, user, root, |_| None))
+        .map(|t| t.parent)
+        .filter(|p| p != gone && exists(p))
+        .unwrap_or_else(|| root.clone())
+}
+
 /// Names of branches that fixed-name protected rules cover.
 pub fn protected_names(rules: &[MapRule]) -> Vec<BranchName> {
     rules
@@ -282,6 +301,33 @@ mod tests {
         assert_eq!(
             protected_names(&r),
             vec![BranchName::parse("staging").unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_deleted_branch_falls_back_to_its_rules_parent() {
+        let r = rules(
+            r#"
+            [[map]]
+            git = "feature/*"
+            branch = "{branch}"
+            parent = "anon"
+            "#,
+        );
+        let gone = BranchName::parse("feature-a").unwrap();
+        let anon = BranchName::parse("anon").unwrap();
+        let fb = |git: Option<&str>, exists: bool| {
+            fallback(&r, git, "a", &root(), &gone, |_| exists).to_string()
+        };
+        assert_eq!(fb(Some("feature/a"), true), "anon");
+        // The parent is gone too, no rule matches, or HEAD is detached: the root.
+        assert_eq!(fb(Some("feature/a"), false), "main");
+        assert_eq!(fb(Some("hotfix"), true), "main");
+        assert_eq!(fb(None, true), "main");
+        // Deleting the parent itself never falls back onto it.
+        assert_eq!(
+            fallback(&r, Some("feature/a"), "a", &root(), &anon, |_| true).as_str(),
+            "main"
         );
     }
 

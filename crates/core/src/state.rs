@@ -67,6 +67,52 @@ impl ProjectState {
     }
 }
 
+/// A work tree whose active branch is a given branch (see [`ProjectState::worktrees_on`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorktreeOn {
+    /// Its top folder; `None` for the main work tree when none is recorded.
+    pub dir: Option<std::path::PathBuf>,
+    pub main: bool,
+}
+
+impl std::fmt::Display for WorktreeOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.dir, self.main) {
+            (Some(d), true) => write!(f, "the main work tree {}", d.display()),
+            (None, _) => write!(f, "the main work tree"),
+            (Some(d), false) => write!(f, "work tree {}", d.display()),
+        }
+    }
+}
+
+impl ProjectState {
+    /// The work trees whose active branch is `branch`: the main one, and every other one
+    /// that still exists (a removed work tree's entry routes nobody).
+    pub fn worktrees_on(&self, branch: &BranchName) -> Vec<WorktreeOn> {
+        let mut on = Vec::new();
+        if self.active == *branch {
+            on.push(WorktreeOn {
+                dir: self.worktree.clone(),
+                main: true,
+            });
+        }
+        for (dir, b) in &self.worktrees {
+            if b == branch && dir.is_dir() && !self.is_main_worktree(dir) {
+                on.push(WorktreeOn {
+                    dir: Some(dir.clone()),
+                    main: false,
+                });
+            }
+        }
+        on
+    }
+
+    /// Drops the entries of work trees that no longer exist and point at `branch`.
+    pub fn forget_removed_on(&mut self, branch: &BranchName) {
+        self.worktrees.retain(|dir, b| b != branch || dir.is_dir());
+    }
+}
+
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,

@@ -21,6 +21,10 @@ pub enum Request {
     /// reset and delete).
     Drain {
         branch: String,
+        /// What the sessions are told, after "terminating connection: " (default: that the
+        /// branch is being reset or deleted).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        why: Option<String>,
     },
     /// Stop the daemon; `stop_branches` also stops every running branch.
     Shutdown {
@@ -116,10 +120,21 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
 /// Drain `branch` (see [`Request::Drain`]); the daemon holds new sessions
 /// off until the returned connection is dropped.
 pub fn drain(path: &Path, branch: &str, timeout: Duration) -> Result<UnixStream, ClientError> {
+    drain_saying(path, branch, None, timeout)
+}
+
+/// [`drain`], telling the sessions `why` (e.g. where their work tree goes now).
+pub fn drain_saying(
+    path: &Path,
+    branch: &str,
+    why: Option<String>,
+    timeout: Duration,
+) -> Result<UnixStream, ClientError> {
     exchange(
         path,
         &Request::Drain {
             branch: branch.to_string(),
+            why,
         },
         timeout,
     )

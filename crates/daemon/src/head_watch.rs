@@ -17,6 +17,10 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+/// Set for a hook run that may wait for the project lock as long as it takes (the git hook
+/// itself waits at most a second, then leaves the switch to the watcher).
+pub const HOOK_WAITS_ENV: &str = "PGTWIG_HOOK_WAITS";
+
 /// How long a checkout's own hook gets before the daemon follows HEAD.
 const HOOK_GRACE: Duration = Duration::from_millis(1500);
 
@@ -145,6 +149,9 @@ async fn follow(worktree: &Path) {
     let out = tokio::process::Command::new(exe)
         .args(["hook", "post-checkout", "0", "0", "1"])
         .current_dir(worktree)
+        // Unlike git's hook, the watcher may wait for a busy project: it finishes what the
+        // hook skipped.
+        .env(HOOK_WAITS_ENV, "1")
         .output()
         .await;
     match out {

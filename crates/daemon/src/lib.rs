@@ -512,15 +512,20 @@ impl ControlCtx {
     /// Hold off new sessions to `branch`, end its sessions at their next
     /// transaction boundary and wait (bounded) until they are gone. The
     /// returned guard keeps new sessions waiting.
-    async fn drain(&self, branch: &str) -> (Response, tokio::sync::OwnedMutexGuard<()>) {
+    async fn drain(
+        &self,
+        branch: &str,
+        why: Option<String>,
+    ) -> (Response, tokio::sync::OwnedMutexGuard<()>) {
         let gate = self.activity.gate(branch).lock_owned().await;
         self.activity.forget_ready(branch);
-        self.proxy.close_sessions_on(
-            branch,
+        let why = why.unwrap_or_else(|| {
             format!(
-                "terminating connection: pgtwig is resetting or deleting database branch \"{branch}\"; reconnect to continue"
-            ),
-        );
+                "pgtwig is resetting or deleting database branch \"{branch}\"; reconnect to continue"
+            )
+        });
+        self.proxy
+            .close_sessions_on(branch, format!("terminating connection: {why}"));
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while self.proxy.sessions().iter().any(|s| s.branch == branch) {
             if tokio::time::Instant::now() > deadline {
@@ -599,8 +604,8 @@ async fn control_loop(listener: UnixListener, ctx: Arc<ControlCtx>) {
             let request = serde_json::from_str::<Request>(&line);
             let mut held = None;
             let response = match request {
-                Ok(Request::Drain { branch }) => {
-                    let (response, gate) = ctx.drain(&branch).await;
+                Ok(Request::Drain { branch, why }) => {
+                    let (response, gate) = ctx.drain(&branch, why).await;
                     held = Some(gate);
                     response
                 }

@@ -13,6 +13,8 @@ use git2::Repository;
 
 /// Marks a hook pgtwig wrote.
 const MARKER: &str = "# pgtwig-hook v1";
+/// The git config key holding the state root (see `pgtwig_core::home`).
+const HOME_KEY: &str = "pgtwig.home";
 /// Where a pre-existing hook is kept while pgtwig's is installed.
 const CHAINED: &str = "post-checkout.pgtwig-chained";
 
@@ -87,6 +89,37 @@ impl Worktree {
             },
             None => Head::Detached,
         })
+    }
+
+    /// The state root `pgtwig init` recorded for this repository (`pgtwig.home` in the
+    /// shared config, seen from every work tree) and the config file holding it.
+    pub fn recorded_home(&self) -> Option<(PathBuf, PathBuf)> {
+        // The repository's own config only: that is where `init` writes, and what the
+        // messages name.
+        let config = self
+            .repo
+            .config()
+            .ok()?
+            .open_level(git2::ConfigLevel::Local)
+            .ok()?;
+        let dir = config.get_path(HOME_KEY).ok()?;
+        Some((dir, self.repo.commondir().join("config")))
+    }
+
+    /// Record `dir` as this repository's state root (in the shared config, so that every
+    /// work tree sees it).
+    pub fn record_home(&self, dir: &Path) -> Result<(), GitError> {
+        let text = dir.to_str().ok_or_else(|| {
+            GitError::Conflict(format!(
+                "the state folder {} is not valid UTF-8 and cannot be recorded in git config",
+                dir.display()
+            ))
+        })?;
+        let mut local = self.repo.config()?.open_level(git2::ConfigLevel::Local)?;
+        if local.get_string(HOME_KEY).ok().as_deref() != Some(text) {
+            local.set_str(HOME_KEY, text)?;
+        }
+        Ok(())
     }
 
     /// Names of local branches.

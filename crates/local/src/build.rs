@@ -42,6 +42,38 @@ impl Cloned {
     }
 }
 
+/// A build folder in `tmp/` worked on without the project lock (see the crash-safety notes
+/// in `engine`): `<folder>.lock` beside it is flock-ed while this lives, so the next holder
+/// of the project lock leaves the build alone exactly while its owner lives (a pid alone
+/// could be reused). Dropping it removes the lock file; the folder is published or
+/// discarded before.
+pub(crate) struct UnlockedBuild {
+    pub dir: PathBuf,
+    lock_path: PathBuf,
+    _held: fs::File,
+}
+
+impl Drop for UnlockedBuild {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The lock file of build folder `dir`.
+fn build_lock_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    dir.with_file_name(name)
+}
+
+/// Whether the build lock at `path` is free (its owner is gone); it stays ours while the
+/// returned file is open.
+fn take_build_lock(path: &Path) -> Option<fs::File> {
+    let file = pgtwig_core::private::open_append(path).ok()?;
+    file.try_lock().ok()?;
+    Some(file)
+}
+
 impl LocalBackend {
     /// Take the project lock for making branch `name`, refusing a name
     /// already taken (checked under the lock, so two makers cannot race).
@@ -65,7 +97,20 @@ impl LocalBackend {
         names.sort();
         for name in &names {
             let path = tmp.join(name);
-            if !path.exists() || name.ends_with(".keep") {
+            if !path.exists() || name.ends_with(".keep") || name.ends_with(".lock") {
+                continue;
+            }
+            // A build worked on without the project lock: its own lock says whether its
+            // owner lives.
+            let own_lock = build_lock_path(&path);
+            if own_lock.exists() {
+                let Some(_free) = take_build_lock(&own_lock) else {
+                    continue;
+                };
+                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+                remove_tree(&path)?;
+                let _ = fs::remove_file(&own_lock);
+                done.push(format!("removed {name}, left by an interrupted command"));
                 continue;
             }
             if let Some(branch) = name.strip_prefix("old-") {
@@ -97,8 +142,8 @@ impl LocalBackend {
                 let _ = fs::remove_file(&keep_file);
                 continue;
             }
-            // An import fills its build without the lock (it can take long):
-            // leave it alone while the process that owns it lives.
+            // An older pgtwig's import, filling its build without the lock and
+            // without a lock file of its own: left alone while its process lives.
             if let Some(pid) = name
                 .strip_prefix("fill-")
                 .and_then(|r| r.rsplit('-').next())
@@ -111,11 +156,23 @@ impl LocalBackend {
                 }
                 let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
             }
+            if name.starts_with("build-") {
+                // A build whose lock file is gone: its owner is too (see UnlockedBuild).
+                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+            }
             remove_tree(&path)?;
             done.push(format!("removed {name}, left by an interrupted command"));
         }
         for name in names.iter().filter(|n| n.ends_with(".keep")) {
             let _ = fs::remove_file(tmp.join(name));
+        }
+        // Lock files of builds that are gone, whose owner is gone too.
+        for name in names.iter().filter(|n| n.ends_with(".lock")) {
+            let path = tmp.join(name);
+            let build = path.with_extension("");
+            if !build.exists() && take_build_lock(&path).is_some() {
+                let _ = fs::remove_file(&path);
+            }
         }
         if !done.is_empty() {
             fsutil::sync_dir(&self.home.branches_dir()).ok();
@@ -136,10 +193,43 @@ impl LocalBackend {
         self.make_build_dir(dir)
     }
 
-    /// A build folder in tmp/ made without the lock, named so that
-    /// recover_interrupted() leaves it alone while its process lives.
-    pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<PathBuf> {
-        self.make_build_dir(self.build_dir_path("fill", name))
+    /// A build folder in tmp/ to work on without the project lock (see
+    /// [`UnlockedBuild`]); recover_interrupted() leaves it alone while it lives.
+    pub(crate) fn new_build_dir_unlocked(&self, name: &BranchName) -> Result<UnlockedBuild> {
+        use std::os::unix::fs::MetadataExt;
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        for _ in 0..8 {
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = self
+                .home
+                .tmp_dir()
+                .join(format!("build-{name}-{}-{seq}", std::process::id()));
+            // The lock first: a build folder without one is a dead command's leftover.
+            let lock_path = build_lock_path(&dir);
+            let Some(held) = take_build_lock(&lock_path) else {
+                continue;
+            };
+            // A lock holder cleaning tmp/ may have removed the file between our open and
+            // our lock: then the lock is on a file nobody else can see. Try another name.
+            let same = match (held.metadata(), fs::metadata(&lock_path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let build = UnlockedBuild {
+                dir: dir.clone(),
+                lock_path,
+                _held: held,
+            };
+            self.make_build_dir(dir)?;
+            return Ok(build);
+        }
+        Err(Error::Other(format!(
+            "cannot lock a new build folder in {}",
+            self.home.tmp_dir().display()
+        )))
     }
 
     fn build_dir_path(&self, kind: &str, name: &BranchName) -> PathBuf {
@@ -148,7 +238,7 @@ impl LocalBackend {
             .join(format!("{kind}-{name}-{}", std::process::id()))
     }
 
-    fn make_build_dir(&self, dir: PathBuf) -> Result<PathBuf> {
+    pub(crate) fn make_build_dir(&self, dir: PathBuf) -> Result<PathBuf> {
         fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         // pgtwig's, not the server user's: it becomes the branch folder (see `ownership`).
         self.user
@@ -215,6 +305,29 @@ impl LocalBackend {
     /// Clone `parent`'s data directory into `build/data`: through the backup
     /// API when it runs, directly when it is stopped.
     pub(crate) fn build_clone(&self, parent: &Branch, build: &Path) -> Result<Cloned> {
+        Ok(self
+            .clone_parent(parent, build, false)?
+            .expect("a clone that may copy a stopped parent always happens"))
+    }
+
+    /// [`build_clone`](Self::build_clone) of a running parent only, safe without the project
+    /// lock: the backup API gives a consistent copy whatever happens beside it, and a parent
+    /// stopped or deleted meanwhile makes the clone fail cleanly. `None` (nothing done) when
+    /// the parent is stopped: a plain copy needs the lock, so that nobody starts it meanwhile.
+    pub(crate) fn build_clone_if_running(
+        &self,
+        parent: &Branch,
+        build: &Path,
+    ) -> Result<Option<Cloned>> {
+        self.clone_parent(parent, build, true)
+    }
+
+    fn clone_parent(
+        &self,
+        parent: &Branch,
+        build: &Path,
+        running_only: bool,
+    ) -> Result<Option<Cloned>> {
         let t0 = std::time::Instant::now();
         let src = parent.data_dir();
         let dst = build.join("data");
@@ -223,6 +336,9 @@ impl LocalBackend {
         let mut cloner = Cloner::new(&self.user);
         let status = cluster::status(&src);
         let running = status.is_running();
+        if running_only && !running {
+            return Ok(None);
+        }
         let first_wal = if let Status::Running { socket_dir, .. } = status {
             cloner.tolerate_vanishing = true;
             let session = BackupSession::begin(&socket_dir, pg.major, "pgtwig branch clone")?;
@@ -294,12 +410,12 @@ impl LocalBackend {
         cloner
             .give_to_server(&dst)
             .map_err(io_err("giving the clone to the server user"))?;
-        Ok(Cloned {
+        Ok(Some(Cloned {
             method: cloner.method(),
             parent_was_running: running,
             fallback_reason: cloner.fallback_reason.take(),
             files: cloner.files,
             bytes: cloner.bytes,
-        })
+        }))
     }
 }

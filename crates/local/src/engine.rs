@@ -5,9 +5,13 @@
 //! folder's name is the branch's name, so a single rename publishes,
 //! renames or removes a branch atomically.
 //!
-//! Crash safety: every change runs under the project lock. A new branch is
-//! built in `tmp/` and renamed into `branches/` only when complete, after
-//! its files are flushed. Whatever is in `tmp/` when the lock is next taken
+//! Crash safety: every change of `branches/` runs under the project lock. A
+//! new branch is built in `tmp/` and renamed into `branches/` only when
+//! complete, after its files are flushed. Long builds (import, anonymize,
+//! point-in-time recovery, the clone of a running parent for a reset) run
+//! without the project lock, which they take only to publish; each holds a
+//! lock file of its own beside its build folder while it lives. Whatever is
+//! in `tmp/` when the project lock is next taken and whose own lock is free
 //! was left by a command that died, and is cleaned up (or, for a reset cut
 //! short after moving the old branch aside, moved back).
 
@@ -45,6 +49,10 @@ pub struct BranchMeta {
     /// RFC 3339; `pgtwig gc` deletes the branch after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// Made by a `protected = true` rule: `gc` keeps it whatever `.pgtwig.toml` is checked
+    /// out later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -89,8 +97,8 @@ pub struct CreateReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("pgtwig has no state for this project in {dir}; run `pgtwig init` in the repository")]
-    NotInitialized { dir: PathBuf },
+    #[error("{message}")]
+    NotInitialized { dir: PathBuf, message: String },
     #[error("branch \"{name}\" does not exist{}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`",
         if .known.is_empty() { String::new() } else { format!(" (branches: {})", .known.join(", ")) })]
     NotFound {
@@ -126,6 +134,9 @@ pub enum Error {
     PgBin(#[from] pgbin::PgBinError),
     #[error(transparent)]
     ServerUser(#[from] crate::server_user::ServerUserError),
+    /// The project lock stayed taken for the time this command may wait (the hook, a wake).
+    #[error("pgtwig is busy with {holder}; try again when it is done")]
+    Busy { holder: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("{0}")]
@@ -148,6 +159,10 @@ pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct LocalBackend {
     pub(crate) home: ProjectHome,
     pub(crate) user: ServerUser,
+    /// How long [`lock`](Self::lock) waits before [`Error::Busy`]; `None`: as long as it takes.
+    lock_wait: Option<Duration>,
+    /// The same for [`start`](Self::start) alone (the daemon's wake-on-connect).
+    start_lock_wait: Option<Duration>,
 }
 
 impl LocalBackend {
@@ -158,9 +173,15 @@ impl LocalBackend {
         if !create && !home.branches_dir().is_dir() {
             return Err(Error::NotInitialized {
                 dir: home.dir().to_path_buf(),
+                message: home.missing_state_message(),
             });
         }
-        let backend = LocalBackend { home, user };
+        let backend = LocalBackend {
+            home,
+            user,
+            lock_wait: None,
+            start_lock_wait: None,
+        };
         // Before anything in the project is opened: see `ownership`.
         backend.secure_project()?;
         backend.user.check_reachable(&backend.home.branches_dir())?;
@@ -182,12 +203,32 @@ impl LocalBackend {
         &self.user
     }
 
+    /// Wait at most `wait` for the project lock from now on, then fail with
+    /// [`Error::Busy`] (the git hook: it must never hold a checkout up).
+    pub fn set_lock_wait(&mut self, wait: Option<Duration>) {
+        self.lock_wait = wait;
+    }
+
+    /// [`set_lock_wait`](Self::set_lock_wait) for starting branches only (the daemon's
+    /// wake-on-connect; its other work may wait).
+    pub fn set_start_lock_wait(&mut self, wait: Option<Duration>) {
+        self.start_lock_wait = wait;
+    }
+
     /// Take the project lock and clean what interrupted commands left.
     pub fn lock(&self) -> Result<ProjectLock> {
-        let lock = ProjectLock::acquire(&self.home.lock_path()).map_err(io_err(format!(
-            "locking {}",
-            self.home.lock_path().display()
-        )))?;
+        self.lock_waiting(self.lock_wait)
+    }
+
+    fn lock_waiting(&self, wait: Option<Duration>) -> Result<ProjectLock> {
+        let path = self.home.lock_path();
+        let what = || format!("locking {}", path.display());
+        let lock = match wait {
+            None => ProjectLock::acquire(&path).map_err(io_err(what()))?,
+            Some(wait) => ProjectLock::acquire_within(&path, wait)
+                .map_err(io_err(what()))?
+                .map_err(|holder| Error::Busy { holder })?,
+        };
         self.recover_interrupted()?;
         Ok(lock)
     }
@@ -313,7 +354,7 @@ impl LocalBackend {
 
     /// Start a branch's server if it is not running; returns its socket folder.
     pub fn start(&self, name: &BranchName) -> Result<PathBuf> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_waiting(self.start_lock_wait.or(self.lock_wait))?;
         self.start_locked(name)
     }
 
@@ -393,6 +434,7 @@ impl LocalBackend {
             pg_major: pg.major,
             git_branch,
             expires: None,
+            protected: false,
         };
         self.publish(name, &build, &meta)
     }
@@ -415,6 +457,19 @@ impl LocalBackend {
         git_branch: Option<String>,
         expires: Option<String>,
     ) -> Result<CreateReport> {
+        self.create_recorded(name, parent, git_branch, expires, false)
+    }
+
+    /// [`create_with`](Self::create_with), recording whether the rule that made it
+    /// protects it (kept by `gc` whatever configuration is checked out later).
+    pub fn create_recorded(
+        &self,
+        name: &BranchName,
+        parent: &BranchName,
+        git_branch: Option<String>,
+        expires: Option<String>,
+        protected: bool,
+    ) -> Result<CreateReport> {
         let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
         let build = self.new_build_dir(name)?;
@@ -426,58 +481,11 @@ impl LocalBackend {
             pg_major: parent_branch.meta.pg_major,
             git_branch,
             expires,
+            protected,
         };
         failpoint::hit("create.before_publish");
         let branch = self.publish(name, &build, &meta)?;
         failpoint::hit("create.after_publish");
-        Ok(cloned.report(branch))
-    }
-
-    /// Re-derive `name` from its parent's current state, under the same
-    /// name. The old branch is removed, or kept as `keep_old`. A running
-    /// branch is stopped for the swap and started again after.
-    pub fn reset(&self, name: &BranchName, keep_old: Option<&BranchName>) -> Result<CreateReport> {
-        let _lock = self.lock()?;
-        let old = self.get(name)?;
-        let parent = match &old.meta.parent {
-            None => {
-                return Err(Error::NoParent {
-                    name: name.clone(),
-                    why: " (it is the root branch; refresh its data with an import instead)".into(),
-                })
-            }
-            Some(p) if !self.exists(p) => {
-                return Err(Error::NoParent {
-                    name: name.clone(),
-                    why: format!(
-                        " (its parent \"{p}\" was deleted); delete it and create it again with `--from <another branch>`"
-                    ),
-                })
-            }
-            Some(p) => self.get(p)?,
-        };
-        if let Some(k) = keep_old {
-            if self.exists(k) {
-                return Err(Error::Exists { name: k.clone() });
-            }
-        }
-        let build = self.new_build_dir(name)?;
-        let cloned = self.build_clone(&parent, &build)?;
-        let meta = BranchMeta {
-            parent: Some(parent.name.clone()),
-            created: now_rfc3339(),
-            clone_method: cloned.method,
-            pg_major: parent.meta.pg_major,
-            git_branch: old.meta.git_branch.clone(),
-            expires: old.meta.expires.clone(),
-        };
-        write_meta(&build, &meta)?;
-        sync_tree(&build)?;
-        let was_running = self.swap_in(name, &build, keep_old)?;
-        let branch = self.get(name)?;
-        if was_running {
-            self.start_locked(name)?;
-        }
         Ok(cloned.report(branch))
     }
 

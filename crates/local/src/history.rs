@@ -214,7 +214,9 @@ impl LocalBackend {
         parent: &BranchName,
         target: &Target,
     ) -> Result<CreateReport> {
-        let _lock = self.lock_for_new(name)?;
+        // Under the project lock until the base is cloned; the recovery (replaying WAL, the
+        // long part) runs without it, and publishing takes it again.
+        let mut lock = Some(self.lock_for_new(name)?);
         let parent_branch = self.get(parent)?;
         let all = bases(&parent_branch.dir);
         let base = match target {
@@ -253,7 +255,8 @@ impl LocalBackend {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let build = self.new_build_dir(name)?;
+        let unlocked = self.new_build_dir_unlocked(name)?;
+        let build = unlocked.dir.clone();
         let result = (|| {
             let mut cloner = Cloner::new(&self.user);
             let data = build.join("data");
@@ -263,6 +266,7 @@ impl LocalBackend {
             cloner
                 .give_to_server(&data)
                 .map_err(io_err("giving the clone to the server user"))?;
+            lock = None;
             let archive = archive_dir(&parent_branch.dir)
                 .display()
                 .to_string()
@@ -325,7 +329,9 @@ impl LocalBackend {
                 pg_major: parent_branch.meta.pg_major,
                 git_branch: None,
                 expires: None,
+                protected: false,
             };
+            let _lock = self.lock_for_new(name)?;
             let branch = self.publish(name, &build, &meta)?;
             Ok(CreateReport {
                 branch,
@@ -335,9 +341,11 @@ impl LocalBackend {
                 bytes: cloner.bytes,
             })
         })();
+        drop(lock);
         if result.is_err() {
             self.discard_build(&build, &build.join("server.log"));
         }
+        drop(unlocked);
         result
     }
 }

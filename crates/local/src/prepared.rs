@@ -1,20 +1,20 @@
 //! Branches made or changed out of sight before they appear: an
-//! anonymized clone ([`LocalBackend::create_prepared`]) and a branch whose
-//! app database an import fills anew ([`LocalBackend::replace_database`]).
-//! Both run a server from the build folder in `tmp/` and publish by rename
-//! only when done.
+//! anonymized clone ([`LocalBackend::create_prepared`]), a branch whose
+//! app database an import fills anew ([`LocalBackend::replace_database`])
+//! and a reset ([`LocalBackend::reset`]). Each runs from a build folder in
+//! `tmp/` and publishes by rename only when done.
 
 use std::fs;
 use std::path::Path;
 
-use pgtwig_core::BranchName;
+use pgtwig_core::{failpoint, BranchName};
 
 use crate::beneath;
 use crate::clone::CloneMethod;
 use crate::cluster;
 use crate::engine::{
-    io_err, now_rfc3339, sync_tree, write_meta, Branch, BranchMeta, CreateReport, Error,
-    LocalBackend, Result,
+    io_err, now_rfc3339, remove_tree, sync_tree, write_meta, Branch, BranchMeta, CreateReport,
+    Error, LocalBackend, Result,
 };
 use crate::pgbin;
 
@@ -34,11 +34,18 @@ impl LocalBackend {
         parent: &BranchName,
         prepare: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
     ) -> Result<CreateReport> {
-        let _lock = self.lock_for_new(name)?;
-        let parent_branch = self.get(parent)?;
-        let build = self.new_build_dir(name)?;
+        // The clone under the project lock (a stopped parent must stay stopped while it is
+        // copied); the long part, `prepare`, without it, beside other commands and the hook.
+        let (parent_branch, unlocked) = {
+            let _lock = self.lock_for_new(name)?;
+            (self.get(parent)?, self.new_build_dir_unlocked(name)?)
+        };
+        let build = unlocked.dir.clone();
         let result = (|| {
-            let cloned = self.build_clone(&parent_branch, &build)?;
+            let cloned = {
+                let _lock = self.lock()?;
+                self.build_clone(&parent_branch, &build)?
+            };
             let pg = self.install_for(&parent_branch)?;
             let data = build.join("data");
             let log = build.join("prepare.log");
@@ -49,6 +56,7 @@ impl LocalBackend {
                 "archive_mode=off",
             ];
             self.with_build_server(name, &pg, &build, &log, &settings, |sock| {
+                failpoint::hit("prepare.unlocked");
                 prepare(sock).map_err(Error::Other)
             })?;
             let redo = cluster::redo_wal_file(&pg, &self.user, &data)?;
@@ -80,13 +88,17 @@ impl LocalBackend {
                 pg_major: parent_branch.meta.pg_major,
                 git_branch: None,
                 expires: None,
+                protected: false,
             };
+            // Published under the lock, if nobody made the name meanwhile.
+            let _lock = self.lock_for_new(name)?;
             let branch = self.publish(name, &build, &meta)?;
             Ok(cloned.report(branch))
         })();
         if result.is_err() {
             self.discard_build(&build, &build.join("prepare.log"));
         }
+        drop(unlocked);
         result
     }
 
@@ -107,7 +119,8 @@ impl LocalBackend {
         database: &str,
         fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
     ) -> Result<Branch> {
-        let build = self.new_build_dir_unlocked(name)?;
+        let unlocked = self.new_build_dir_unlocked(name)?;
+        let build = unlocked.dir.clone();
         let log = build.join("server.log");
         let result = (|| {
             let (pg, cloned) = {
@@ -163,6 +176,7 @@ impl LocalBackend {
                 pg_major: pg.major,
                 git_branch: None,
                 expires: None,
+                protected: false,
             },
         };
         write_meta(&build, &meta)?;
@@ -188,5 +202,94 @@ impl LocalBackend {
                 "creating database \"{database}\" on branch \"{name}\": {e}"
             ))
         })
+    }
+
+    /// Re-derive `name` from its parent's current state, under the same
+    /// name. The old branch is removed, or kept as `keep_old`. A running
+    /// branch is stopped for the swap and started again after. The clone of a
+    /// running parent is made without the project lock (see
+    /// [`build_clone_if_running`](Self::build_clone_if_running)); a stopped
+    /// parent is copied under it, and the swap always runs under it.
+    pub fn reset(&self, name: &BranchName, keep_old: Option<&BranchName>) -> Result<CreateReport> {
+        let (_, parent) = self.reset_source(name, keep_old)?;
+        let unlocked = self.new_build_dir_unlocked(name)?;
+        let build = unlocked.dir.clone();
+        let result = (|| {
+            let cloned = match self.build_clone_if_running(&parent, &build) {
+                Ok(Some(c)) => c,
+                // Stopped (now, or meanwhile: the daemon suspends idle branches): copy it
+                // under the lock, so nobody starts it during the copy.
+                first => {
+                    if let Err(e) = first {
+                        tracing::info!(
+                            "cloning the running \"{}\" failed ({e}); cloning it again under the lock",
+                            parent.name
+                        );
+                        remove_tree(&build)?;
+                        self.make_build_dir(build.clone())?;
+                    }
+                    let _lock = self.lock()?;
+                    let parent = self.get(&parent.name)?;
+                    self.build_clone(&parent, &build)?
+                }
+            };
+            let _lock = self.lock()?;
+            // Again under the lock: the branch or its parent may have gone meanwhile.
+            let (old, parent) = self.reset_source(name, keep_old)?;
+            let meta = BranchMeta {
+                parent: Some(parent.name.clone()),
+                created: now_rfc3339(),
+                clone_method: cloned.method,
+                pg_major: parent.meta.pg_major,
+                git_branch: old.meta.git_branch.clone(),
+                expires: old.meta.expires.clone(),
+                protected: old.meta.protected,
+            };
+            write_meta(&build, &meta)?;
+            sync_tree(&build)?;
+            let was_running = self.swap_in(name, &build, keep_old)?;
+            let branch = self.get(name)?;
+            if was_running {
+                self.start_locked(name)?;
+            }
+            Ok(cloned.report(branch))
+        })();
+        if result.is_err() && build.exists() {
+            self.discard_build(&build, &build.join("server.log"));
+        }
+        drop(unlocked);
+        result
+    }
+
+    /// The branch to reset and its parent, or why it cannot be reset.
+    fn reset_source(
+        &self,
+        name: &BranchName,
+        keep_old: Option<&BranchName>,
+    ) -> Result<(Branch, Branch)> {
+        let old = self.get(name)?;
+        let parent = match &old.meta.parent {
+            None => {
+                return Err(Error::NoParent {
+                    name: name.clone(),
+                    why: " (it is the root branch; refresh its data with an import instead)".into(),
+                })
+            }
+            Some(p) if !self.exists(p) => {
+                return Err(Error::NoParent {
+                    name: name.clone(),
+                    why: format!(
+                        " (its parent \"{p}\" was deleted); delete it and create it again with `--from <another branch>`"
+                    ),
+                })
+            }
+            Some(p) => self.get(p)?,
+        };
+        if let Some(k) = keep_old {
+            if self.exists(k) {
+                return Err(Error::Exists { name: k.clone() });
+            }
+        }
+        Ok((old, parent))
     }
 }

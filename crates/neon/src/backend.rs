@@ -28,6 +28,8 @@ pub struct NeonBranch {
     pub endpoint: Option<Endpoint>,
     /// The git branch whose checkout made it.
     pub git_branch: Option<String>,
+    /// Made by a `protected = true` rule: `gc` keeps it.
+    pub protected: bool,
 }
 
 impl NeonBranch {
@@ -51,6 +53,10 @@ struct Notes {
 struct Note {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     git_branch: Option<String>,
+    /// Made by a `protected = true` rule (recorded then, so that `gc` does not depend on
+    /// the configuration checked out later).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    protected: bool,
 }
 
 pub struct NeonBackend {
@@ -157,6 +163,7 @@ impl NeonBackend {
                     .branches
                     .get(&b.name)
                     .and_then(|n| n.git_branch.clone()),
+                protected: notes.branches.get(&b.name).is_some_and(|n| n.protected),
                 branch: b.clone(),
             })
             .collect())
@@ -195,6 +202,19 @@ impl NeonBackend {
         git_branch: Option<String>,
         expires_at: Option<String>,
     ) -> Result<NeonBranch, NeonError> {
+        self.create_recorded(name, parent, at, git_branch, expires_at, false)
+    }
+
+    /// [`create`](Self::create), recording whether the rule that made it protects it.
+    pub fn create_recorded(
+        &self,
+        name: &str,
+        parent: &str,
+        at: PointInTime,
+        git_branch: Option<String>,
+        expires_at: Option<String>,
+        protected: bool,
+    ) -> Result<NeonBranch, NeonError> {
         let all = self.client.list_branches(&self.project)?;
         if all.iter().any(|b| b.name == name) {
             return Err(NeonError::Exists {
@@ -208,10 +228,16 @@ impl NeonBackend {
                 project: self.project.clone(),
             });
         };
-        if git_branch.is_some() {
+        if git_branch.is_some() || protected {
             let g = git_branch.clone();
             self.update_notes(|n| {
-                n.branches.insert(name.into(), Note { git_branch: g });
+                n.branches.insert(
+                    name.into(),
+                    Note {
+                        git_branch: g,
+                        protected,
+                    },
+                );
             })?;
         }
         let made = self.client.create_branch(
@@ -230,6 +256,7 @@ impl NeonBackend {
                 parent_name: Some(parent.into()),
                 endpoint: endpoints.into_iter().find(Endpoint::is_read_write),
                 git_branch,
+                protected,
             }),
             Err(e) => {
                 let _ = self.update_notes(|n| {
