@@ -52,6 +52,7 @@ fn run_driver(env: &TestEnv, d: &Daemon, mut cmd: Command, sslmode: &str) -> ser
         .env("PGTWIG_HOME", &env.home)
         .env("PROXY_URL", &proxy)
         .env("SSLMODE", sslmode)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("DIRECT_URLS", direct.to_string())
         .env("PGTWIG_USE", serde_json::json!([BIN, "use"]).to_string())
         .stdin(Stdio::null())
@@ -213,6 +214,67 @@ fn asyncpg() {
             "notify_pid_self",
             "cancel",
             "cancel_reached_backend",
+            "terminate_running",
+            "terminate_by_pid",
+            "switch_admin_shutdown",
+            "switch_fresh_moved",
+        ],
+    );
+}
+
+/// node, if it is there and `npm ci` has installed tests/clients/node.
+fn node_with_modules(test: &str) -> Option<PathBuf> {
+    let how = "install them with: (cd tests/clients/node && npm ci) (.ci/run does)";
+    let dir = Path::new(ROOT).join("tests/clients/node");
+    let ok = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        missing(test, &format!("no node on PATH; {how}"));
+        return None;
+    }
+    for module in ["pg", "pg-query-stream", "pg-copy-streams"] {
+        if !dir
+            .join("node_modules")
+            .join(module)
+            .join("package.json")
+            .exists()
+        {
+            missing(test, &format!("node module {module} is missing; {how}"));
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+#[test]
+fn node_postgres_with_query_and_copy_streams() {
+    let Some(dir) = node_with_modules("node_postgres_with_query_and_copy_streams") else {
+        return;
+    };
+    run_both_sslmodes(
+        || {
+            let mut c = Command::new("node");
+            c.arg(dir.join("pg_client.js"));
+            c
+        },
+        &[
+            "tls",
+            "pid_fresh",
+            "pid_reused",
+            "prepared_results",
+            "prepared_on_server",
+            "query_stream",
+            "pipeline_results",
+            "pipeline_error",
+            "copy_in",
+            "copy_out",
+            "copy_pipe",
+            "notify_pid_other",
+            "notify_pid_self",
+            "cancel",
             "terminate_running",
             "terminate_by_pid",
             "switch_admin_shutdown",
