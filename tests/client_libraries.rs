@@ -282,3 +282,76 @@ fn node_postgres_with_query_and_copy_streams() {
         ],
     );
 }
+
+/// Debian's pgjdbc jar (libpostgresql-jdbc-java), and javac to build the driver.
+fn jdbc_jar(test: &str) -> Option<PathBuf> {
+    let how = "install them with: apt-get install -y libpostgresql-jdbc-java default-jdk-headless (.ci/run does)";
+    let jar = std::env::var_os("PGTWIG_TEST_JDBC_JAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/java/postgresql.jar"));
+    if !jar.exists() {
+        missing(test, &format!("no pgjdbc at {}; {how}", jar.display()));
+        return None;
+    }
+    let javac = Command::new("javac")
+        .arg("-version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !javac {
+        missing(test, &format!("no javac on PATH; {how}"));
+        return None;
+    }
+    Some(jar)
+}
+
+#[test]
+fn jdbc_prepare_threshold_batch_and_copy_manager() {
+    let Some(jar) = jdbc_jar("jdbc_prepare_threshold_batch_and_copy_manager") else {
+        return;
+    };
+    let classes = tempfile::tempdir().unwrap();
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg("-cp")
+        .arg(&jar)
+        .arg(script("java", "JdbcClient.java"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "javac JdbcClient.java: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let classpath = format!("{}:{}", classes.path().display(), jar.display());
+    run_both_sslmodes(
+        || {
+            let mut c = Command::new("java");
+            c.args(["-cp", &classpath, "JdbcClient"]);
+            c
+        },
+        &[
+            "tls",
+            "pid_fresh",
+            "pid_reused",
+            "batch",
+            "prepared_results",
+            "prepared_server_side",
+            "prepared_on_server",
+            "batch_error",
+            "batch_recovers",
+            "copy_in",
+            "copy_out",
+            "copy_pipe",
+            "notify_pid_other",
+            "notify_pid_self",
+            "cancel",
+            "terminate_running",
+            "terminate_by_pid",
+            "switch_admin_shutdown",
+            "switch_fresh_default_has_history",
+            "switch_fresh_moved",
+        ],
+    );
+}
