@@ -117,24 +117,22 @@ fn run_both_sslmodes(make: impl Fn() -> Command, expected: &[&str]) {
     }
 }
 
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("PGTWIG_TEST_PYTHON")
+/// The Python to run the drivers with: PGTWIG_TEST_PYTHON, or the venv .ci/run makes.
+fn python() -> PathBuf {
+    std::env::var_os("PGTWIG_TEST_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(ROOT).join("target/client-venv/bin/python"));
-    venv.exists().then_some(venv)
+        .unwrap_or_else(|| Path::new(ROOT).join("target/client-venv/bin/python"))
 }
 
-/// The venv's Python, if it can import `module`.
+/// That Python, if it can import `module`.
 fn python_with(test: &str, module: &str) -> Option<PathBuf> {
     let how = "create it with: python3 -m venv target/client-venv && \
                target/client-venv/bin/pip install -r tests/clients/python/requirements.txt (.ci/run does)";
-    let Some(py) = python() else {
-        missing(
-            test,
-            &format!("no Python venv at target/client-venv; {how}"),
-        );
+    let py = python();
+    if !py.exists() {
+        missing(test, &format!("no Python at {}; {how}", py.display()));
         return None;
-    };
+    }
     let ok = Command::new(&py)
         .args(["-c", &format!("import {module}")])
         .status()
