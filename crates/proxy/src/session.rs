@@ -173,6 +173,11 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                 }
                 None => tracing::debug!("cancel request for unknown key (pid {pid})"),
             }
+            // Close as PostgreSQL does: over TLS with a close_notify. libpq 17's cancel API
+            // (PQcancelCreate, psycopg's cancel_safe) sends the CancelRequest inside TLS and
+            // waits for the end of the stream; a bare TCP close is an SSL error to it.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), client.shutdown()).await;
             return;
         }
         Ok(Err(HandshakeError::Pg(e))) => {

@@ -288,6 +288,44 @@ async fn psql_ctrl_c_fresh_and_reused_with_and_without_tls() {
     env.wait_drained().await;
 }
 
+/// libpq 17's cancel API (psycopg's `cancel_safe`) sends the CancelRequest inside TLS and
+/// reads until the stream ends: the proxy must end it with a close_notify, as PostgreSQL
+/// does, not a bare TCP close ("SSL error: unexpected eof while reading").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_inside_tls_is_forwarded_and_closed_cleanly() {
+    let (env, dir) = tls_env().await;
+    let cert = dir.path().join("cert.pem");
+    let (mut s, pid, secret) = raw_session(env.port, Some(&cert)).await;
+    let sql = "select pg_sleep(60)";
+    s.write_all(&query_packet(sql)).await.unwrap();
+    wait_for_query(&env, sql).await;
+    let mut canceller = connect_sslrequest(env.port, client_config(&cert, &[]))
+        .await
+        .unwrap();
+    let mut req = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(pid, secret, &mut req);
+    canceller.write_all(&req).await.unwrap();
+    canceller.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), canceller.read_to_end(&mut rest))
+        .await
+        .expect("the proxy did not close the cancel connection");
+    assert!(
+        end.is_ok() && rest.is_empty(),
+        "cancel connection ended with {end:?}, {rest:?}"
+    );
+    let msgs = tokio::time::timeout(Duration::from_secs(10), read_until_ready(&mut s))
+        .await
+        .expect("the query was not cancelled");
+    assert!(
+        msgs.iter()
+            .any(|(t, b)| *t == b'E' && error_fields(b)[&b'C'] == "57014"),
+        "{msgs:?}"
+    );
+    terminate(&mut s).await;
+    env.wait_drained().await;
+}
+
 /// A fake server whose BackendKeyData has a 4-byte body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_backend_key_data_is_a_protocol_error() {
