@@ -258,6 +258,7 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
     assert_eq!(marker_from(&d, &wt3), "main", "feature-w is a copy of main");
     assert_eq!(marker_from(&d, &wt2), "feature-z");
 
+    let canon_wt2 = canon(&wt2);
     // The text status names the work trees too.
     let text = env.ok(&["status"]);
     assert!(
@@ -277,5 +278,32 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A removed work tree's branch is a gc candidate, and its entry goes.
+    drop(in_wt3);
+    let out = Command::new("git")
+        .args(["worktree", "remove", "--force", wt2.to_str().unwrap()])
+        .current_dir(&env.repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dry = env.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.contains("would delete feature-z") && dry.contains("was removed"),
+        "{dry}"
+    );
+    assert!(!dry.contains("feature-y"), "wt3's branch stays: {dry}");
+    let out = env.ok(&["gc"]);
+    assert!(out.contains("deleted feature-z"), "{out}");
+    assert!(!env.project_dir().join("branches/feature-z").exists());
+    let status = status_json(&env);
+    assert!(
+        !status["daemon"]["worktrees"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["path"] == canon_wt2),
+        "{status}"
+    );
     drop(d);
 }

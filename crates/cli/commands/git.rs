@@ -488,6 +488,11 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         .ok();
     let protected = rules::protected_names(&project.config.map);
     let state = ProjectState::load(&project.home.state_path()).ok();
+    // Branches of work trees that were removed (`git worktree remove`) are candidates too.
+    let removed = state
+        .as_ref()
+        .map(|s| s.removed_worktrees())
+        .unwrap_or_default();
     let now = SystemTime::now();
     let mut doomed = Vec::new();
     for b in gc_candidates(&backend)? {
@@ -522,6 +527,10 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
             (Some(g), Some(list)) => !list.contains(g),
             _ => false,
         };
+        let of_removed = removed
+            .iter()
+            .find(|(_, branch)| *branch == name)
+            .map(|(dir, _)| dir);
         let reason = if expired {
             format!("expired at {}", b.expires.unwrap_or_default())
         } else if git_gone {
@@ -529,6 +538,8 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
                 "git branch \"{}\" no longer exists",
                 b.git_branch.unwrap_or_default()
             )
+        } else if let Some(dir) = of_removed {
+            format!("its work tree {} was removed", dir.display())
         } else {
             continue;
         };
@@ -549,6 +560,9 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
     if doomed.is_empty() {
         println!("Nothing to collect");
     }
+    if !dry_run && !removed.is_empty() {
+        forget_removed_worktrees(&project, &backend)?;
+    }
     for (name, reason) in doomed {
         if dry_run {
             println!("would delete {name} ({reason})");
@@ -558,4 +572,27 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Drops the state.json entries of removed work trees and tells a running daemon.
+fn forget_removed_worktrees(project: &Project, backend: &Backend) -> Result<()> {
+    let path = project.home.state_path();
+    let changed = {
+        let _lock = backend.lock()?;
+        let mut state = ProjectState::load(&path).map_err(anyhow::Error::msg)?;
+        let changed = state.forget_removed();
+        if changed {
+            state.save(&path)?;
+        }
+        changed
+    };
+    if changed {
+        let control = backend.daemon_paths()?.control;
+        let _ = pgtwig_daemon::control::request(
+            &control,
+            &pgtwig_daemon::control::Request::ActiveChanged,
+            std::time::Duration::from_secs(10),
+        );
+    }
+    Ok(())
 }

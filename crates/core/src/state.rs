@@ -107,6 +107,23 @@ impl ProjectState {
         on
     }
 
+    /// The work trees with a branch of their own whose folder is gone (`git worktree remove`),
+    /// and that branch.
+    pub fn removed_worktrees(&self) -> Vec<(std::path::PathBuf, BranchName)> {
+        self.worktrees
+            .iter()
+            .filter(|(dir, _)| !dir.is_dir())
+            .map(|(d, b)| (d.clone(), b.clone()))
+            .collect()
+    }
+
+    /// Drops the entries of every work tree whose folder is gone; true if there were any.
+    pub fn forget_removed(&mut self) -> bool {
+        let before = self.worktrees.len();
+        self.worktrees.retain(|dir, _| dir.is_dir());
+        self.worktrees.len() != before
+    }
+
     /// Drops the entries of work trees that no longer exist and point at `branch`.
     pub fn forget_removed_on(&mut self, branch: &BranchName) {
         self.worktrees.retain(|dir, b| b != branch || dir.is_dir());

@@ -239,6 +239,12 @@ impl LocalRouter {
             Err(pgtwig_local::Error::NotFound { .. }) => Err(RouteError::BranchMissing {
                 branch: name.to_string(),
             }),
+            // Another command holds the project lock (an import's swap, a reset): not this
+            // branch's fault, and its server log has nothing to say about it.
+            Err(e @ pgtwig_local::Error::Busy { .. }) => Err(RouteError::StartFailed {
+                branch: name.to_string(),
+                detail: e.to_string(),
+            }),
             Err(e) if out_of_descriptors(&e) => {
                 tracing::warn!("cannot start branch \"{name}\": out of file descriptors ({e})");
                 Err(RouteError::TooManyConnections(format!(

@@ -52,6 +52,8 @@ impl WorktreeRoutes {
     /// Takes the work trees' branches from `state` (after `pgtwig use` or a checkout).
     pub fn update(&self, state: &ProjectState) {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        // A removed work tree's entry is gone from the state (`gc`): stop routing by it.
+        channels.retain(|dir, _| state.worktrees.contains_key(dir));
         for (dir, branch) in &state.worktrees {
             if self.main.as_deref() == Some(dir.as_path()) {
                 continue;
