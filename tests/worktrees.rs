@@ -4,78 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{git, up, Daemon, Fs, TestEnv};
-
-/// The branch marker as seen by psql run in `cwd` through the proxy.
-fn marker_from(d: &Daemon, cwd: &Path) -> String {
-    let out = Command::new("psql")
-        .arg(format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            d.port
-        ))
-        .args(["-X", "-A", "-t", "-w", "-c", "select branch from marker"])
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql in {}: {}",
-        cwd.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A psql session held open in `cwd`, fed one statement at a time.
-struct Held {
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Held {
-    fn open(d: &Daemon, cwd: &Path) -> Held {
-        let mut child = Command::new("psql")
-            .arg(format!(
-                "host=127.0.0.1 port={} user=postgres dbname=postgres",
-                d.port
-            ))
-            .args(["-X", "-A", "-t", "-w", "-q"])
-            .current_dir(cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Held { child, out }
-    }
-
-    /// Runs `sql` (one row, one column) and returns its value, or None when the session ended.
-    fn query(&mut self, sql: &str) -> Option<String> {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        if writeln!(stdin, "{sql};").is_err() {
-            return None;
-        }
-        let _ = stdin.flush();
-        let mut line = String::new();
-        match self.out.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(line.trim().to_string()),
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::held::{marker_from, Held};
+use common::{git, up, Fs, TestEnv};
 
 fn status_json(env: &TestEnv) -> serde_json::Value {
     serde_json::from_str(&env.ok(&["status", "--json"])).unwrap()
@@ -192,8 +126,7 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
     );
     // wt2's idle session was ended at its boundary with 57P01 (psql reports it on stderr).
     assert_eq!(in_wt2.query("select branch from marker"), None);
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(in_wt2.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = in_wt2.ended_saying();
     assert!(
         stderr.contains("switched the active branch from \"feature-x\" to \"feature-z\""),
         "{stderr}"

@@ -3,6 +3,7 @@
 //! when the test ends) and psql.
 #![allow(dead_code)]
 
+pub mod held;
 pub mod os_user;
 
 use std::os::unix::fs::PermissionsExt;
