@@ -255,8 +255,7 @@ pub fn use_branch(args: UseArgs) -> Result<ExitCode> {
 /// The top of the git work tree the current directory is in, if any.
 pub fn current_worktree() -> Option<std::path::PathBuf> {
     let wt = pgtwig_git::Worktree::discover(&std::env::current_dir().ok()?).ok()?;
-    wt.root()
-        .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()))
+    wt.root().map(pgtwig_core::fsutil::canonical)
 }
 
 /// Make `branch` the active branch of `worktree` (None or the main work tree: the project's

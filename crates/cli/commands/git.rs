@@ -187,9 +187,7 @@ fn follow_checkout() -> Result<()> {
         }
     }
     // Each work tree has its own active branch: clients running in it are routed there.
-    let root = wt
-        .root()
-        .map(|r| r.canonicalize().unwrap_or_else(|_| r.to_path_buf()));
+    let root = wt.root().map(pgtwig_core::fsutil::canonical);
     let main = root.as_deref().is_none_or(|r| state.is_main_worktree(r));
     let (old, new) = set_active(&project, &backend, &target.branch, root.as_deref())?;
     if old.as_ref() != Some(&new) {

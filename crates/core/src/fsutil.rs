@@ -42,6 +42,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// `path` with symbolic links and `..` resolved, or `path` itself when it cannot be (it is
+/// gone): the one spelling of a folder used as a key (work trees in state.json).
+pub fn canonical(path: &Path) -> std::path::PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// Fsync a directory, making renames and creations inside it durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

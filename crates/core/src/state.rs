@@ -58,7 +58,7 @@ impl ProjectState {
     pub fn set_branch(&mut self, dir: Option<&Path>, branch: BranchName) -> Option<BranchName> {
         match dir {
             Some(d) if !self.is_main_worktree(d) => {
-                let key = d.canonicalize().unwrap_or_else(|_| d.to_path_buf());
+                let key = crate::fsutil::canonical(d);
                 let old = self.worktrees.insert(key, branch);
                 old.or_else(|| Some(self.active.clone()))
             }

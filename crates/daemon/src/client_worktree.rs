@@ -39,9 +39,7 @@ impl WorktreeFinder {
     /// For the repository whose git common dir is `common_dir`.
     pub fn new(common_dir: &Path) -> WorktreeFinder {
         WorktreeFinder {
-            common_dir: common_dir
-                .canonicalize()
-                .unwrap_or_else(|_| common_dir.to_path_buf()),
+            common_dir: pgtwig_core::fsutil::canonical(common_dir),
             cache: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
         }
@@ -134,7 +132,7 @@ impl WorktreeFinder {
             for e in entries.flatten() {
                 if let Ok(gitdir) = std::fs::read_to_string(e.path().join("gitdir")) {
                     if let Some(root) = Path::new(gitdir.trim()).parent() {
-                        roots.push(root.canonicalize().unwrap_or_else(|_| root.to_path_buf()));
+                        roots.push(pgtwig_core::fsutil::canonical(root));
                     }
                 }
             }
@@ -157,7 +155,7 @@ impl WorktreeFinder {
                     .and_then(|c| c.canonicalize().ok())
                     .is_some_and(|c| c == self.common_dir);
                 // The nearest work tree decides, ours or not (a nested repository is not ours).
-                return ours.then(|| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
+                return ours.then(|| pgtwig_core::fsutil::canonical(d));
             }
             cur = d.parent();
         }

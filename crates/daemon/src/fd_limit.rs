@@ -20,10 +20,3 @@ pub fn raise() {
         Err(e) => tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}"),
     }
 }
-
-/// The current soft open-file limit.
-pub fn current() -> Option<u64> {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .ok()
-        .map(|(soft, _)| soft)
-}

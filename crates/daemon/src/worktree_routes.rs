@@ -43,7 +43,7 @@ impl WorktreeRoutes {
     pub fn new(repo: Option<(&Path, &Path)>) -> WorktreeRoutes {
         WorktreeRoutes {
             finder: repo.map(|(common, _)| WorktreeFinder::new(common)),
-            main: repo.map(|(_, main)| main.canonicalize().unwrap_or_else(|_| main.to_path_buf())),
+            main: repo.map(|(_, main)| pgtwig_core::fsutil::canonical(main)),
             channels: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
         }
