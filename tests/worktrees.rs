@@ -240,3 +240,66 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
     );
     drop(d);
 }
+
+/// A work tree made while no hook ran and no daemon watched (here: hooks off, daemon down)
+/// gets its branch from the daemon on its first client, by the same policy as the hook.
+#[test]
+fn a_work_tree_nobody_provisioned_gets_its_branch_on_first_connect() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\n[proxy]\nsuspend_timeout = \"0\"\n",
+    )
+    .unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    env.psql(
+        "main",
+        "create table marker(branch text); insert into marker values ('main')",
+    );
+    git(&env, &["add", ".pgtwig.toml"]);
+    git(&env, &["commit", "-qm", "pgtwig"]);
+    let wt2 = env.repo.parent().unwrap().join("wt2");
+    git(
+        &env,
+        &[
+            "-c",
+            "core.hooksPath=/nonexistent",
+            "worktree",
+            "add",
+            "-q",
+            wt2.to_str().unwrap(),
+            "-b",
+            "feature-q",
+        ],
+    );
+    assert!(
+        !env.ok(&["branch", "list"]).contains("feature-q"),
+        "no hook ran, so no branch yet"
+    );
+    let d = up(&env);
+
+    // The first client in wt2 makes wt2's branch (a copy of main) and lands on it.
+    assert_eq!(marker_from(&d, &wt2), "main");
+    let canon = wt2.canonicalize().unwrap().display().to_string();
+    let status = status_json(&env);
+    assert!(
+        status["daemon"]["worktrees"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["path"] == canon && t["branch"] == "feature-q"),
+        "{status}"
+    );
+    env.psql("feature-q", "update marker set branch = 'feature-q'");
+    assert_eq!(marker_from(&d, &wt2), "feature-q");
+    assert_eq!(marker_from(&d, &env.repo), "main");
+    let log = std::fs::read_to_string(
+        std::env::temp_dir().join(format!("pgtwig-test-daemon-{}.log", d.port)),
+    )
+    .unwrap();
+    assert!(
+        log.contains("first client in") && log.contains("created database branch \"feature-q\""),
+        "{log}"
+    );
+}

@@ -4,10 +4,9 @@
 //! the library crates, print. All behaviour lives in `pgtwig-core` and the
 //! backends.
 
-mod backend;
 mod commands;
+mod daemon_link;
 mod output;
-mod project;
 
 use std::process::ExitCode;
 

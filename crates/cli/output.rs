@@ -19,11 +19,7 @@ pub fn size(bytes: u64) -> String {
 }
 
 pub fn duration(d: Duration) -> String {
-    if d.as_secs() >= 1 {
-        format!("{:.1} s", d.as_secs_f64())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
+    pgtwig_project::human_duration(d)
 }
 
 /// Print rows as columns padded to the widest cell; the first row is the header.

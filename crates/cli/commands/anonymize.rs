@@ -11,7 +11,7 @@ use pgtwig_core::anonymize::{self, AnonymizeConfig};
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
 
-use crate::project::{Database, Project};
+use pgtwig_project::{Database, Project};
 
 #[derive(Args)]
 pub struct AnonymizeArgs {

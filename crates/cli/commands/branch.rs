@@ -13,10 +13,11 @@ use serde_json::json;
 
 use pgtwig_core::state::ProjectState;
 
-use crate::backend::{Backend, Neon};
-use crate::commands::in_use::{self, Change};
+use crate::daemon_link::DaemonOf;
 use crate::output;
-use crate::project::Project;
+use pgtwig_project::backend::{Backend, Neon};
+use pgtwig_project::in_use::{self, Change};
+use pgtwig_project::Project;
 
 #[derive(Subcommand)]
 pub enum BranchCommand {
@@ -358,7 +359,9 @@ pub fn delete_guarded(
 ) -> Result<()> {
     let exists = backend.exists(name)?;
     let affected = in_use::check(project, backend, name, &Change::Delete, force, command)?;
-    in_use::move_away(project, backend, &affected)?;
+    in_use::move_away(project, backend, &affected, &|fallback| {
+        crate::daemon_link::tell_active_changed(backend, fallback)
+    })?;
     let _drained = drain_sessions(
         &backend.daemon_paths()?,
         exists,
@@ -373,7 +376,9 @@ pub fn delete_guarded(
         Backend::Neon(_) => "Neon branch",
     };
     println!("Deleted {what} \"{name}\"");
-    in_use::report_moved(name, &affected);
+    for line in in_use::moved_lines(name, &affected) {
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -13,11 +13,11 @@ use pgtwig_daemon::control::{self, ClientError, Request, Response};
 use pgtwig_daemon::{Branches, DaemonPaths};
 use serde_json::json;
 
-use crate::backend::Backend;
-use crate::project::Project;
+use pgtwig_project::Backend;
+use pgtwig_project::Project;
 
 const DETACHED_ENV: &str = "PGTWIG_DETACHED";
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::daemon_link::{DaemonOf, CONTROL_TIMEOUT};
 
 #[derive(Args)]
 pub struct UpArgs {
@@ -258,39 +258,17 @@ pub fn current_worktree() -> Option<std::path::PathBuf> {
     wt.root().map(pgtwig_core::fsutil::canonical)
 }
 
-/// Make `branch` the active branch of `worktree` (None or the main work tree: the project's
-/// main active branch): write state.json under the project lock, then tell a running daemon
-/// and wait for its answer, so that when this returns new proxy connections from that work
-/// tree already go to `branch`.
+/// Makes `branch` work tree `worktree`'s active branch (None: the main one's) and tells a
+/// running daemon; returns the work tree's branch before and after.
 pub fn set_active(
     project: &Project,
     backend: &Backend,
     branch: &BranchName,
     worktree: Option<&std::path::Path>,
 ) -> Result<(Option<BranchName>, BranchName)> {
-    match backend {
-        Backend::Local(b) => drop(b.get(branch)?),
-        Backend::Neon(n) => drop(n.backend.get(branch.as_str())?),
-    }
-    let path = project.home.state_path();
-    let old = {
-        let _lock = backend.lock()?;
-        let mut state =
-            ProjectState::load(&path).unwrap_or_else(|_| ProjectState::new(branch.clone()));
-        let old = state.set_branch(worktree, branch.clone());
-        state
-            .save(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        old
-    };
-    let paths = backend.daemon_paths()?;
-    match control::request(&paths.control, &Request::ActiveChanged, CONTROL_TIMEOUT) {
-        Ok(_) | Err(ClientError::NotRunning) => {}
-        Err(e) => {
-            bail!("the active branch is now \"{branch}\", but the daemon did not take it: {e}")
-        }
-    }
-    Ok((old, branch.clone()))
+    let changed = pgtwig_project::checkout::record_active(project, backend, branch, worktree)?;
+    crate::daemon_link::tell_active_changed(backend, branch)?;
+    Ok(changed)
 }
 
 #[derive(Args)]

@@ -7,8 +7,8 @@ use clap::Args;
 use pgtwig_core::BranchName;
 use pgtwig_schema::{SchemaDiff, Snapshot};
 
-use crate::backend::Backend;
-use crate::project::Project;
+use pgtwig_project::Backend;
+use pgtwig_project::Project;
 
 #[derive(Args)]
 pub struct DiffArgs {

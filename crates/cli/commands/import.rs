@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pgtwig_core::BranchName;
 
 use crate::output;
-use crate::project::Project;
+use pgtwig_project::Project;
 
 #[derive(Args)]
 pub struct ImportArgs {

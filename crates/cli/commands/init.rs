@@ -8,9 +8,9 @@ use pgtwig_core::names::{self, BranchName};
 use pgtwig_core::state::ProjectState;
 use pgtwig_core::{Config, CONFIG_FILE};
 
-use crate::backend::{Backend, Neon};
 use crate::commands::trust;
-use crate::project::{git_toplevel, Project};
+use pgtwig_project::backend::{Backend, Neon};
+use pgtwig_project::{git_toplevel, Project};
 
 #[derive(Args)]
 pub struct InitArgs {

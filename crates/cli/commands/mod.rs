@@ -4,7 +4,6 @@ pub mod daemon;
 pub mod diff;
 pub mod git;
 pub mod import;
-pub mod in_use;
 pub mod init;
 pub mod trust;
 pub mod url;

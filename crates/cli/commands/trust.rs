@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use pgtwig_core::fsutil::ProjectLock;
-use pgtwig_core::trust::{self, CommandKind, CommandList, RepoKey, TrustStore};
-use pgtwig_core::BranchName;
+use pgtwig_core::trust::{self, CommandList, RepoKey, TrustStore};
 
-use crate::project::Project;
+use pgtwig_project::Project;
 
 #[derive(Args)]
 pub struct TrustArgs {
@@ -79,12 +78,7 @@ pub fn run(args: TrustArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The repository `root` belongs to, as approvals are keyed.
-pub fn repo_key(root: &Path) -> Result<RepoKey> {
-    let wt = pgtwig_git::Worktree::discover(root)?;
-    RepoKey::from_common_dir(wt.common_dir())
-        .with_context(|| format!("cannot resolve {}", wt.common_dir().display()))
-}
+pub use pgtwig_project::approval::repo_key;
 
 fn lock(project: &Project) -> Result<ProjectLock> {
     std::fs::create_dir_all(project.home.dir())
@@ -152,59 +146,6 @@ fn list(project: &Project, repo: &RepoKey, store: &TrustStore) {
             print_list(l, "");
         }
     }
-}
-
-/// Whether `commands` (a `post_create` list from `source`) may run in the
-/// work tree at `root`. When not, says what was skipped and how to approve
-/// it, on stderr — the git hook's output and the daemon's log — and never
-/// fails: the checkout goes on without them.
-pub fn may_run(
-    project: &Project,
-    branch: &BranchName,
-    source: &'static str,
-    commands: &[String],
-) -> bool {
-    let checked = repo_key(&project.root).and_then(|repo| {
-        let store = TrustStore::load(&trust::trust_path(&project.home))?;
-        Ok(store.is_approved(&repo, CommandKind::PostCreate, commands))
-    });
-    let why = match checked {
-        Ok(true) => return true,
-        Ok(false) => "are not approved for this repository".to_string(),
-        Err(e) => format!("cannot be checked ({e:#})"),
-    };
-    eprintln!(
-        "pgtwig: did not run post_create for \"{branch}\": these commands from {source} {why}:"
-    );
-    for c in commands {
-        eprintln!("pgtwig:     {c}");
-    }
-    eprintln!(
-        "pgtwig: review them, then approve with `pgtwig trust` in {}; branch \"{branch}\" was made without them \
-         (`pgtwig branch url {branch}` is the DATABASE_URL to run them by hand)",
-        project.root.display()
-    );
-    false
-}
-
-/// A `[neon] api_url` other than Neon's own gets the API key only once
-/// approved: a committed config could otherwise send it to any https host.
-pub fn require_approved_api_url(project: &Project, api_url: &str) -> Result<()> {
-    if api_url == pgtwig_core::config::DEFAULT_NEON_API_URL {
-        return Ok(());
-    }
-    let repo = repo_key(&project.root)?;
-    let store = TrustStore::load(&trust::trust_path(&project.home))?;
-    if store.is_approved(&repo, CommandKind::NeonApiUrl, &[api_url.to_string()]) {
-        return Ok(());
-    }
-    anyhow::bail!(
-        "[neon] api_url in {} is \"{api_url}\", not Neon's own API ({}), and pgtwig would send your Neon API key \
-         there; if you trust that host, approve it with `pgtwig trust` in {}",
-        pgtwig_core::CONFIG_FILE,
-        pgtwig_core::config::DEFAULT_NEON_API_URL,
-        project.root.display()
-    )
 }
 
 /// `pgtwig init` wrote the config itself: what it holds is the user's.

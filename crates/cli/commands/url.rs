@@ -9,8 +9,9 @@ use clap::Args;
 use pgtwig_core::BranchName;
 use pgtwig_daemon::control::{self, Request, Response};
 
-use crate::backend::Backend;
-use crate::project::Project;
+use crate::daemon_link::DaemonOf;
+use pgtwig_project::Backend;
+use pgtwig_project::Project;
 
 #[derive(Args)]
 pub struct UrlArgs {

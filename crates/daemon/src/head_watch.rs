@@ -1,11 +1,13 @@
 //! Checkouts that skip hooks (IDEs, some git tools, `git -c core.hooksPath=`)
 //! still switch: the daemon watches the HEAD file of every work tree of the
 //! repository (the main one's, and `<common dir>/worktrees/<name>/HEAD` of
-//! each linked one) and, when one changes, runs the same `pgtwig hook
-//! post-checkout` the git hook runs, in that work tree — after a pause,
-//! because git writes HEAD before it runs the hook, and the hook (which
-//! reports to the user in the terminal) should do the work; the daemon then
-//! finds the branch already active and does nothing.
+//! each linked one) and, when one changes, follows the checkout in that work
+//! tree with the same policy the git hook uses (`pgtwig_project::checkout`,
+//! called in-process) — after a pause, because git writes HEAD before it runs
+//! the hook, and the hook (which reports to the user in the terminal) should
+//! do the work; the daemon then finds the branch already active and does
+//! nothing. Unlike the hook, it waits for a busy project as long as it takes:
+//! it finishes what the hook skipped.
 //!
 //! The watch is armed by [`arm`] before the daemon says it is ready, so a
 //! checkout right after `pgtwig up` returns is not missed.
@@ -16,10 +18,6 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-
-/// Set for a hook run that may wait for the project lock as long as it takes (the git hook
-/// itself waits at most a second, then leaves the switch to the watcher).
-pub const HOOK_WAITS_ENV: &str = "PGTWIG_HOOK_WAITS";
 
 /// How long a checkout's own hook gets before the daemon follows HEAD.
 const HOOK_GRACE: Duration = Duration::from_millis(1500);
@@ -96,8 +94,9 @@ pub fn arm(root: &Path, git_dir: &Path, common_dir: &Path) -> Option<Armed> {
 }
 
 impl Armed {
-    /// Follows checkouts until the daemon stops.
-    pub async fn run(mut self) {
+    /// Follows checkouts until the daemon stops; `took` is called after a work tree's
+    /// branch changed (the daemon re-reads state.json and routes by it).
+    pub async fn run(mut self, took: impl Fn() + Send + 'static) {
         while let Some(first) = self.changed.recv().await {
             // Let git finish and its hook run first; fold bursts (rebase).
             tokio::time::sleep(HOOK_GRACE).await;
@@ -120,7 +119,9 @@ impl Armed {
                 .filter_map(|h| self.worktree_of_head(h))
                 .collect();
             for worktree in worktrees {
-                follow(&worktree).await;
+                if follow(worktree).await {
+                    took();
+                }
             }
         }
     }
@@ -137,34 +138,56 @@ impl Armed {
     }
 }
 
-/// Runs the hook's command in `worktree`. The hook is idempotent: with the right branch
-/// already active it does nothing, so there is no need to compare HEAD contents.
-async fn follow(worktree: &Path) {
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    if !worktree.is_dir() {
-        return;
+/// The daemon's log as the checkout policy's report: each line says which work tree and
+/// what started it.
+pub(crate) struct Log<'a> {
+    worktree: &'a Path,
+    cause: &'static str,
+}
+
+impl<'a> Log<'a> {
+    pub(crate) fn new(worktree: &'a Path, cause: &'static str) -> Log<'a> {
+        Log { worktree, cause }
     }
-    let out = tokio::process::Command::new(exe)
-        .args(["hook", "post-checkout", "0", "0", "1"])
-        .current_dir(worktree)
-        // Unlike git's hook, the watcher may wait for a busy project: it finishes what the
-        // hook skipped.
-        .env(HOOK_WAITS_ENV, "1")
-        .output()
-        .await;
-    match out {
-        Ok(o) => {
-            for line in String::from_utf8_lossy(&o.stdout).lines() {
-                tracing::info!("HEAD changed in {}: {line}", worktree.display());
-            }
-            // What the hook reports on stderr went wrong or was skipped
-            // (e.g. post_create commands not approved): a warning.
-            for line in String::from_utf8_lossy(&o.stderr).lines() {
-                tracing::warn!("HEAD changed in {}: {line}", worktree.display());
+}
+
+impl pgtwig_project::Report for Log<'_> {
+    fn info(&mut self, line: &str) {
+        tracing::info!("{} in {}: {line}", self.cause, self.worktree.display());
+    }
+    fn warn(&mut self, line: &str) {
+        tracing::warn!("{} in {}: {line}", self.cause, self.worktree.display());
+    }
+    fn captures_command_output(&self) -> bool {
+        true
+    }
+}
+
+/// Follows the checkout in `worktree` (on the blocking pool: it may wait for the project
+/// lock and make a branch). Following is idempotent: with the right branch already active
+/// it does nothing, so there is no need to compare HEAD contents. True when the work tree's
+/// branch changed.
+async fn follow(worktree: PathBuf) -> bool {
+    if !worktree.is_dir() {
+        return false;
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let mut log = Log::new(&worktree, "HEAD changed");
+        let result = pgtwig_project::Project::discover_in(&worktree).and_then(|project| {
+            let backend = project.backend(false)?;
+            pgtwig_project::checkout::follow(&project, &backend, &worktree, &mut log)
+        });
+        match result {
+            Ok(outcome) => outcome.changed(),
+            Err(e) => {
+                tracing::warn!(
+                    "HEAD changed in {} but pgtwig could not follow it: {e:#}",
+                    worktree.display()
+                );
+                false
             }
         }
-        Err(e) => tracing::warn!("HEAD changed but pgtwig could not follow it: {e}"),
-    }
+    })
+    .await;
+    done.unwrap_or(false)
 }

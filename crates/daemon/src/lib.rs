@@ -308,9 +308,6 @@ async fn serve(
     let watch = worktree
         .as_ref()
         .and_then(|w| head_watch::arm(&w.root, w.head_file.parent()?, &w.common_dir));
-    if let Some(armed) = watch {
-        tokio::spawn(armed.run());
-    }
 
     let _ = std::fs::remove_file(&paths.control);
     let control = UnixListener::bind(&paths.control).with_context(|| {
@@ -339,6 +336,14 @@ async fn serve(
         stop_tx,
     });
     tokio::spawn(control_loop(control, ctx.clone()));
+    if let Some(armed) = watch {
+        let ctx = ctx.clone();
+        tokio::spawn(armed.run(move || {
+            if let Err(e) = ctx.take_state() {
+                tracing::warn!("cannot read the state after a checkout: {e}");
+            }
+        }));
+    }
 
     on_ready(&ctx.status());
     tracing::info!(
@@ -554,24 +559,28 @@ impl ControlCtx {
         )
     }
 
+    /// Routes by state.json as it is now (after `pgtwig use`, a checkout, gc).
+    fn take_state(&self) -> Result<(), String> {
+        let state = ProjectState::load(&self.home.state_path())?;
+        let new = state.active.to_string();
+        let old = self.active_tx.send_replace(new.clone());
+        if old != new {
+            tracing::info!("active branch: \"{old}\" → \"{new}\"");
+        }
+        self.worktrees.update(&state);
+        Ok(())
+    }
+
     async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Ping => Response::Ok {
                 pid: std::process::id(),
             },
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::ActiveChanged => match ProjectState::load(&self.home.state_path()) {
-                Ok(state) => {
-                    let new = state.active.to_string();
-                    let old = self.active_tx.send_replace(new.clone());
-                    if old != new {
-                        tracing::info!("active branch: \"{old}\" → \"{new}\"");
-                    }
-                    self.worktrees.update(&state);
-                    Response::Ok {
-                        pid: std::process::id(),
-                    }
-                }
+            Request::ActiveChanged => match self.take_state() {
+                Ok(()) => Response::Ok {
+                    pid: std::process::id(),
+                },
                 Err(message) => Response::Error { message },
             },
             Request::Drain { .. } => Response::Error {

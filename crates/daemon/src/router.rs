@@ -311,27 +311,44 @@ impl Router for LocalRouter {
 /// Routes an unpinned session to its work tree's branch (see `worktree_routes`), through
 /// `route_to`; pinned sessions go where they asked.
 pub(crate) fn route_by_worktree<'a>(
-    worktrees: &WorktreeRoutes,
+    worktrees: &Arc<WorktreeRoutes>,
     active: &watch::Receiver<String>,
     pinned: Option<&str>,
     client: &ClientInfo,
-    route_to: impl FnOnce(String) -> RouteFuture<'a>,
+    route_to: impl FnOnce(String) -> RouteFuture<'a> + Send + 'a,
 ) -> RouteFuture<'a> {
     if let Some(p) = pinned {
         return route_to(p.to_string());
     }
-    let resolved = worktrees.resolve(client);
-    let branch = match &resolved.follow {
-        Some(rx) => rx.borrow().clone(),
-        None => active.borrow().clone(),
+    let mut resolved = worktrees.resolve(client);
+    let Some(dir) = resolved.unprovisioned.take() else {
+        let routed = route_to(branch_of(&resolved, active));
+        return Box::pin(async move {
+            let mut route = routed.await?;
+            route.follow = resolved.follow;
+            route.scope = resolved.scope;
+            Ok(route)
+        });
     };
-    let routed = route_to(branch);
+    let (worktrees, active) = (worktrees.clone(), active.clone());
     Box::pin(async move {
-        let mut route = routed.await?;
+        let resolved = worktrees.provision(dir).await;
+        let mut route = route_to(branch_of(&resolved, &active)).await?;
         route.follow = resolved.follow;
         route.scope = resolved.scope;
         Ok(route)
     })
+}
+
+/// The branch a resolved client goes to now: its work tree's, else the main one's.
+fn branch_of(
+    resolved: &crate::worktree_routes::Resolved,
+    active: &watch::Receiver<String>,
+) -> String {
+    match &resolved.follow {
+        Some(rx) => rx.borrow().clone(),
+        None => active.borrow().clone(),
+    }
 }
 
 #[cfg(test)]

@@ -7,10 +7,17 @@
 //! channel here. A client whose work tree cannot be found — a container, a process outside
 //! every work tree, a failed lookup — or whose work tree has no branch of its own yet goes to
 //! the main work tree's branch, and the daemon log and `pgtwig status` say so.
+//!
+//! A work tree of the repository with no branch of its own (made while the daemon was down,
+//! or its hook skipped) is provisioned on its first client as the hook would: the checkout
+//! policy (`pgtwig_project::checkout`) maps its HEAD through its `[[map]]` rules, making the
+//! branch when the rule says so. It waits at most [`PROVISION_LOCK_WAIT`] for a busy project;
+//! then the client goes to the main work tree's branch, saying why.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pgtwig_core::state::ProjectState;
 use pgtwig_proxy::{ClientInfo, PeerIdentity};
@@ -21,12 +28,18 @@ use crate::client_worktree::WorktreeFinder;
 /// Distinct fallback reasons logged at info level before they are only logged at debug.
 const MAX_LOGGED_REASONS: usize = 64;
 
+/// How long provisioning a work tree's branch on its first client waits for the project
+/// lock (as wake-on-connect does): a client is never held behind a long build.
+pub const PROVISION_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Where a client's sessions go and what they follow.
 pub struct Resolved {
     /// The branch of the client's work tree, when it is not the main one's.
     pub follow: Option<watch::Receiver<String>>,
     /// The client's work tree for `status`, or why it routes to the main one's branch.
     pub scope: Option<String>,
+    /// A work tree of the repository without a branch of its own yet: see [`WorktreeRoutes::provision`].
+    pub unprovisioned: Option<PathBuf>,
 }
 
 /// The work trees the daemon routes by.
@@ -35,6 +48,8 @@ pub struct WorktreeRoutes {
     main: Option<PathBuf>,
     channels: Mutex<HashMap<PathBuf, watch::Sender<String>>>,
     logged: Mutex<HashSet<String>>,
+    /// One provisioning per work tree at a time; later clients wait for it and take its branch.
+    provisioning: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl WorktreeRoutes {
@@ -46,6 +61,7 @@ impl WorktreeRoutes {
             main: repo.map(|(_, main)| pgtwig_core::fsutil::canonical(main)),
             channels: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
+            provisioning: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,6 +113,7 @@ impl WorktreeRoutes {
             return Resolved {
                 follow: None,
                 scope: None,
+                unprovisioned: None,
             };
         };
         let found = match &client.identity {
@@ -119,23 +136,56 @@ impl WorktreeRoutes {
             return Resolved {
                 follow: None,
                 scope: Some(dir.display().to_string()),
+                unprovisioned: None,
             };
         }
+        self.of_worktree(&dir).unwrap_or(Resolved {
+            follow: None,
+            scope: None,
+            unprovisioned: Some(dir),
+        })
+    }
+
+    /// The route of a work tree with a branch of its own.
+    fn of_worktree(&self, dir: &Path) -> Option<Resolved> {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        match channels.get(&dir) {
-            Some(tx) => Resolved {
-                follow: Some(tx.subscribe()),
-                scope: Some(dir.display().to_string()),
-            },
-            None => {
-                drop(channels);
-                self.fallback(format!(
-                    "work tree {} has no database branch of its own yet (check out a branch there, \
-                     or run `pgtwig use BRANCH` in it)",
-                    dir.display()
-                ))
-            }
+        channels.get(dir).map(|tx| Resolved {
+            follow: Some(tx.subscribe()),
+            scope: Some(dir.display().to_string()),
+            unprovisioned: None,
+        })
+    }
+
+    /// Gives work tree `dir` its branch as the hook would (see the module documentation) and
+    /// routes there; falls back to the main work tree's branch, saying why, when no branch
+    /// results.
+    pub async fn provision(self: Arc<Self>, dir: PathBuf) -> Resolved {
+        let gate = {
+            let mut map = self.provisioning.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(dir.clone()).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        // Made by the client before us (or a checkout meanwhile).
+        if let Some(resolved) = self.of_worktree(&dir) {
+            return resolved;
         }
+        let for_blocking = dir.clone();
+        let done = tokio::task::spawn_blocking(move || provision_blocking(&for_blocking)).await;
+        let why = match done {
+            Ok(Ok(state)) => {
+                self.update(&state);
+                match self.of_worktree(&dir) {
+                    Some(resolved) => return resolved,
+                    None => "no branch resulted".to_string(),
+                }
+            }
+            Ok(Err(why)) => why,
+            Err(e) => format!("provisioning failed: {e}"),
+        };
+        self.fallback(format!(
+            "work tree {} has no database branch of its own: {why}",
+            dir.display()
+        ))
     }
 
     fn fallback(&self, why: String) -> Resolved {
@@ -151,6 +201,29 @@ impl WorktreeRoutes {
         Resolved {
             follow: None,
             scope: Some(format!("main work tree's branch ({why})")),
+            unprovisioned: None,
+        }
+    }
+}
+
+/// Follows the checkout of work tree `dir` with the hook's policy; the state after it, or why
+/// the work tree has no branch of its own.
+fn provision_blocking(dir: &Path) -> Result<ProjectState, String> {
+    use pgtwig_project::checkout::Outcome;
+    let project = pgtwig_project::Project::discover_in(dir).map_err(|e| format!("{e:#}"))?;
+    let mut backend = project.backend(false).map_err(|e| format!("{e:#}"))?;
+    if let pgtwig_project::Backend::Local(b) = &mut backend {
+        b.set_lock_wait(Some(PROVISION_LOCK_WAIT));
+    }
+    let mut log = crate::head_watch::Log::new(dir, "first client");
+    let outcome = pgtwig_project::checkout::follow(&project, &backend, dir, &mut log)
+        .map_err(|e| format!("{e:#}"))?;
+    match outcome {
+        Outcome::Active { .. } => project.load_state().map_err(|e| format!("{e:#}")),
+        Outcome::Detached => Err("its HEAD is detached".into()),
+        Outcome::NoRule => Err("no [[map]] rule matches its git branch".into()),
+        Outcome::NotCreated => {
+            Err("its rule says create = \"never\" and the branch does not exist".into())
         }
     }
 }

@@ -11,8 +11,8 @@ use pgtwig_core::state::{ProjectState, WorktreeOn};
 use pgtwig_core::{BranchName, Config};
 
 use crate::backend::Backend;
-use crate::commands::daemon::set_active;
-use crate::project::Project;
+use crate::checkout::record_active;
+use crate::Project;
 
 /// What is about to happen to the branch.
 pub enum Change {
@@ -118,23 +118,30 @@ fn fallback_of(
     rules::fallback(
         &config.map,
         git.as_deref(),
-        &crate::commands::git::user_name(),
+        &crate::user_name(),
         &project.config.root_branch,
         gone,
         |p| backend.exists(p).unwrap_or(false),
     )
 }
 
-/// Move the affected work trees to their fallbacks (state.json and the daemon) before the
-/// branch is deleted, so reconnecting sessions land on the fallback.
-pub fn move_away(project: &Project, backend: &Backend, affected: &[Affected]) -> Result<()> {
+/// Move the affected work trees to their fallbacks in state.json before the branch is
+/// deleted, so reconnecting sessions land on the fallback; `tell_daemon` is called after
+/// each move (the daemon must route there before the branch goes).
+pub fn move_away(
+    project: &Project,
+    backend: &Backend,
+    affected: &[Affected],
+    tell_daemon: &dyn Fn(&BranchName) -> Result<()>,
+) -> Result<()> {
     for a in affected {
         let dir = if a.worktree.main {
             None
         } else {
             a.worktree.dir.as_deref()
         };
-        set_active(project, backend, &a.fallback, dir)?;
+        record_active(project, backend, &a.fallback, dir)?;
+        tell_daemon(&a.fallback)?;
     }
     Ok(())
 }
@@ -163,15 +170,18 @@ pub fn drain_message(name: &BranchName, change: &Change, affected: &[Affected]) 
     }
 }
 
-/// What the user is told after a forced delete.
-pub fn report_moved(name: &BranchName, affected: &[Affected]) {
-    for a in affected {
-        println!(
-            "{} now uses branch \"{}\" (its branch \"{name}\" was deleted)",
-            capitalized(&a.worktree.to_string()),
-            a.fallback
-        );
-    }
+/// What the user is told after a forced delete, a line per work tree.
+pub fn moved_lines(name: &BranchName, affected: &[Affected]) -> Vec<String> {
+    affected
+        .iter()
+        .map(|a| {
+            format!(
+                "{} now uses branch \"{}\" (its branch \"{name}\" was deleted)",
+                capitalized(&a.worktree.to_string()),
+                a.fallback
+            )
+        })
+        .collect()
 }
 
 fn capitalized(text: &str) -> String {

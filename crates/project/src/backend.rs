@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use pgtwig_core::fsutil::ProjectLock;
 use pgtwig_core::BranchName;
-use pgtwig_daemon::DaemonPaths;
 use pgtwig_local::LocalBackend;
 use pgtwig_neon::{ApiKey, NeonBackend, NeonClient};
 use pgtwig_proxy::UpstreamTls;
 
-use crate::project::Project;
+use crate::Project;
 
 pub enum Backend {
     Local(LocalBackend),
@@ -50,7 +49,7 @@ impl Project {
             .neon
             .as_ref()
             .context("backend = \"neon\" needs a [neon] section with project_id")?;
-        crate::commands::trust::require_approved_api_url(self, &config.api_url)?;
+        crate::approval::require_approved_api_url(self, &config.api_url)?;
         let client = NeonClient::new(&config.api_url, ApiKey::from_environment()?);
         let mut backend = NeonBackend::new(client, &config.project_id, self.home.clone())?;
         backend.suspend_timeout = config.suspend_timeout;
@@ -196,13 +195,6 @@ impl Backend {
             Backend::Local(b) => b.lock()?,
             Backend::Neon(n) => n.backend.lock()?,
         })
-    }
-
-    pub fn daemon_paths(&self) -> Result<DaemonPaths> {
-        match self {
-            Backend::Local(b) => DaemonPaths::for_backend(b),
-            Backend::Neon(n) => DaemonPaths::for_neon(&n.backend),
-        }
     }
 
     pub fn exists(&self, name: &BranchName) -> Result<bool> {

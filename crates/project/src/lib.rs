@@ -1,10 +1,87 @@
-//! Finding the project the command is about: `.pgtwig.toml` from the
-//! working directory upwards, and its state folder.
+//! A pgtwig project as the commands and the daemon see it, and the policy both follow.
+//!
+//! - [`Project`]: `.pgtwig.toml` found from a folder upwards, and the project's state folder.
+//! - [`backend`]: the local and Neon backends behind one set of operations.
+//! - [`checkout`]: what a git checkout in a work tree means — which database branch its
+//!   `[[map]]` rules give, making it (and running the approved `post_create` commands), and
+//!   recording it as that work tree's active branch. The git hook (through the CLI) and the
+//!   daemon's HEAD watcher both call it; the daemon never re-runs the CLI binary.
+//! - [`gc`]: which branches `pgtwig gc` may collect and why.
+//! - [`in_use`]: deleting or resetting a branch some work tree is on (`--force`, fallbacks).
+//! - [`approval`]: whether commands that came with the repository were approved
+//!   (`pgtwig trust`).
+//!
+//! Nothing here prints: results come back as values, and what a person should read on the
+//! way comes through a [`Report`].
+
+pub mod approval;
+pub mod backend;
+pub mod checkout;
+pub mod gc;
+pub mod in_use;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pgtwig_core::{home, Config, ProjectHome};
+
+pub use backend::{already_exists, Backend, Neon};
+
+/// Where what a person should read goes while policy runs: the terminal for the git hook
+/// (stdout for what happened, stderr for what was skipped or went wrong), the daemon's log
+/// for its HEAD watcher.
+pub trait Report {
+    /// Something that happened ("created database branch ...").
+    fn info(&mut self, line: &str);
+    /// Something skipped or gone wrong that did not stop the command.
+    fn warn(&mut self, line: &str);
+    /// Whether commands run on the way (`post_create`) hand their output to this report
+    /// line by line (the daemon's log) rather than writing to the terminal themselves.
+    fn captures_command_output(&self) -> bool {
+        false
+    }
+}
+
+/// A [`Report`] that keeps the lines, for tests and callers that print them later.
+#[derive(Default, Debug)]
+pub struct Lines {
+    pub info: Vec<String>,
+    pub warn: Vec<String>,
+}
+
+impl Report for Lines {
+    fn info(&mut self, line: &str) {
+        self.info.push(line.to_string());
+    }
+    fn warn(&mut self, line: &str) {
+        self.warn.push(line.to_string());
+    }
+}
+
+/// The OS user's name, for `{user}` in `[[map]]` templates.
+pub fn user_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "dev".into())
+}
+
+/// A duration for people: "1.5 s", "120 ms".
+pub fn human_duration(d: Duration) -> String {
+    if d.as_secs() >= 1 {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
 
 pub struct Project {
     pub config: Config,
@@ -14,9 +91,16 @@ pub struct Project {
 }
 
 impl Project {
+    /// The project of the current directory.
     pub fn discover() -> Result<Project> {
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
-        let (config, root) = Config::discover(&cwd)?;
+        Project::discover_in(&cwd)
+    }
+
+    /// The project of folder `dir` (e.g. a work tree the daemon saw a checkout in): the
+    /// `.pgtwig.toml` checked out there.
+    pub fn discover_in(dir: &Path) -> Result<Project> {
+        let (config, root) = Config::discover(dir)?;
         Project::at(config, root)
     }
 
