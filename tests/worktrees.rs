@@ -15,8 +15,8 @@ fn status_json(env: &TestEnv) -> serde_json::Value {
     serde_json::from_str(&env.ok(&["status", "--json"])).unwrap()
 }
 
-#[test]
-fn each_work_tree_reaches_its_own_branch_on_one_port() {
+/// Project "shop" (committed .pgtwig.toml), its root "main" holding table marker = 'main'.
+fn committed_project_with_marker() -> TestEnv {
     let env = TestEnv::new(Fs::Plain).unwrap();
     std::fs::write(
         env.repo.join(".pgtwig.toml"),
@@ -31,6 +31,12 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
     );
     git(&env, &["add", ".pgtwig.toml"]);
     git(&env, &["commit", "-qm", "pgtwig"]);
+    env
+}
+
+#[test]
+fn each_work_tree_reaches_its_own_branch_on_one_port() {
+    let env = committed_project_with_marker();
     let d = up(&env);
 
     // `git worktree add` runs the hook in the new tree: it gets a branch of its own.
@@ -245,20 +251,7 @@ fn each_work_tree_reaches_its_own_branch_on_one_port() {
 /// gets its branch from the daemon on its first client, by the same policy as the hook.
 #[test]
 fn a_work_tree_nobody_provisioned_gets_its_branch_on_first_connect() {
-    let env = TestEnv::new(Fs::Plain).unwrap();
-    std::fs::write(
-        env.repo.join(".pgtwig.toml"),
-        "project = \"shop\"\n[proxy]\nsuspend_timeout = \"0\"\n",
-    )
-    .unwrap();
-    env.init();
-    env.ok(&["branch", "start", "main"]);
-    env.psql(
-        "main",
-        "create table marker(branch text); insert into marker values ('main')",
-    );
-    git(&env, &["add", ".pgtwig.toml"]);
-    git(&env, &["commit", "-qm", "pgtwig"]);
+    let env = committed_project_with_marker();
     let wt2 = env.repo.parent().unwrap().join("wt2");
     git(
         &env,
