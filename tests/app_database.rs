@@ -356,3 +356,61 @@ fn init_names_the_apps_database() {
         "later"
     );
 }
+
+/// Every branch has the app's database: one made from a parent that predates `database` in
+/// .pgtwig.toml gets it (saying so), and its own children then inherit the record, so they
+/// are made without being started.
+#[test]
+fn branches_from_a_parent_without_the_apps_database_get_it() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    env.ok(&["branch", "create", "legacy"]);
+    let config = std::fs::read_to_string(env.repo.join(".pgtwig.toml")).unwrap();
+    assert!(config.contains("\ndatabase = \"postgres\"\n"), "{config}");
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        config.replace("database = \"postgres\"", "database = \"app\""),
+    )
+    .unwrap();
+
+    let out = env.ok(&["branch", "create", "feature", "--from", "legacy"]);
+    assert!(
+        out.contains("created database \"app\" on \"feature\""),
+        "{out}"
+    );
+    let url = env.url("feature");
+    assert_eq!(dbname_of(&url), "app");
+    assert_eq!(common::psql(&url, "select current_database()"), "app");
+
+    let out = env.ok(&["branch", "create", "child", "--from", "feature"]);
+    assert!(!out.contains("created database"), "{out}");
+    assert_eq!(
+        env.branch_json("child")["running"],
+        false,
+        "known to hold it: not started to check"
+    );
+    env.ok(&["branch", "start", "child"]);
+    assert_eq!(
+        common::psql(&env.url("child"), "select current_database()"),
+        "app"
+    );
+
+    let out = env.run(&["pr", "open", "7", "--from", "legacy"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("created database \"app\" on \"pr-7\""),
+        "{stderr}"
+    );
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(common::psql(&url, "select current_database()"), "app");
+
+    // status names it.
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains("App database: \"app\" (the app's, from .pgtwig.toml)"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["database"], "app");
+}

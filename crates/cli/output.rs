@@ -2,6 +2,40 @@
 
 use std::time::Duration;
 
+/// Policy's report on the terminal: what happened on stdout (stderr when stdout is the
+/// command's answer, e.g. `pr open`'s URL), what was skipped on stderr.
+pub struct Terminal {
+    info_to_stderr: bool,
+}
+
+impl Terminal {
+    /// What happened on stdout.
+    pub fn stdout() -> Terminal {
+        Terminal {
+            info_to_stderr: false,
+        }
+    }
+    /// Everything on stderr.
+    pub fn stderr() -> Terminal {
+        Terminal {
+            info_to_stderr: true,
+        }
+    }
+}
+
+impl pgtwig_project::Report for Terminal {
+    fn info(&mut self, line: &str) {
+        if self.info_to_stderr {
+            eprintln!("pgtwig: {line}");
+        } else {
+            println!("pgtwig: {line}");
+        }
+    }
+    fn warn(&mut self, line: &str) {
+        eprintln!("pgtwig: {line}");
+    }
+}
+
 /// 1536 → "1.5 KiB".
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -98,6 +98,7 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
                 None => backend.create(&name, &parent, None)?,
             };
             print_built("Created", &report, &parent, started, backend)?;
+            project.ensure_app_database(whole, &name, &mut output::Terminal::stdout())?;
         }
         BranchCommand::List { json } => return list(backend, project, json),
         BranchCommand::Delete { name, force } => {

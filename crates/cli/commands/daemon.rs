@@ -307,11 +307,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         Backend::Local(_) => ("local", "local".to_string()),
         Backend::Neon(n) => ("neon", format!("neon (project {})", n.backend.project_id())),
     };
+    let database = project.database(None)?;
     if args.json {
         let out = json!({
             "project": project.config.project,
             "backend": kind,
             "active": active.as_ref().ok(),
+            "database": database.name,
             "daemon": daemon,
             "running": running,
         });
@@ -319,6 +321,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("Backend: {backend_name}");
+    println!("App database: \"{}\" ({})", database.name, database.why);
     match &active {
         Ok(a) => println!("Active branch: {a}"),
         Err(e) => println!("Active branch: unknown ({e})"),

@@ -109,18 +109,6 @@ fn one_line(text: &str) -> String {
     }
 }
 
-/// The hook's report: what happened on stdout, what was skipped on stderr (git shows both).
-struct Terminal;
-
-impl pgtwig_project::Report for Terminal {
-    fn info(&mut self, line: &str) {
-        println!("pgtwig: {line}");
-    }
-    fn warn(&mut self, line: &str) {
-        eprintln!("pgtwig: {line}");
-    }
-}
-
 /// Make the database follow the checked-out git branch of this work tree.
 fn follow_checkout() -> Result<()> {
     let project = Project::discover()?;
@@ -131,7 +119,12 @@ fn follow_checkout() -> Result<()> {
         }
     }
     let cwd = std::env::current_dir()?;
-    let outcome = pgtwig_project::checkout::follow(&project, &backend, &cwd, &mut Terminal)?;
+    let outcome = pgtwig_project::checkout::follow(
+        &project,
+        &backend,
+        &cwd,
+        &mut output::Terminal::stdout(),
+    )?;
     if let pgtwig_project::checkout::Outcome::Active { branch, .. } = &outcome {
         if outcome.changed() {
             crate::daemon_link::tell_active_changed(&backend, branch)?;
@@ -244,6 +237,8 @@ pub fn pr(cmd: PrCommand) -> Result<ExitCode> {
                     "Created branch \"{name}\" from \"{parent}\" ({how}, {})",
                     output::duration(started.elapsed())
                 );
+                // stderr too: stdout is the URL.
+                project.ensure_app_database(&backend, &name, &mut output::Terminal::stderr())?;
             }
             let database = project.database(database.as_deref())?;
             // stderr: stdout is the URL.

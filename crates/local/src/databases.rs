@@ -81,3 +81,42 @@ mod tests {
         assert_eq!(super::ident("a\"b"), "\"a\"\"b\"");
     }
 }
+
+/// The databases pgtwig knows a branch holds, kept in `databases.json` beside its `data/`
+/// so that making a branch need not start it to learn whether the app's database is there:
+/// the root records what it was made with, a clone inherits its parent's record, an import
+/// and [`LocalBackend::ensure_database`](crate::LocalBackend::ensure_database) add theirs. A
+/// branch without a record (made by an older pgtwig, or by a build that keeps none) is
+/// unknown, and the caller checks on the running server.
+pub mod known {
+    use std::path::Path;
+
+    const FILE: &str = "databases.json";
+
+    /// The record in branch (or build) folder `dir`; None when there is none.
+    pub fn read(dir: &Path) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(dir.join(FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Adds `databases` to the record in `dir` (made when missing).
+    pub fn record(dir: &Path, databases: &[&str]) -> std::io::Result<()> {
+        let mut known = read(dir).unwrap_or_default();
+        for d in databases {
+            if !known.iter().any(|k| k == d) {
+                known.push(d.to_string());
+            }
+        }
+        known.sort();
+        let text = serde_json::to_string(&known).map_err(std::io::Error::other)?;
+        pgtwig_core::fsutil::write_atomic(&dir.join(FILE), text.as_bytes())
+    }
+
+    /// Copies the record of branch folder `from` into build folder `to`, if there is one.
+    pub fn inherit(from: &Path, to: &Path) -> std::io::Result<()> {
+        match read(from) {
+            Some(known) => record(to, &known.iter().map(String::as_str).collect::<Vec<_>>()),
+            None => Ok(()),
+        }
+    }
+}

@@ -436,6 +436,8 @@ impl LocalBackend {
             expires: None,
             protected: false,
         };
+        crate::databases::known::record(&build, &["postgres", database])
+            .map_err(io_err("recording the branch's databases"))?;
         self.publish(name, &build, &meta)
     }
 
@@ -483,6 +485,8 @@ impl LocalBackend {
             expires,
             protected,
         };
+        crate::databases::known::inherit(&parent_branch.dir, &build)
+            .map_err(io_err("recording the branch's databases"))?;
         failpoint::hit("create.before_publish");
         let branch = self.publish(name, &build, &meta)?;
         failpoint::hit("create.after_publish");

@@ -90,6 +90,8 @@ impl LocalBackend {
                 expires: None,
                 protected: false,
             };
+            crate::databases::known::inherit(&parent_branch.dir, &build)
+                .map_err(io_err("recording the branch's databases"))?;
             // Published under the lock, if nobody made the name meanwhile.
             let _lock = self.lock_for_new(name)?;
             let branch = self.publish(name, &build, &meta)?;
@@ -180,6 +182,8 @@ impl LocalBackend {
             },
         };
         write_meta(&build, &meta)?;
+        crate::databases::known::record(&build, &[database])
+            .map_err(crate::engine::io_err("recording the branch's databases"))?;
         sync_tree(&build)?;
         if self.exists(name) {
             let was_running = self.swap_in(name, &build, None)?;
@@ -197,11 +201,23 @@ impl LocalBackend {
     /// named it. Returns whether it had to be made.
     pub fn ensure_database(&self, name: &BranchName, database: &str) -> Result<bool> {
         let sock = self.start(name)?;
-        crate::databases::create_if_missing(&sock, database).map_err(|e| {
+        let made = crate::databases::create_if_missing(&sock, database).map_err(|e| {
             Error::Other(format!(
                 "creating database \"{database}\" on branch \"{name}\": {e}"
             ))
-        })
+        })?;
+        crate::databases::known::record(&self.get(name)?.dir, &[database])
+            .map_err(crate::engine::io_err("recording the branch's databases"))?;
+        Ok(made)
+    }
+
+    /// Whether pgtwig's record says branch `name` holds `database` (see
+    /// [`databases::known`](crate::databases::known)); false when it does not know.
+    pub fn recorded_database(&self, name: &BranchName, database: &str) -> bool {
+        self.get(name)
+            .ok()
+            .and_then(|b| crate::databases::known::read(&b.dir))
+            .is_some_and(|known| known.iter().any(|k| k == database))
     }
 
     /// Re-derive `name` from its parent's current state, under the same
@@ -245,6 +261,8 @@ impl LocalBackend {
                 expires: old.meta.expires.clone(),
                 protected: old.meta.protected,
             };
+            crate::databases::known::inherit(&parent.dir, &build)
+                .map_err(io_err("recording the branch's databases"))?;
             write_meta(&build, &meta)?;
             sync_tree(&build)?;
             let was_running = self.swap_in(name, &build, keep_old)?;

@@ -106,6 +106,9 @@ pub fn follow(
                     target.parent,
                     human_duration(started.elapsed())
                 ));
+                if let Err(e) = project.ensure_app_database(backend, &target.branch, report) {
+                    report.warn(&format!("{e:#}"));
+                }
                 run_post_create(project, backend, &target, report);
             }
             // Made meanwhile by another pgtwig (the hook and the HEAD watcher race).
@@ -207,7 +210,7 @@ fn run_post_create(
         return;
     }
     let database = project.config.database();
-    let url = match post_create_url(backend, branch, database, report) {
+    let url = match backend.url(branch, database) {
         Ok(u) => u,
         Err(e) => {
             report.warn(&format!("cannot run post_create for \"{branch}\": {e:#}"));
@@ -251,23 +254,4 @@ fn run_post_create(
             }
         }
     }
-}
-
-/// DATABASE_URL for post_create: the app's database on the new branch, made there first when
-/// the branch's parent predates `database` in .pgtwig.toml (migrations must not run into a
-/// database that is not there).
-fn post_create_url(
-    backend: &Backend,
-    branch: &BranchName,
-    database: &str,
-    report: &mut dyn Report,
-) -> Result<String> {
-    if let Backend::Local(b) = backend {
-        if b.ensure_database(branch, database)? {
-            report.info(&format!(
-                "created database \"{database}\" on \"{branch}\" (the app's, from .pgtwig.toml; its parent has none)"
-            ));
-        }
-    }
-    backend.url(branch, database)
 }

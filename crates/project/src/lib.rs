@@ -139,6 +139,33 @@ impl Project {
     }
 }
 
+impl Project {
+    /// Every branch has the app's database: a new branch whose parent is not known to hold it
+    /// (made before `database` named it in .pgtwig.toml, or by an older pgtwig) is checked,
+    /// starting it, and the database is made there when missing, saying so. A branch whose
+    /// record says it has it costs nothing. Neon branches carry their parent's databases.
+    pub fn ensure_app_database(
+        &self,
+        backend: &Backend,
+        name: &pgtwig_core::BranchName,
+        report: &mut dyn Report,
+    ) -> Result<()> {
+        let Backend::Local(b) = backend else {
+            return Ok(());
+        };
+        let database = self.config.database();
+        if b.recorded_database(name, database) {
+            return Ok(());
+        }
+        if b.ensure_database(name, database)? {
+            report.info(&format!(
+                "created database \"{database}\" on \"{name}\" (the app's, from .pgtwig.toml; its parent has none)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The database a command looks at, and why that one.
 pub struct Database {
     pub name: String,
