@@ -1,11 +1,13 @@
 //! What finding a client's work tree costs per connection (issue 12), with many processes on the
 //! machine: `cargo run --release -p pgtwig-daemon --example worktree_lookup [-- PROCESSES]`.
 //!
-//! Starts PROCESSES (default 1,000) idle processes of this user, then one client process (the
-//! newest, so a full scan meets it last) that holds a loopback TCP connection with its cwd in a
-//! work tree of a fresh repository. Times, per lookup:
-//! - cold: the socket's holder is not among the recent connectors (a scan of this user's
-//!   processes) and its pid is not cached;
+//! Starts PROCESSES (default 1,000) idle processes of this user, then client processes that
+//! each hold a loopback TCP connection with their cwd in a work tree of a fresh repository.
+//! Times, per lookup:
+//! - new process: a client started since the daemon's last search (psql, a test run, a
+//!   freshly started app): found among the pids allocated since;
+//! - full scan: a fresh finder (the daemon's first lookup, or a long-running process's first
+//!   connection after many others started): every process of the user is a candidate;
 //! - warm: the holder connected recently and its work tree is cached (an app's pool, a test
 //!   suite: one process connecting again and again).
 
@@ -48,26 +50,48 @@ fn main() {
         .collect();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    // The client: holds one connection, says when it is connected.
-    let mut client = Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,sys,time\ns=socket.create_connection(('127.0.0.1',{port}))\nprint('up',flush=True)\ntime.sleep(600)"
-            ),
-        ])
-        .current_dir(&repo)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let (server_end, client_addr) = listener.accept().unwrap();
-    let owner = pgtwig_proxy::peer::tcp_peer_owner(server_end.local_addr().unwrap(), client_addr)
-        .unwrap()
-        .expect("the client's socket");
+    // A client: holds one connection, says when it is connected.
+    let connect = || {
+        let mut client = Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket,sys,time\ns=socket.create_connection(('127.0.0.1',{port}))\nprint('up',flush=True)\ntime.sleep(600)"
+                ),
+            ])
+            .current_dir(&repo)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(client.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let (server_end, client_addr) = listener.accept().unwrap();
+        let owner =
+            pgtwig_proxy::peer::tcp_peer_owner(server_end.local_addr().unwrap(), client_addr)
+                .unwrap()
+                .expect("the client's socket");
+        (client, server_end, owner)
+    };
+    // New processes: the finder has searched before; each client starts after that.
+    let finder = WorktreeFinder::new(&repo.join(".git"));
+    let (mut first, _conn, owner) = connect();
+    finder.pid_of_socket(owner.uid, owner.inode).unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    let mut new = Vec::new();
+    for _ in 0..50 {
+        let (mut client, _conn, owner) = connect();
+        let t = Instant::now();
+        let pid = finder.pid_of_socket(owner.uid, owner.inode).unwrap();
+        let wt = finder.of_pid(pid).unwrap();
+        new.push(t.elapsed());
+        assert!(wt.ends_with("repo"));
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    let (mut client, _conn, owner) = connect();
     let uid = std::fs::metadata("/proc/self").unwrap().uid();
     let processes_of_user = std::fs::read_dir("/proc")
         .unwrap()
@@ -106,7 +130,8 @@ fn main() {
         let mean = v.iter().sum::<std::time::Duration>() / v.len() as u32;
         let p99 = v[v.len() * 99 / 100];
         println!(
-            "{name:<5} {:>9.1} µs mean {:>9.1} µs p99 ({} lookups)",
+            "{name:<11} {:>9.1} µs median {:>9.1} µs mean {:>9.1} µs p99 ({} lookups)",
+            v[v.len() / 2].as_secs_f64() * 1e6,
             mean.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
             v.len()
@@ -115,7 +140,8 @@ fn main() {
     println!(
         "{processes} idle processes started; {processes_of_user} processes of uid {uid} on the machine"
     );
-    report("cold", &mut cold);
+    report("new process", &mut new);
+    report("full scan", &mut cold);
     report("warm", &mut warm);
     let _ = client.kill();
     for p in &mut idle {

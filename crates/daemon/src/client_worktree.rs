@@ -6,7 +6,9 @@
 //! - Loopback TCP: the proxy found the client socket's inode (netlink `sock_diag`); the process
 //!   holding it is the one with a `socket:[inode]` link in `/proc/<pid>/fd`. Only processes
 //!   of the socket's owner are searched, the processes that connected recently first (an app's
-//!   pool connects from one pid again and again), so a lookup usually reads one fd folder.
+//!   pool connects from one pid again and again), then the processes started since the last
+//!   search (pids grow until they wrap; a client that just started — psql, a test run — is
+//!   one of them), and only then every process; so a lookup usually reads one fd folder.
 //! - The work tree: walk up from `/proc/<pid>/cwd` to the first folder with `.git`; it counts
 //!   only if its git common dir is this project's repository.
 //!
@@ -23,6 +25,9 @@ use std::sync::Mutex;
 const RECENT_PIDS: usize = 16;
 /// Cached (pid → work tree) answers before the cache is cleared.
 const MAX_CACHED: usize = 4096;
+/// Pids started since the last search that are probed one by one before a full scan of
+/// `/proc` (more than this many new tasks: the scan is as cheap).
+const MAX_NEW_PIDS_PROBED: u32 = 256;
 
 /// Finds clients' work trees for one repository.
 pub struct WorktreeFinder {
@@ -30,6 +35,9 @@ pub struct WorktreeFinder {
     common_dir: PathBuf,
     cache: Mutex<HashMap<(u32, u64), Option<PathBuf>>>,
     recent: Mutex<VecDeque<u32>>,
+    /// The kernel's last allocated pid when processes were last searched: pids above it are
+    /// processes (or threads) started since.
+    searched_up_to: Mutex<Option<u32>>,
 }
 
 /// Why a client's work tree is not known (logged, shown by `status`).
@@ -42,6 +50,7 @@ impl WorktreeFinder {
             common_dir: pgtwig_core::fsutil::canonical(common_dir),
             cache: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
+            searched_up_to: Mutex::new(None),
         }
     }
 
@@ -97,14 +106,36 @@ impl WorktreeFinder {
                 // each), newest first: a client that just connected is usually a process
                 // that just started (psql, a test run), or else one found before (`recent`).
                 let roots = self.worktree_roots();
-                let mut pids: Vec<u32> = all_pids().filter(|p| !recent.contains(p)).collect();
-                pids.sort_unstable_by(|a, b| b.cmp(a));
-                pids.into_iter().find(|&pid| {
+                let candidate = |pid: u32| {
                     owned_by(pid, uid)
                         && std::fs::read_link(format!("/proc/{pid}/cwd"))
                             .is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
                         && holds(pid, &link)
-                })
+                };
+                // Read before searching: a process started during the search is above it.
+                let last = last_pid();
+                let mut searched = self
+                    .searched_up_to
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let new_pids = match (*searched, last) {
+                    (Some(from), Some(to)) if from <= to && to - from <= MAX_NEW_PIDS_PROBED => {
+                        Some((from + 1..=to).rev())
+                    }
+                    _ => None,
+                };
+                let found = new_pids
+                    .and_then(|mut pids| pids.find(|&pid| !recent.contains(&pid) && candidate(pid)))
+                    .or_else(|| {
+                        let mut pids: Vec<u32> =
+                            all_pids().filter(|p| !recent.contains(p)).collect();
+                        pids.sort_unstable_by(|a, b| b.cmp(a));
+                        pids.into_iter().find(|&pid| candidate(pid))
+                    });
+                if last.is_some() {
+                    *searched = last;
+                }
+                found
             });
         let pid = found.ok_or_else(|| {
             format!(
@@ -191,6 +222,15 @@ fn all_pids() -> impl Iterator<Item = u32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// The pid the kernel allocated last in this pid namespace (`/proc/sys/kernel/ns_last_pid`).
+fn last_pid() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn owned_by(pid: u32, uid: u32) -> bool {
@@ -298,5 +338,47 @@ mod tests {
         // A repository this process does not run in: not searched, not found.
         let finder = WorktreeFinder::new(Path::new("/nonexistent/.git"));
         assert!(finder.pid_of_socket(me, inode).is_err());
+    }
+
+    /// A client started after a search is found among the pids allocated since.
+    #[test]
+    fn a_process_started_since_the_last_search_is_found() {
+        use std::io::{BufRead, BufReader};
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        let finder = WorktreeFinder::new(&repo.join(".git"));
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(finder.pid_of_socket(me, u64::MAX).is_err());
+        let searched = (*finder.searched_up_to.lock().unwrap()).expect("a search was made");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = std::process::Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket,time\ns=socket.create_connection(('127.0.0.1',{port}))\nprint('up',flush=True)\ntime.sleep(60)"
+                ),
+            ])
+            .current_dir(&repo)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(client.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let (server_end, client_addr) = listener.accept().unwrap();
+        let owner =
+            pgtwig_proxy::peer::tcp_peer_owner(server_end.local_addr().unwrap(), client_addr)
+                .unwrap()
+                .expect("the client's socket");
+        let found = finder.pid_of_socket(owner.uid, owner.inode);
+        let _ = client.kill();
+        let _ = client.wait();
+        assert_eq!(found.unwrap(), client.id());
+        assert!(client.id() > searched, "a new pid");
     }
 }
