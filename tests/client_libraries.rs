@@ -186,6 +186,24 @@ fn psycopg3_sync_async_and_pipeline() {
     );
 }
 
+/// The TLS COPY stall of issue 13: a libpq-based async client (psycopg over the system's
+/// libpq) reading a COPY TO STDOUT after a pause, 200 times per sslmode; see the driver.
+#[test]
+fn libpq_async_copy_never_stalls() {
+    let Some(py) = python_with("libpq_async_copy_never_stalls", "psycopg") else {
+        return;
+    };
+    run_both_sslmodes(
+        || {
+            let mut c = Command::new(&py);
+            c.arg(script("python", "libpq_async_copy.py"))
+                .env("PSYCOPG_IMPL", "python");
+            c
+        },
+        &["libpq_impl", "copy_out_after_pause"],
+    );
+}
+
 #[test]
 fn asyncpg() {
     let Some(py) = python_with("asyncpg", "asyncpg") else {

@@ -305,7 +305,7 @@ impl Proxy {
         router: Arc<dyn Router>,
         active: watch::Receiver<String>,
     ) -> Self {
-        config.tls = config.tls.map(tls::with_postgresql_alpn);
+        config.tls = config.tls.map(tls::as_postgresql_does);
         Proxy {
             pool: pool::Pool::new(config.pool_idle_timeout),
             activity: config.busy_poll.map(|_| Arc::default()),

@@ -21,18 +21,34 @@ pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// description 120. Sent in answer to a ClientHello, before anything is encrypted.
 const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120];
 
-/// `config` advertising exactly ALPN `postgresql` (a copy when it did not already), as
-/// PostgreSQL 17 does on both TLS paths. rustls then answers a client that offers ALPN but
-/// not `postgresql` with a `no_application_protocol` alert — PostgreSQL's `alpn_cb` does the
-/// same — and accepts a client that offers no ALPN at all (libpq before 17, most drivers).
-pub(crate) fn with_postgresql_alpn(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
-    if config.alpn_protocols.len() == 1 && config.alpn_protocols[0] == ALPN_POSTGRESQL {
+/// `config` (a copy when it differs) speaking TLS as PostgreSQL does:
+/// - advertising exactly ALPN `postgresql`, as PostgreSQL 17 does on both TLS paths. rustls
+///   then answers a client that offers ALPN but not `postgresql` with a
+///   `no_application_protocol` alert — PostgreSQL's `alpn_cb` does the same — and accepts a
+///   client that offers no ALPN at all (libpq before 17, most drivers);
+/// - records of at most [`MAX_RECORD_PLAINTEXT`], never rustls's default 16 kB (see there).
+pub(crate) fn as_postgresql_does(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    if config.alpn_protocols.len() == 1
+        && config.alpn_protocols[0] == ALPN_POSTGRESQL
+        && config.max_fragment_size == Some(MAX_RECORD_PLAINTEXT)
+    {
         return config;
     }
     let mut copy = (*config).clone();
     copy.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    copy.max_fragment_size = Some(MAX_RECORD_PLAINTEXT);
     Arc::new(copy)
 }
+
+/// The most plaintext the proxy puts in one TLS record: 8 kB, as PostgreSQL does (its send
+/// buffer is 8 kB). libpq before 18 reads at most its buffer's free space per
+/// `PQconsumeInput`, which it keeps at 8 kB or more: of a bigger record the rest stays inside
+/// OpenSSL, where the socket shows nothing, and an async client that waits for its socket
+/// before reading again (psycopg async) waits for data it already has — the last records of
+/// a COPY TO STDOUT then never arrive (issue 13's TLS stall; tests/client_libraries.rs
+/// `libpq_async_copy_never_stalls`). With records no bigger than the free space libpq
+/// guarantees, every read takes a whole record.
+pub(crate) const MAX_RECORD_PLAINTEXT: usize = 8192;
 
 /// How a direct TLS handshake ended.
 pub(crate) enum Direct {
@@ -54,7 +70,7 @@ pub(crate) enum Direct {
 /// handshake and then closes without a word if ALPN was not used; here a ClientHello without
 /// it is refused before any key exchange with the alert PostgreSQL sends when ALPN is offered
 /// without `postgresql` — so the client learns why, and no TLS session is set up for nothing.
-/// `config` must advertise ALPN `postgresql` (see [`with_postgresql_alpn`]).
+/// `config` must advertise ALPN `postgresql` (see [`as_postgresql_does`]).
 pub(crate) async fn accept_direct(
     config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
@@ -145,7 +161,7 @@ fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<rustls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("TLS certificate")?;
-    Ok(with_postgresql_alpn(Arc::new(config)))
+    Ok(as_postgresql_does(Arc::new(config)))
 }
 
 #[cfg(test)]
@@ -178,13 +194,16 @@ mod tests {
     }
 
     #[test]
-    fn alpn_is_set_once() {
+    fn alpn_and_record_size_are_set_once() {
         let dir = tempfile::tempdir().unwrap();
         let config = load_or_create_tls(dir.path()).unwrap();
-        assert!(Arc::ptr_eq(&config, &with_postgresql_alpn(config.clone())));
+        assert_eq!(config.max_fragment_size, Some(MAX_RECORD_PLAINTEXT));
+        assert!(Arc::ptr_eq(&config, &as_postgresql_does(config.clone())));
         let mut other = (*config).clone();
         other.alpn_protocols = vec![b"h2".to_vec(), b"postgresql".to_vec()];
-        let fixed = with_postgresql_alpn(Arc::new(other));
+        other.max_fragment_size = None;
+        let fixed = as_postgresql_does(Arc::new(other));
         assert_eq!(fixed.alpn_protocols, vec![b"postgresql".to_vec()]);
+        assert_eq!(fixed.max_fragment_size, Some(MAX_RECORD_PLAINTEXT));
     }
 }
