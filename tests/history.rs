@@ -4,6 +4,10 @@
 
 mod common;
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Fs, TestEnv};
@@ -92,4 +96,215 @@ fn branch_from_a_minute_ago_brings_back_a_dropped_table() {
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["main", "rescue"]);
+}
+
+/// The real binaries, hard-linked (or copied) into a folder only their owner can enter — as
+/// `/root/.cargo/bin` is — so servers running as another user cannot reach them.
+fn private_binaries(dir: &Path) -> PathBuf {
+    let bin = dir.join("private-bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for name in ["pgtwig", "pgtwig-archive-wal"] {
+        let src = Path::new(common::BIN).with_file_name(name);
+        if std::fs::hard_link(&src, bin.join(name)).is_err() {
+            std::fs::copy(&src, bin.join(name)).unwrap();
+        }
+    }
+    bin.join("pgtwig")
+}
+
+/// The archiver working for `archive`: (pid, the WAL file it archives).
+fn archiver_process(archive: &Path) -> Option<(i32, String)> {
+    let dir = archive.to_str().unwrap();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.len() >= 4 && args[0].ends_with("/pgtwig-archive-wal") && args[1] == dir)
+            .then(|| (pid, args[3].clone()))
+    })
+}
+
+fn segments(archive: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(archive)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// An archiver killed after its copy, before its rename, leaves no partial
+/// segment under the real name; PostgreSQL runs it again, which succeeds, and
+/// archiving goes on (pg_wal does not keep the segments). pgtwig runs from a
+/// folder the server user cannot enter: the servers run the project's copy.
+#[test]
+fn archiving_recovers_from_an_archiver_killed_before_its_rename() {
+    let env = TestEnv::new(Fs::Plain).expect("a plain file system is always there");
+    env.init();
+    let scratch = env.home.parent().unwrap().to_path_buf();
+    let pgtwig = private_binaries(&scratch);
+    // The once-marker is created by the archiver, as the server user.
+    let marker_dir = scratch.join("failpoint");
+    std::fs::create_dir(&marker_dir).unwrap();
+    std::fs::set_permissions(&marker_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(&pgtwig)
+        .args(["branch", "start", "main"])
+        .current_dir(&env.repo)
+        .env("PGTWIG_HOME", &env.home)
+        .env("PGTWIG_FAILPOINT", "archive.before_rename")
+        .env("PGTWIG_FAILPOINT_ONCE", marker_dir.join("once"))
+        .env_remove("PGTWIG_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "start: {out:?}");
+
+    // The servers' copy of the archiver: pgtwig's, which they can run but not change.
+    let copy = env.project_dir().join("bin/pgtwig-archive-wal");
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+    assert_eq!(
+        meta.mode() & 0o022,
+        0,
+        "writable by others: {:o}",
+        meta.mode()
+    );
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(pgtwig.with_file_name("pgtwig-archive-wal")).unwrap()
+    );
+
+    env.psql(
+        "main",
+        "create table t as select g from generate_series(1, 50000) g",
+    );
+    env.psql("main", "select pg_switch_wal()");
+    let branch = env.project_dir().join("branches/main");
+    let archive = branch.join("wal-archive");
+    common::wait_for(30, "the archiver at its failpoint", || {
+        std::fs::read_to_string(branch.join("server.log"))
+            .is_ok_and(|l| l.contains("failpoint archive.before_rename reached"))
+    });
+    let (pid, name) = archiver_process(&archive).expect("the archiver's process");
+    assert!(archive.join(format!("{name}.tmp")).exists());
+    assert!(
+        !archive.join(&name).exists(),
+        "renamed before the failpoint"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    // PostgreSQL starts its archiver again (its postmaster does on a wake-up — each connection
+    // here is one — at most every 10 s); that attempt, past the once-marker, succeeds.
+    common::wait_for(90, "the killed segment archived", || {
+        env.psql("main", "select last_archived_wal from pg_stat_archiver") == name
+    });
+    assert!(!archive.join(format!("{name}.tmp")).exists());
+    env.psql(
+        "main",
+        "insert into t select g from generate_series(1, 50000) g",
+    );
+    let last = env.psql("main", "select pg_walfile_name(pg_switch_wal())");
+    common::wait_for(60, "archiving to catch up", || {
+        archive.join(&last).exists()
+            && env.psql(
+                "main",
+                "select count(*) from pg_ls_archive_statusdir() where name like '%.ready'",
+            ) == "0"
+    });
+    assert_eq!(
+        env.psql(
+            "main",
+            "select last_archived_wal >= '{last}' from pg_stat_archiver"
+                .replace("{last}", &last)
+                .as_str()
+        ),
+        "t"
+    );
+
+    // Every archived segment reads back whole, the one whose archiver was killed included.
+    let all = segments(&archive);
+    assert!(all.contains(&name), "{all:?}");
+    let waldump = pgtwig_local::pgbin::newest().unwrap().bin("pg_waldump");
+    let out = Command::new(waldump)
+        .arg("--path")
+        .arg(&archive)
+        .args([all.first().unwrap(), all.last().unwrap()])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pg_waldump: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dump.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+    assert!(dump.contains("SWITCH"), "{}", &dump[..dump.len().min(2000)]);
+    env.ok(&["branch", "stop", "main"]);
+}
+
+/// pgtwig run as a normal user: the servers run as that user, and the project's copy of the
+/// archiver is that user's own (0700). Run as root, the test makes such a user.
+#[test]
+fn a_normal_users_servers_archive_through_its_own_copy() {
+    let root = nix::unistd::geteuid().is_root();
+    let account = root.then(|| common::os_user::OsUser::create("pgtwig-test-archive"));
+    let (uid, gid) = account.as_ref().map(|a| (a.uid, a.gid)).unwrap_or((
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    ));
+    let dir = tempfile::Builder::new()
+        .prefix("pgtwig-test-user-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+    let repo = dir.path().join("shop");
+    let as_user = |program: &str, args: &[&str]| {
+        let mut c = Command::new(program);
+        c.args(args)
+            .current_dir(if repo.exists() { &repo } else { dir.path() })
+            .env("HOME", dir.path())
+            .env("PGTWIG_HOME", dir.path().join("state"))
+            .env_remove("PGTWIG_SERVER_USER")
+            .env_remove("PGTWIG_FAILPOINT");
+        if root {
+            c.uid(uid).gid(gid).env_remove("XDG_RUNTIME_DIR");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    as_user("git", &["init", "-q", "-b", "main", repo.to_str().unwrap()]);
+    as_user(common::BIN, &["init"]);
+    // Stop the server whatever happens, so that the user can be removed.
+    struct Stop<'a>(&'a dyn Fn());
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let stop = || {
+        let _ = std::panic::catch_unwind(|| as_user(common::BIN, &["branch", "stop", "main"]));
+    };
+    let _stop = Stop(&stop);
+    as_user(common::BIN, &["branch", "start", "main"]);
+    let url = as_user(common::BIN, &["branch", "url", "main"]);
+    common::psql(url.trim(), "create table t as select 1 as x");
+    let file = common::psql(url.trim(), "select pg_walfile_name(pg_switch_wal())");
+    let project = dir.path().join("state/shop");
+    let archived = project.join("branches/main/wal-archive").join(&file);
+    common::wait_for(30, "the segment archived", || archived.exists());
+    let copy = std::fs::metadata(project.join("bin/pgtwig-archive-wal")).unwrap();
+    assert_eq!(copy.uid(), uid);
+    assert_eq!(copy.mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(&archived).unwrap().uid(), uid);
 }
