@@ -12,13 +12,9 @@ use std::time::Duration;
 
 use common::{Fs, TestEnv};
 
-#[test]
-fn branch_from_a_minute_ago_brings_back_a_dropped_table() {
-    let Some(env) = TestEnv::new(Fs::Reflink) else {
-        return;
-    };
-    env.init();
-    env.ok(&["branch", "start", "main"]); // takes the first history base, in the background
+/// Start main, which takes the first history base in the background, and wait for it.
+fn start_with_a_base(env: &TestEnv) {
+    env.ok(&["branch", "start", "main"]);
     let bases = env.project_dir().join("branches/main/bases");
     common::wait_for(30, "a history base after start", || {
         std::fs::read_dir(&bases)
@@ -28,10 +24,20 @@ fn branch_from_a_minute_ago_brings_back_a_dropped_table() {
                         .to_string_lossy()
                         .bytes()
                         .all(|b| b.is_ascii_digit())
+                        && e.path().join("base.json").exists()
                 })
             })
             .unwrap_or(false)
     });
+}
+
+#[test]
+fn branch_from_a_minute_ago_brings_back_a_dropped_table() {
+    let Some(env) = TestEnv::new(Fs::Reflink) else {
+        return;
+    };
+    env.init();
+    start_with_a_base(&env);
     std::thread::sleep(Duration::from_millis(1200));
     env.psql(
         "main",
@@ -307,4 +313,95 @@ fn a_normal_users_servers_archive_through_its_own_copy() {
     assert_eq!(copy.uid(), uid);
     assert_eq!(copy.mode() & 0o777, 0o700);
     assert_eq!(std::fs::metadata(&archived).unwrap().uid(), uid);
+}
+
+fn tables(env: &TestEnv, branch: &str) -> String {
+    env.psql(
+        branch,
+        "select coalesce(string_agg(relname, ',' order by relname), '') from pg_class \
+         where relkind = 'r' and relnamespace = 'public'::regnamespace",
+    )
+}
+
+/// `--at` with an offset, an LSN and a relative time each land where they say, and print the
+/// point reached; a zone-less time, the future, a point before the history and a point past
+/// the end of the WAL are refused with what to do; a replay that runs out of archive says so.
+#[test]
+fn at_takes_offsets_lsns_and_relative_times_and_refuses_what_it_cannot_reach() {
+    let Some(env) = TestEnv::new(Fs::Reflink) else {
+        return;
+    };
+    env.init();
+    start_with_a_base(&env);
+    // Distinct times: after the base, between a and b, and well after b.
+    std::thread::sleep(Duration::from_millis(1200));
+    env.psql("main", "create table a(x int)");
+    let after_a = env.psql("main", "select pg_current_wal_lsn()");
+    std::thread::sleep(Duration::from_millis(1200));
+    let between = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(1200));
+    env.psql("main", "create table b(x int)");
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // 2026-12-02T01:19:00.123+01:00: the same instant, written in another zone.
+    let in_plus_one = humantime::format_rfc3339_millis(between + Duration::from_secs(3600))
+        .to_string()
+        .replace('Z', "+01:00");
+    let out = env.ok(&["branch", "create", "offset", "--at", &in_plus_one]);
+    assert!(out.contains("Created branch \"offset\""), "{out}");
+    assert!(out.contains("It holds \"main\" as of "), "{out}");
+    assert!(out.contains("WAL replayed up to LSN "), "{out}");
+    let out = env.ok(&["branch", "create", "by-lsn", "--at", &after_a]);
+    assert!(out.contains(&format!("as of LSN {after_a}")), "{out}");
+    let out = env.ok(&["branch", "create", "relative", "--at", "2 seconds ago"]);
+    assert!(
+        out.contains("the last transaction in it committed at"),
+        "{out}"
+    );
+    for (branch, expected) in [("offset", "a"), ("by-lsn", "a"), ("relative", "a,b")] {
+        env.ok(&["branch", "start", branch]);
+        assert_eq!(tables(&env, branch), expected, "branch {branch}");
+    }
+
+    let refused = |at: &str| env.fails(&["branch", "create", "refused", "--at", at]);
+    let err = refused("2026-11-28T10:15:00");
+    assert!(err.contains("has no time zone"), "{err}");
+    assert!(err.contains("2026-11-28T10:15:00Z for UTC"), "{err}");
+    let err = refused("2099-01-01T00:00:00+01:00");
+    assert!(err.contains("is in the future"), "{err}");
+    assert!(err.contains("the latest point available is now"), "{err}");
+    let err = refused("now-10m");
+    assert!(err.contains("the earliest point available is"), "{err}");
+    let err = refused("FF/0");
+    assert!(err.contains("after the latest point available"), "{err}");
+    assert!(err.contains("(LSN "), "{err}");
+
+    // A segment missing from the archive: the replay runs out before the target.
+    env.psql("main", "create table c(x int)");
+    let gone = env.psql("main", "select pg_walfile_name(pg_switch_wal())");
+    env.psql("main", "create table d(x int)");
+    let last = env.psql("main", "select pg_walfile_name(pg_switch_wal())");
+    let archive = env.project_dir().join("branches/main/wal-archive");
+    common::wait_for(30, "the segments archived", || archive.join(&last).exists());
+    std::fs::remove_file(archive.join(&gone)).unwrap();
+    let err = refused("now");
+    assert!(err.contains("ends before that point"), "{err}");
+    assert!(
+        err.contains("the latest point available from this history"),
+        "{err}"
+    );
+    assert!(!err.contains("FATAL"), "{err}");
+
+    let mut names: Vec<String> = env
+        .list_json()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["by-lsn", "main", "offset", "relative"]);
+    assert!(
+        env.tmp_entries().iter().all(|e| !e.starts_with("build-")),
+        "{:?}",
+        env.tmp_entries()
+    );
 }

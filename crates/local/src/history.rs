@@ -276,8 +276,9 @@ impl LocalBackend {
                 backup_end_lsn: row.get(0),
                 backup_end: humantime::format_rfc3339_micros(from_epoch(row.get(1))).to_string(),
             };
-            let json =
+            let mut json =
                 serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?;
+            json.push(b'\n');
             fsutil::write_atomic(&build.join(BASE_FILE), &json)
                 .map_err(io_err("recording the base's end"))?;
             // Flushed before it is published: a base renamed into place and
@@ -323,4 +324,99 @@ impl LocalBackend {
 
 pub(crate) fn pg_err(e: postgres::Error) -> Error {
     Error::Other(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(start: &str, file: &str, time: &str) -> String {
+        format!(
+            "START WAL LOCATION: {start} (file {file})\nCHECKPOINT LOCATION: {start}\n\
+             BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: {time}\nLABEL: pgtwig\n"
+        )
+    }
+
+    fn base(branch: &Path, dir: &str, label_text: &str, record: Option<(&str, &str)>) {
+        let data = branch.join("bases").join(dir).join("data");
+        fs::create_dir_all(&data).unwrap();
+        fs::write(data.join("backup_label"), label_text).unwrap();
+        if let Some((end, lsn)) = record {
+            let json = format!("{{\"backup_end\": \"{end}\", \"backup_end_lsn\": \"{lsn}\"}}");
+            fs::write(branch.join("bases").join(dir).join(BASE_FILE), json).unwrap();
+        }
+    }
+
+    fn t(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).unwrap()
+    }
+
+    /// The base for T is the newest that *ended* before T: a base that
+    /// started before T but ended after it cannot reach it.
+    #[test]
+    fn the_base_for_a_point_is_the_newest_that_ended_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        fs::create_dir_all(archive_dir(b)).unwrap();
+        let seg2 = "000000010000000000000002";
+        let seg5 = "000000010000000000000005";
+        base(
+            b,
+            "1000",
+            &label("0/2000028", seg2, "2026-12-02 10:00:00 UTC"),
+            Some(("2026-12-02T10:00:05Z", "0/2000100")),
+        );
+        base(
+            b,
+            "2000",
+            &label("0/5000028", seg5, "2026-12-02 11:00:00 UTC"),
+            Some(("2026-12-02T11:00:30Z", "0/5000200")),
+        );
+        let all = bases(b);
+        assert_eq!(all.len(), 2);
+        let pick = |target: Target| base_for(&all, &target).map(|b| b.start_wal.clone());
+        assert_eq!(
+            pick(Target::Time(t("2026-12-02T11:00:10Z"))),
+            Some(seg2.into())
+        );
+        assert_eq!(
+            pick(Target::Time(t("2026-12-02T11:00:30Z"))),
+            Some(seg5.into())
+        );
+        assert_eq!(pick(Target::Time(t("2026-12-02T10:00:01Z"))), None);
+        assert_eq!(pick(Target::Lsn(Lsn(0x5000100))), Some(seg2.into()));
+        assert_eq!(pick(Target::Lsn(Lsn(0x5000200))), Some(seg5.into()));
+    }
+
+    /// A base of an older pgtwig has no base.json: its end comes from the
+    /// backup history file in the archive (whole seconds, so one more), else
+    /// its start.
+    #[test]
+    fn an_older_base_ends_where_its_backup_history_file_says() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        let archive = archive_dir(b);
+        fs::create_dir_all(&archive).unwrap();
+        let seg = "000000010000000000000002";
+        base(
+            b,
+            "1000",
+            &label("0/2000028", seg, "2026-12-02 10:00:00 UTC"),
+            None,
+        );
+        fs::write(
+            archive.join(format!("{seg}.00000028.backup")),
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+             STOP WAL LOCATION: 0/2000138 (file 000000010000000000000002)\n\
+             START TIME: 2026-12-02 10:00:00 UTC\nSTOP TIME: 2026-12-02 10:00:07 UTC\n",
+        )
+        .unwrap();
+        let all = bases(b);
+        assert_eq!(all[0].ended, t("2026-12-02T10:00:08Z"));
+        assert_eq!(all[0].end_lsn, Lsn(0x2000138));
+        fs::remove_file(archive.join(format!("{seg}.00000028.backup"))).unwrap();
+        let all = bases(b);
+        assert_eq!(all[0].ended, t("2026-12-02T10:00:00Z"));
+        assert_eq!(all[0].end_lsn, Lsn(0x2000028));
+    }
 }
