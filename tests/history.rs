@@ -405,3 +405,65 @@ fn at_takes_offsets_lsns_and_relative_times_and_refuses_what_it_cannot_reach() {
         env.tmp_entries()
     );
 }
+
+/// Neon takes the same `--at` inputs: the instant is sent in UTC whatever zone it was written
+/// in, and a zone-less or future time is refused before anything is asked of Neon.
+#[test]
+fn at_on_neon_sends_the_instant_in_utc_and_refuses_the_same_inputs() {
+    let env = TestEnv::new(Fs::Plain).expect("a plain file system is always there");
+    let cloud = pgtwig_neon_standin::StandIn::api_only();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        format!(
+            "project = \"shop\"\nbackend = \"neon\"\nroot_branch = \"main\"\n\
+             [neon]\nproject_id = \"{}\"\napi_url = \"{}\"\n",
+            cloud.project_id(),
+            cloud.api_base(),
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        env.cmd(args)
+            .env("NEON_API_KEY", cloud.api_key())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["trust"]).status.success());
+
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let an_hour_ago = std::time::UNIX_EPOCH
+        + Duration::from_secs(
+            an_hour_ago
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        );
+    let in_plus_two = humantime::format_rfc3339_seconds(an_hour_ago + Duration::from_secs(7200))
+        .to_string()
+        .replace('Z', "+02:00");
+    let out = run(&["branch", "create", "feat", "--at", &in_plus_two]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("as of "), "{stdout}");
+    let sent = cloud.branch_json("feat").unwrap()["parent_timestamp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        humantime::parse_rfc3339(&sent).unwrap(),
+        an_hour_ago,
+        "{sent}"
+    );
+    let out = run(&["branch", "create", "rel", "--at", "now-5m"]);
+    assert!(out.status.success(), "{out:?}");
+
+    for (at, says) in [
+        ("2026-11-28T10:15:00", "has no time zone"),
+        ("2099-01-01T00:00:00Z", "is in the future"),
+    ] {
+        let out = run(&["branch", "create", "refused", "--at", at]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{at}: {err}");
+    }
+    assert!(cloud.branch_json("refused").is_none());
+}
