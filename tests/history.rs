@@ -376,6 +376,15 @@ fn at_takes_offsets_lsns_and_relative_times_and_refuses_what_it_cannot_reach() {
     assert!(err.contains("after the latest point available"), "{err}");
     assert!(err.contains("(LSN "), "{err}");
 
+    // A stopped parent: started to archive its last WAL (its unfinished segment is not
+    // archived otherwise), stopped again.
+    env.ok(&["branch", "stop", "main"]);
+    env.ok(&["branch", "create", "from-stopped", "--at", "now"]);
+    assert!(!env.branch_json("main")["running"].as_bool().unwrap());
+    env.ok(&["branch", "start", "from-stopped"]);
+    assert_eq!(tables(&env, "from-stopped"), "a,b");
+    env.ok(&["branch", "start", "main"]);
+
     // A segment missing from the archive: the replay runs out before the target.
     env.psql("main", "create table c(x int)");
     let gone = env.psql("main", "select pg_walfile_name(pg_switch_wal())");
@@ -398,7 +407,10 @@ fn at_takes_offsets_lsns_and_relative_times_and_refuses_what_it_cannot_reach() {
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["by-lsn", "main", "offset", "relative"]);
+    assert_eq!(
+        names,
+        vec!["by-lsn", "from-stopped", "main", "offset", "relative"]
+    );
     assert!(
         env.tmp_entries().iter().all(|e| !e.starts_with("build-")),
         "{:?}",
