@@ -58,8 +58,8 @@ pub fn restore_command(dir: &Path) -> String {
 
 /// Where the archiver beside the running program is: [`ARCHIVER_ENV`], else
 /// the folder of the running program (an installed `pgtwig`, or
-/// `target/<profile>/` in development), else its parent (a test binary in
-/// `target/<profile>/deps/`).
+/// `target/<profile>/` in development), or its parent for a test binary in
+/// `target/<profile>/deps/`.
 pub fn locate_archiver() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(ARCHIVER_ENV).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
@@ -71,20 +71,22 @@ pub fn locate_archiver() -> Result<PathBuf, String> {
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot tell where pgtwig is: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    let candidates = [Some(dir), dir.parent()];
+    // A test binary of this workspace runs from target/<profile>/deps/.
+    let test_binary = dir.file_name().is_some_and(|n| n == "deps");
+    let candidates = [Some(dir), dir.parent().filter(|_| test_binary)];
     let found = candidates
         .into_iter()
         .flatten()
         .map(|d| d.join(ARCHIVER))
         .find(|p| p.is_file());
     found.ok_or_else(|| {
-            format!(
-                "{ARCHIVER}, the program that archives WAL for `branch create --at`, is not beside {} \
-                 (it is built and installed with pgtwig: `cargo install --locked --path .` installs both); \
-                 or set {ARCHIVER_ENV} to it",
-                exe.display()
-            )
-        })
+        format!(
+            "{ARCHIVER}, the program that archives WAL for `branch create --at`, is not beside {}; it is \
+             built and installed with pgtwig (`cargo build` and `cargo install --locked --path .` make both; \
+             `cargo run` builds only pgtwig), or set {ARCHIVER_ENV} to it",
+            exe.display()
+        )
+    })
 }
 
 /// Copy the archiver `source` to `<project>/bin/` (see the module notes)
