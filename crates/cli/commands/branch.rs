@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 use clap::Subcommand;
 use pgtwig_core::BranchName;
 use pgtwig_daemon::DaemonPaths;
+use pgtwig_local::point_in_time::{format_utc, Target};
+use pgtwig_local::recovery::AtReport;
 use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
 use pgtwig_neon::PointInTime;
 use serde_json::json;
@@ -27,8 +29,9 @@ pub enum BranchCommand {
         /// The branch to derive from (default: the root branch).
         #[arg(long = "from", value_name = "PARENT")]
         from: Option<BranchName>,
-        /// As the parent was at this time (2026-11-28T10:15:00Z, UTC) or LSN (0/3000060),
-        /// within history_retention.
+        /// As the parent was then, within history_retention: a time with its zone
+        /// (2026-11-28T10:15:00Z, 2026-11-28T10:15:00+01:00), relative (now-10m,
+        /// "10 minutes ago") or an LSN (0/3000060).
         #[arg(long, value_name = "TIME|LSN")]
         at: Option<String>,
     },
@@ -89,15 +92,18 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
             project.check_parent(&parent)?;
             let started = Instant::now();
-            let report = match at {
+            match at {
                 Some(at) => {
-                    let target =
-                        pgtwig_local::history::Target::parse(&at).map_err(anyhow::Error::msg)?;
-                    backend.create_at(&name, &parent, &target)?
+                    let target = Target::parse(&at).map_err(anyhow::Error::msg)?;
+                    let made = backend.create_at(&name, &parent, &target)?;
+                    print_built("Created", &made.report, &parent, started, backend)?;
+                    print_reached(&made, &parent);
                 }
-                None => backend.create(&name, &parent, None)?,
-            };
-            print_built("Created", &report, &parent, started, backend)?;
+                None => {
+                    let report = backend.create(&name, &parent, None)?;
+                    print_built("Created", &report, &parent, started, backend)?;
+                }
+            }
             project.ensure_app_database(whole, &name, &mut output::Terminal::stdout())?;
         }
         BranchCommand::List { json } => return list(backend, project, json),
@@ -185,14 +191,20 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
         BranchCommand::Create { name, from, at } => {
             let parent = from.unwrap_or_else(|| project.config.root_branch.clone());
             project.check_parent(&parent)?;
-            let at = match at {
-                Some(text) => neon_point_in_time(&text)?,
-                None => PointInTime::Head,
+            let (at, target) = match at {
+                Some(text) => {
+                    let (at, target) = neon_point_in_time(&text)?;
+                    (at, Some(target))
+                }
+                None => (PointInTime::Head, None),
             };
             let started = Instant::now();
             let made = backend.create(name.as_str(), parent.as_str(), at, None, None)?;
             println!(
-                "Created Neon branch \"{name}\" from \"{parent}\"{} ({})",
+                "Created Neon branch \"{name}\" from \"{parent}\"{}{} ({})",
+                target
+                    .map(|t| format!(" as of {}", t.describe()))
+                    .unwrap_or_default(),
                 made.endpoint
                     .as_ref()
                     .map(|e| format!(", compute {}", e.host))
@@ -269,15 +281,30 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
 }
 
 /// `--at` for Neon: a time (sent as RFC 3339 UTC) or an LSN.
-fn neon_point_in_time(text: &str) -> Result<PointInTime> {
-    Ok(
-        match pgtwig_local::history::Target::parse(text).map_err(anyhow::Error::msg)? {
-            pgtwig_local::history::Target::Time(t) => {
-                PointInTime::Timestamp(humantime::format_rfc3339_seconds(t).to_string())
-            }
-            pgtwig_local::history::Target::Lsn(l) => PointInTime::Lsn(l),
-        },
-    )
+fn neon_point_in_time(text: &str) -> Result<(PointInTime, Target)> {
+    let target = Target::parse(text).map_err(anyhow::Error::msg)?;
+    let at = match &target {
+        Target::Time(t) => PointInTime::Timestamp(humantime::format_rfc3339_micros(*t).to_string()),
+        Target::Lsn(l) => PointInTime::Lsn(l.to_string()),
+    };
+    Ok((at, target))
+}
+
+/// The point a local point-in-time branch was recovered to.
+fn print_reached(made: &AtReport, parent: &BranchName) {
+    let r = &made.reached;
+    let last = match r.last_commit {
+        Some(t) => format!("the last transaction in it committed at {}", format_utc(t)),
+        None => format!(
+            "no transaction committed between its base ({}) and then",
+            format_utc(r.base_end)
+        ),
+    };
+    println!(
+        "It holds \"{parent}\" as of {}: WAL replayed up to LSN {}, {last}",
+        made.target.describe(),
+        r.lsn
+    );
 }
 
 fn list_neon(neon: &Neon, project: &Project, as_json: bool) -> Result<ExitCode> {

@@ -365,7 +365,7 @@ impl LocalBackend {
             return Ok(sock);
         }
         let pg = self.install_for(&branch)?;
-        let archive = crate::history::archive_settings(&self.user, &branch.dir)?;
+        let archive = self.archive_settings(&branch.dir)?;
         let settings: Vec<&str> = archive.iter().map(String::as_str).collect();
         cluster::start_with(
             &pg,

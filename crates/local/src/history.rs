@@ -1,35 +1,39 @@
-//! History: branches as their parent was at a past time (`branch create
+//! History: branches as their parent was at a past point (`branch create
 //! --at`).
 //!
 //! Every managed server archives its WAL into `<branch>/wal-archive/`
-//! (`archive_command`), and on start pgtwig takes a *base*: a consistent
-//! copy-on-write snapshot of the running cluster (the same backup-API clone
-//! a new branch gets) in `<branch>/bases/<unix time>/`, at most one per
-//! [`BASE_INTERVAL`]. A branch at time T is the newest base started before
-//! T, replayed from the archive up to T (`recovery_target_time`), then
-//! promoted. Bases and WAL older than `history_retention` are pruned,
-//! keeping the one base that still reaches back to the retention boundary.
-//! Bases are only taken where clones are copy-on-write: on other file
-//! systems they would cost a full copy each.
+//! (`archive_command`, see [`crate::wal_archive`]), and on start pgtwig takes
+//! a *base*: a consistent copy-on-write snapshot of the running cluster (the
+//! same backup-API clone a new branch gets) in `<branch>/bases/<unix time>/`,
+//! at most one per [`BASE_INTERVAL`], flushed before it is renamed into place.
+//! Each base records where its backup *ended* (`base.json`): only from there
+//! on is it consistent, so a branch at T starts from the newest base that
+//! ended before T and replays the archive up to T (see `crate::recovery`).
+//! Bases and WAL older than `history_retention` are pruned, keeping the one
+//! base that still reaches back to the retention boundary. Bases are only
+//! taken where clones are copy-on-write: on other file systems they would
+//! cost a full copy each.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pgtwig_core::BranchName;
+use pgtwig_core::{fsutil, BranchName};
+use serde::{Deserialize, Serialize};
 
-use crate::clone::{self, CloneMethod, Cloner, Visit};
+use crate::clone::{self, CloneMethod};
 use crate::cluster;
-use crate::engine::{
-    io_err, remove_tree, write_private, Branch, BranchMeta, CreateReport, Error, LocalBackend,
-    Result,
-};
-use crate::server_user::ServerUser;
+use crate::engine::{io_err, remove_tree, sync_tree, Branch, Error, LocalBackend, Result};
+pub use crate::point_in_time::{Lsn, Target};
+use crate::wal_archive;
 
 /// At most one base per this long (a start after that takes a new one).
 pub const BASE_INTERVAL: Duration = Duration::from_secs(3600);
 
-fn archive_dir(branch_dir: &Path) -> PathBuf {
+/// What a base records of itself, beside its `data/`.
+const BASE_FILE: &str = "base.json";
+
+pub(crate) fn archive_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("wal-archive")
 }
 
@@ -37,36 +41,104 @@ fn bases_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("bases")
 }
 
-/// `-c` settings that make a server archive its WAL into its branch folder.
-pub fn archive_settings(user: &ServerUser, branch_dir: &Path) -> Result<Vec<String>> {
-    let dir = archive_dir(branch_dir);
-    if !dir.exists() {
-        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        user.server_folder(&dir)
-            .map_err(io_err("giving the WAL archive to the server user"))?;
+impl LocalBackend {
+    /// `-c` settings that make a server archive its WAL into its branch
+    /// folder, through the project's copy of the archiver (installed or
+    /// refreshed here). Passed at every start, never written into the data
+    /// directory: a branch made by an older pgtwig gets this command on its
+    /// next start.
+    pub(crate) fn archive_settings(&self, branch_dir: &Path) -> Result<Vec<String>> {
+        let dir = archive_dir(branch_dir);
+        if !dir.exists() {
+            fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            self.user
+                .server_folder(&dir)
+                .map_err(io_err("giving the WAL archive to the server user"))?;
+        }
+        let source = wal_archive::locate_archiver().map_err(Error::Other)?;
+        let bin = wal_archive::install_archiver(self.home.dir(), &self.user, &source).map_err(
+            io_err(format!(
+                "copying {} into {}",
+                source.display(),
+                self.home.dir().join("bin").display()
+            )),
+        )?;
+        Ok(vec![
+            "archive_mode=on".into(),
+            format!(
+                "archive_command={}",
+                wal_archive::archive_command(&bin, &dir)
+            ),
+        ])
     }
-    let d = dir.display().to_string().replace('\'', "");
-    Ok(vec![
-        "archive_mode=on".into(),
-        format!("archive_command=test ! -f '{d}/%f' && cp '%p' '{d}/%f'"),
-    ])
 }
 
-/// A base: when its backup started, and where its data directory is.
+/// A base: when its backup started and ended, and where its data directory is.
 #[derive(Debug, Clone)]
 pub struct Base {
     pub started: SystemTime,
+    /// From here on the base is consistent: the earliest point it can be
+    /// recovered to.
+    pub ended: SystemTime,
+    pub end_lsn: Lsn,
     pub start_wal: String,
     pub data: PathBuf,
 }
 
-fn label_time(label: &str) -> Option<SystemTime> {
-    let t = label
+/// `base.json`: the parent's WAL position and clock right after its
+/// `pg_backup_stop` returned — at or after the backup's real end.
+#[derive(Debug, Serialize, Deserialize)]
+struct BaseRecord {
+    backup_end: String,
+    backup_end_lsn: String,
+}
+
+fn label_line<'a>(label: &'a str, key: &str) -> Option<&'a str> {
+    label
         .lines()
-        .find_map(|l| l.strip_prefix("START TIME:"))?
-        .trim();
-    let t = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim(); // "... UTC"
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+/// `2026-12-02 00:19:00 UTC` (backup_label, backup history files).
+fn label_time(text: &str, key: &str) -> Option<SystemTime> {
+    let t = label_line(text, key)?;
+    let t = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim();
     humantime::parse_rfc3339_weak(t).ok()
+}
+
+/// `0/2000028 (file 000000010000000000000002)`.
+fn label_lsn(text: &str, key: &str) -> Option<Lsn> {
+    Lsn::parse(label_line(text, key)?.split_whitespace().next()?)
+}
+
+/// Where a base made by an older pgtwig (no `base.json`) ended: the backup
+/// history file its backup left in the archive (times in whole seconds,
+/// so one is added), else — nothing better being known — its start.
+fn legacy_end(archive: &Path, label: &str, start_wal: &str) -> (SystemTime, Lsn) {
+    let start = label_line(label, "START WAL LOCATION:");
+    let history = fs::read_dir(archive)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !(n.starts_with(start_wal) && n.ends_with(".backup")) {
+                return None;
+            }
+            let text = fs::read_to_string(e.path()).ok()?;
+            (label_line(&text, "START WAL LOCATION:") == start).then_some(text)
+        });
+    let started = label_time(label, "START TIME:").unwrap_or(UNIX_EPOCH);
+    let start_lsn = label_lsn(label, "START WAL LOCATION:").unwrap_or(Lsn(0));
+    history
+        .and_then(|h| {
+            Some((
+                label_time(&h, "STOP TIME:")? + Duration::from_secs(1),
+                label_lsn(&h, "STOP WAL LOCATION:")?,
+            ))
+        })
+        .unwrap_or((started, start_lsn))
 }
 
 /// The bases of a branch, oldest first.
@@ -88,50 +160,51 @@ pub fn bases(branch_dir: &Path) -> Vec<Base> {
         let Ok(label) = fs::read_to_string(data.join("backup_label")) else {
             continue;
         };
-        if let (Some(started), Some(start_wal)) =
-            (label_time(&label), crate::backup::start_wal_file(&label))
-        {
-            out.push(Base {
-                started,
-                start_wal,
-                data,
+        let (Some(started), Some(start_wal)) = (
+            label_time(&label, "START TIME:"),
+            crate::backup::start_wal_file(&label),
+        ) else {
+            continue;
+        };
+        let recorded = pgtwig_core::private::read_to_string(&e.path().join(BASE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<BaseRecord>(&t).ok())
+            .and_then(|r| {
+                Some((
+                    humantime::parse_rfc3339_weak(&r.backup_end).ok()?,
+                    Lsn::parse(&r.backup_end_lsn)?,
+                ))
             });
-        }
+        let (ended, end_lsn) =
+            recorded.unwrap_or_else(|| legacy_end(&archive_dir(branch_dir), &label, &start_wal));
+        out.push(Base {
+            started,
+            ended,
+            end_lsn,
+            start_wal,
+            data,
+        });
     }
-    out.sort_by_key(|b| b.started);
+    out.sort_by_key(|b| b.ended);
     out
 }
 
-/// Where the target of a point-in-time branch is.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Time(SystemTime),
-    Lsn(String),
+/// The newest base from which `target` can be reached (ended at or before it).
+pub fn base_for<'a>(all: &'a [Base], target: &Target) -> Option<&'a Base> {
+    all.iter().rev().find(|b| match target {
+        Target::Time(t) => b.ended <= *t,
+        Target::Lsn(l) => b.end_lsn <= *l,
+    })
 }
 
-impl Target {
-    /// `2026-11-28T10:15:00Z`, `2026-11-28 10:15:00` (UTC) or an LSN `0/3000060`.
-    pub fn parse(s: &str) -> std::result::Result<Target, String> {
-        if let Some((hi, lo)) = s.split_once('/') {
-            if !hi.is_empty()
-                && !lo.is_empty()
-                && (hi.to_owned() + lo).bytes().all(|b| b.is_ascii_hexdigit())
-            {
-                return Ok(Target::Lsn(s.to_string()));
-            }
-        }
-        humantime::parse_rfc3339_weak(s.trim_end_matches(" UTC"))
-            .map(Target::Time)
-            .map_err(|_| {
-                format!("--at \"{s}\" is neither a time (2026-11-28T10:15:00Z, UTC) nor an LSN (0/3000060)")
-            })
-    }
-}
-
-fn secs(t: SystemTime) -> u64 {
+pub(crate) fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+pub(crate) fn from_epoch(secs: f64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0))
 }
 
 impl LocalBackend {
@@ -151,53 +224,94 @@ impl LocalBackend {
         let now = SystemTime::now();
         let existing = bases(&branch.dir);
         let due = existing
-            .last()
-            .is_none_or(|b| now.duration_since(b.started).unwrap_or_default() >= BASE_INTERVAL);
-        if due {
-            let dir = bases_dir(&branch.dir);
-            if !dir.exists() {
-                fs::create_dir(&dir).map_err(io_err("creating bases"))?;
-                self.user
-                    .own_folder(&dir)
-                    .map_err(io_err("making bases private"))?;
-            }
-            let build = dir.join(format!("tmp-{}", std::process::id()));
-            let _ = remove_tree(&build);
-            fs::create_dir(&build).map_err(io_err("creating a base"))?;
-            // pgtwig's like the branch folder; only its data/ is the server user's.
-            self.user
-                .own_folder(&build)
-                .map_err(io_err("making the base private"))?;
-            let made = self.build_clone(&branch, &build);
-            match made {
-                Ok(c) if c.method == CloneMethod::CopyOnWrite => {
-                    fs::rename(&build, dir.join(secs(now).to_string()))
-                        .map_err(io_err("keeping the base"))?;
-                }
-                Ok(_) | Err(_) => {
-                    let _ = remove_tree(&build);
-                    made?;
-                    return Ok(false);
-                }
-            }
+            .iter()
+            .map(|b| b.started)
+            .max()
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() >= BASE_INTERVAL);
+        if due && !self.take_base(&branch, now)? {
+            return Ok(false);
         }
         self.prune_history(&branch, retention)?;
         Ok(due)
     }
 
+    /// Clone the running `branch` into a new base. False (nothing kept)
+    /// when the clone was not copy-on-write or the branch stopped meanwhile.
+    fn take_base(&self, branch: &Branch, now: SystemTime) -> Result<bool> {
+        let dir = bases_dir(&branch.dir);
+        if !dir.exists() {
+            fs::create_dir(&dir).map_err(io_err("creating bases"))?;
+            self.user
+                .own_folder(&dir)
+                .map_err(io_err("making bases private"))?;
+        }
+        let build = dir.join(format!("tmp-{}", std::process::id()));
+        let _ = remove_tree(&build);
+        fs::create_dir(&build).map_err(io_err("creating a base"))?;
+        // pgtwig's like the branch folder; only its data/ is the server user's.
+        self.user
+            .own_folder(&build)
+            .map_err(io_err("making the base private"))?;
+        let kept = (|| {
+            let made = self.build_clone(branch, &build)?;
+            if made.method != CloneMethod::CopyOnWrite || !made.parent_was_running {
+                return Ok(false);
+            }
+            // Asked after pg_backup_stop returned, so at or after the backup's end.
+            let Some(sock) = self.ready_socket(&branch.name) else {
+                return Ok(false);
+            };
+            let sock_dir = sock.parent().unwrap_or(&sock).to_path_buf();
+            let mut c = cluster::client_config(&sock_dir, "postgres", "pgtwig history")
+                .connect(postgres::NoTls)
+                .map_err(pg_err)?;
+            let row = c
+                .query_one(
+                    "select pg_current_wal_insert_lsn()::text, \
+                     extract(epoch from clock_timestamp())::float8",
+                    &[],
+                )
+                .map_err(pg_err)?;
+            let record = BaseRecord {
+                backup_end_lsn: row.get(0),
+                backup_end: humantime::format_rfc3339_micros(from_epoch(row.get(1))).to_string(),
+            };
+            let mut json =
+                serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?;
+            json.push(b'\n');
+            fsutil::write_atomic(&build.join(BASE_FILE), &json)
+                .map_err(io_err("recording the base's end"))?;
+            // Flushed before it is published: a base renamed into place and
+            // then lost to a power cut would be a history that lies.
+            sync_tree(&build)?;
+            let published = dir.join(secs(now).to_string());
+            fs::rename(&build, &published).map_err(io_err("keeping the base"))?;
+            fsutil::sync_dir(&dir).map_err(io_err("flushing bases/"))?;
+            Ok(true)
+        })();
+        if !matches!(kept, Ok(true)) {
+            let _ = remove_tree(&build);
+        }
+        kept
+    }
+
     fn prune_history(&self, branch: &Branch, retention: Duration) -> Result<()> {
         let boundary = SystemTime::now() - retention;
         let all = bases(&branch.dir);
-        // Keep every base newer than the boundary, plus the newest older one.
-        let keep_from = all.iter().rposition(|b| b.started <= boundary).unwrap_or(0);
+        // Keep every base newer than the boundary, plus the newest one that
+        // reaches back to it.
+        let keep_from = all.iter().rposition(|b| b.ended <= boundary).unwrap_or(0);
         for b in &all[..keep_from] {
             remove_tree(b.data.parent().expect("base folder"))?;
         }
-        if let Some(oldest) = all.get(keep_from) {
+        if let Some(oldest) = all[keep_from..].iter().map(|b| &b.start_wal).min() {
             if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    if n.len() >= 24 && !n.ends_with(".history") && n[8..24] < oldest.start_wal[8..]
+                    if n.len() >= 24
+                        && n.is_char_boundary(24)
+                        && !n.ends_with(".history")
+                        && n[8..24] < oldest[8..]
                     {
                         let _ = fs::remove_file(e.path());
                     }
@@ -206,173 +320,103 @@ impl LocalBackend {
         }
         Ok(())
     }
-
-    /// Create `name` as `parent` was at `target`, from a base and the WAL archive.
-    pub fn create_at(
-        &self,
-        name: &BranchName,
-        parent: &BranchName,
-        target: &Target,
-    ) -> Result<CreateReport> {
-        // Under the project lock until the base is cloned; the recovery (replaying WAL, the
-        // long part) runs without it, and publishing takes it again.
-        let mut lock = Some(self.lock_for_new(name)?);
-        let parent_branch = self.get(parent)?;
-        let all = bases(&parent_branch.dir);
-        let base = match target {
-            Target::Time(t) => all.iter().rev().find(|b| b.started <= *t),
-            // An LSN target: the newest base whose start is not after it.
-            Target::Lsn(_) => all.first(),
-        };
-        let Some(base) = base.cloned() else {
-            let earliest = all
-                .first()
-                .map(|b| format!("the earliest point available is {}", humantime::format_rfc3339_seconds(b.started)))
-                .unwrap_or_else(|| {
-                    "it has no history yet (history is kept from its starts on a copy-on-write file system)".into()
-                });
-            return Err(Error::Other(format!(
-                "cannot branch \"{parent}\" at that point: {earliest}; history is kept for history_retention"
-            )));
-        };
-        // Make sure the WAL up to now is in the archive.
-        if let Some(sock) = self.ready_socket(parent) {
-            let dir = sock.parent().unwrap_or(&sock).to_path_buf();
-            let mut c = cluster::client_config(&dir, "postgres", "pgtwig history")
-                .connect(postgres::NoTls)
-                .map_err(pg_err)?;
-            let file: String = c
-                .query_one("select pg_walfile_name(pg_switch_wal())", &[])
-                .map_err(pg_err)?
-                .get(0);
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while !archive_dir(&parent_branch.dir).join(&file).exists() {
-                if std::time::Instant::now() > deadline {
-                    return Err(Error::Other(format!(
-                        "WAL file {file} of \"{parent}\" was not archived within 60 s"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let unlocked = self.new_build_dir_unlocked(name)?;
-        let build = unlocked.dir.clone();
-        let result = (|| {
-            let mut cloner = Cloner::new(&self.user);
-            let data = build.join("data");
-            cloner
-                .clone_tree(&base.data, &data, &|_, _| Visit::Clone)
-                .map_err(io_err("cloning the base"))?;
-            cloner
-                .give_to_server(&data)
-                .map_err(io_err("giving the clone to the server user"))?;
-            lock = None;
-            let archive = archive_dir(&parent_branch.dir)
-                .display()
-                .to_string()
-                .replace('\'', "");
-            let target_setting = match target {
-                // "2026-11-28 10:15:00.123456+00": the form recovery_target_time accepts.
-                Target::Time(t) => format!(
-                    "recovery_target_time = '{}'",
-                    humantime::format_rfc3339_micros(*t)
-                        .to_string()
-                        .replace('T', " ")
-                        .replace('Z', "+00")
-                ),
-                Target::Lsn(l) => format!("recovery_target_lsn = '{l}'"),
-            };
-            // Appended without reading it back, and never through a link:
-            // the data directory is the server user's.
-            let recovery = format!(
-                "\n# pgtwig: point-in-time recovery (removed once done)\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\n{target_setting}\nrecovery_target_action = 'promote'\n"
-            );
-            pgtwig_core::private::write_file(
-                &data.join("postgresql.auto.conf"),
-                recovery.as_bytes(),
-                pgtwig_core::private::WriteMode::Append,
-                self.user.owner(),
-            )
-            .map_err(io_err("writing recovery settings"))?;
-            write_private(&self.user, &data.join("recovery.signal"), "")?;
-            let pg = self.install_for(&parent_branch)?;
-            let log = build.join("server.log");
-            let recovered = self.with_build_server(name, &pg, &build, &log, &[], |sock| {
-                let recovered = wait_promoted(sock, &data);
-                if recovered.is_ok() {
-                    let mut c = cluster::client_config(sock, "postgres", "pgtwig history")
-                        .connect(postgres::NoTls)
-                        .map_err(pg_err)?;
-                    for setting in [
-                        "restore_command",
-                        "recovery_target_time",
-                        "recovery_target_lsn",
-                        "recovery_target_action",
-                    ] {
-                        c.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
-                            .map_err(pg_err)?;
-                    }
-                }
-                Ok(recovered)
-            })?;
-            recovered.map_err(|why| {
-                Error::Other(format!(
-                    "recovering \"{parent}\" to that point failed: {why}; it may be later than the latest WAL \
-                     archived. Server log: {}",
-                    cluster::log_tail(&log, 0)
-                ))
-            })?;
-            let meta = BranchMeta {
-                parent: Some(parent.clone()),
-                created: crate::engine::now_rfc3339(),
-                clone_method: cloner.method(),
-                pg_major: parent_branch.meta.pg_major,
-                git_branch: None,
-                expires: None,
-                protected: false,
-            };
-            let _lock = self.lock_for_new(name)?;
-            let branch = self.publish(name, &build, &meta)?;
-            Ok(CreateReport {
-                branch,
-                parent_was_running: self.ready_socket(parent).is_some(),
-                fallback_reason: cloner.fallback_reason.take(),
-                files: cloner.files,
-                bytes: cloner.bytes,
-            })
-        })();
-        drop(lock);
-        if result.is_err() {
-            self.discard_build(&build, &build.join("server.log"));
-        }
-        drop(unlocked);
-        result
-    }
 }
 
-fn pg_err(e: postgres::Error) -> Error {
+pub(crate) fn pg_err(e: postgres::Error) -> Error {
     Error::Other(e.to_string())
 }
 
-/// Poll until the recovering server has promoted (or died).
-fn wait_promoted(sock: &Path, data: &Path) -> std::result::Result<(), String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        if !cluster::status(data).is_running() {
-            return Err("the server stopped during recovery".into());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(start: &str, file: &str, time: &str) -> String {
+        format!(
+            "START WAL LOCATION: {start} (file {file})\nCHECKPOINT LOCATION: {start}\n\
+             BACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: {time}\nLABEL: pgtwig\n"
+        )
+    }
+
+    fn base(branch: &Path, dir: &str, label_text: &str, record: Option<(&str, &str)>) {
+        let data = branch.join("bases").join(dir).join("data");
+        fs::create_dir_all(&data).unwrap();
+        fs::write(data.join("backup_label"), label_text).unwrap();
+        if let Some((end, lsn)) = record {
+            let json = format!("{{\"backup_end\": \"{end}\", \"backup_end_lsn\": \"{lsn}\"}}");
+            fs::write(branch.join("bases").join(dir).join(BASE_FILE), json).unwrap();
         }
-        if let Ok(mut c) =
-            cluster::client_config(sock, "postgres", "pgtwig history").connect(postgres::NoTls)
-        {
-            if let Ok(row) = c.query_one("select pg_is_in_recovery()", &[]) {
-                if !row.get::<_, bool>(0) {
-                    return Ok(());
-                }
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            return Err("still recovering after 300 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    fn t(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).unwrap()
+    }
+
+    /// The base for T is the newest that *ended* before T: a base that
+    /// started before T but ended after it cannot reach it.
+    #[test]
+    fn the_base_for_a_point_is_the_newest_that_ended_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        fs::create_dir_all(archive_dir(b)).unwrap();
+        let seg2 = "000000010000000000000002";
+        let seg5 = "000000010000000000000005";
+        base(
+            b,
+            "1000",
+            &label("0/2000028", seg2, "2026-12-02 10:00:00 UTC"),
+            Some(("2026-12-02T10:00:05Z", "0/2000100")),
+        );
+        base(
+            b,
+            "2000",
+            &label("0/5000028", seg5, "2026-12-02 11:00:00 UTC"),
+            Some(("2026-12-02T11:00:30Z", "0/5000200")),
+        );
+        let all = bases(b);
+        assert_eq!(all.len(), 2);
+        let pick = |target: Target| base_for(&all, &target).map(|b| b.start_wal.clone());
+        assert_eq!(
+            pick(Target::Time(t("2026-12-02T11:00:10Z"))),
+            Some(seg2.into())
+        );
+        assert_eq!(
+            pick(Target::Time(t("2026-12-02T11:00:30Z"))),
+            Some(seg5.into())
+        );
+        assert_eq!(pick(Target::Time(t("2026-12-02T10:00:01Z"))), None);
+        assert_eq!(pick(Target::Lsn(Lsn(0x5000100))), Some(seg2.into()));
+        assert_eq!(pick(Target::Lsn(Lsn(0x5000200))), Some(seg5.into()));
+    }
+
+    /// A base of an older pgtwig has no base.json: its end comes from the
+    /// backup history file in the archive (whole seconds, so one more), else
+    /// its start.
+    #[test]
+    fn an_older_base_ends_where_its_backup_history_file_says() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        let archive = archive_dir(b);
+        fs::create_dir_all(&archive).unwrap();
+        let seg = "000000010000000000000002";
+        base(
+            b,
+            "1000",
+            &label("0/2000028", seg, "2026-12-02 10:00:00 UTC"),
+            None,
+        );
+        fs::write(
+            archive.join(format!("{seg}.00000028.backup")),
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+             STOP WAL LOCATION: 0/2000138 (file 000000010000000000000002)\n\
+             START TIME: 2026-12-02 10:00:00 UTC\nSTOP TIME: 2026-12-02 10:00:07 UTC\n",
+        )
+        .unwrap();
+        let all = bases(b);
+        assert_eq!(all[0].ended, t("2026-12-02T10:00:08Z"));
+        assert_eq!(all[0].end_lsn, Lsn(0x2000138));
+        fs::remove_file(archive.join(format!("{seg}.00000028.backup"))).unwrap();
+        let all = bases(b);
+        assert_eq!(all[0].ended, t("2026-12-02T10:00:00Z"));
+        assert_eq!(all[0].end_lsn, Lsn(0x2000028));
     }
 }

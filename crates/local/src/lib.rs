@@ -12,7 +12,11 @@
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
-//! - [`history`]: WAL archive and base snapshots; branches as of a past time.
+//! - [`wal_archive`]: the archiver that servers run (`pgtwig-archive-wal`),
+//!   and quoting paths into archive and restore commands.
+//! - [`history`]: base snapshots and the WAL archive of a branch.
+//! - [`point_in_time`]: what `--at` accepts (times with zones, relative, LSNs).
+//! - [`recovery`]: branches as of a past point (`branch create --at`).
 //! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
 //!   up after a command that died mid-build.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
@@ -28,8 +32,11 @@ pub mod engine;
 pub mod history;
 mod ownership;
 pub mod pgbin;
+pub mod point_in_time;
 pub mod prepared;
+pub mod recovery;
 pub mod server_user;
+pub mod wal_archive;
 
 pub use clone::CloneMethod;
 pub use engine::{Branch, BranchMeta, BranchStatus, CreateReport, Error, LocalBackend};
