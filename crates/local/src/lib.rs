@@ -10,6 +10,8 @@
 //! - `beneath`: reaching into the server user's data directories without
 //!   following links.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
+//! - [`fiemap`]: which bytes of a file are its own and which it shares
+//!   with clones (the kernel's extent map).
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`history`]: WAL archive and base snapshots; branches as of a past time.
@@ -25,6 +27,7 @@ pub mod clone;
 pub mod cluster;
 pub mod databases;
 pub mod engine;
+pub mod fiemap;
 pub mod history;
 mod ownership;
 pub mod pgbin;
