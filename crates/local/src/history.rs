@@ -29,11 +29,11 @@ use crate::server_user::ServerUser;
 /// At most one base per this long (a start after that takes a new one).
 pub const BASE_INTERVAL: Duration = Duration::from_secs(3600);
 
-fn archive_dir(branch_dir: &Path) -> PathBuf {
+pub(crate) fn archive_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("wal-archive")
 }
 
-fn bases_dir(branch_dir: &Path) -> PathBuf {
+pub(crate) fn bases_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("bases")
 }
 
@@ -50,6 +50,15 @@ pub fn archive_settings(user: &ServerUser, branch_dir: &Path) -> Result<Vec<Stri
         "archive_mode=on".into(),
         format!("archive_command=test ! -f '{d}/%f' && cp '%p' '{d}/%f'"),
     ])
+}
+
+/// What pruning one branch's history removed (or would remove).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub bases: usize,
+    pub wal_files: usize,
+    /// Own bytes of what was removed (blocks shared with other files are not freed).
+    pub bytes: u64,
 }
 
 /// A base: when its backup started, and where its data directory is.
@@ -128,6 +137,36 @@ impl Target {
     }
 }
 
+/// How many of `bases` (oldest first) pruning what is older than `older_than` at `now`
+/// removes: every base started before the boundary but the newest of them, which still
+/// reaches back to it; all of them when `older_than` is zero.
+fn bases_to_prune(bases: &[Base], older_than: Duration, now: SystemTime) -> usize {
+    if older_than.is_zero() {
+        return bases.len();
+    }
+    let boundary = now.checked_sub(older_than).unwrap_or(UNIX_EPOCH);
+    bases
+        .iter()
+        .rposition(|b| b.started <= boundary)
+        .unwrap_or(0)
+}
+
+/// Whether archived file `name` is a WAL segment (possibly `.partial`) that no kept base
+/// needs: one before `first_kept`, the start WAL file of the oldest kept base, or any
+/// when no base is kept (WAL without a base to replay it onto serves nothing). Timeline
+/// history files always stay.
+fn wal_unneeded(name: &str, first_kept: Option<&str>) -> bool {
+    let segment = name.len() >= 24 && name[..24].bytes().all(|b| b.is_ascii_hexdigit());
+    if !segment || name.ends_with(".history") {
+        return false;
+    }
+    match first_kept {
+        None => true,
+        // Log and segment, not the timeline: what matters is the position.
+        Some(first) => first.len() == 24 && name[8..24] < first[8..],
+    }
+}
+
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -146,13 +185,25 @@ impl LocalBackend {
             || !clone::supports_reflink(&branch.dir)
             || self.ready_socket(name).is_none()
         {
+            // No base now, but what was archived still goes when it is older than retention.
+            self.prune_history(&branch, retention, false)?;
             return Ok(false);
         }
         let now = SystemTime::now();
         let existing = bases(&branch.dir);
-        let due = existing
+        let mut due = existing
             .last()
             .is_none_or(|b| now.duration_since(b.started).unwrap_or_default() >= BASE_INTERVAL);
+        if due {
+            // A base holds blocks the branch then overwrites: not on a (nearly) full disk.
+            if let Err(e) = self.check_space(
+                &format!("a history base of \"{name}\""),
+                self.clone_need(&branch),
+            ) {
+                tracing::warn!("no history base taken: {e}");
+                due = false;
+            }
+        }
         if due {
             let dir = bases_dir(&branch.dir);
             if !dir.exists() {
@@ -181,30 +232,88 @@ impl LocalBackend {
                 }
             }
         }
-        self.prune_history(&branch, retention)?;
+        self.prune_history(&branch, retention, false)?;
         Ok(due)
     }
 
-    fn prune_history(&self, branch: &Branch, retention: Duration) -> Result<()> {
-        let boundary = SystemTime::now() - retention;
+    /// Remove a branch's history older than `older_than` (or say what would go, `dry_run`):
+    /// every base started before the boundary except the newest of them (it still reaches
+    /// back to the boundary; with `older_than` zero it goes too), the WAL no kept base needs
+    /// (all of it when none is kept), and bases a killed snapshot left half made. Under the
+    /// project lock.
+    pub(crate) fn prune_history(
+        &self,
+        branch: &Branch,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Pruned> {
         let all = bases(&branch.dir);
-        // Keep every base newer than the boundary, plus the newest older one.
-        let keep_from = all.iter().rposition(|b| b.started <= boundary).unwrap_or(0);
-        for b in &all[..keep_from] {
-            remove_tree(b.data.parent().expect("base folder"))?;
+        let keep_from = bases_to_prune(&all, older_than, SystemTime::now());
+        let mut pruned = Pruned::default();
+        let own = |p: &Path| {
+            crate::fiemap::tree_usage(p)
+                .map(|(u, _)| u.own)
+                .unwrap_or(0)
+        };
+        let mut doomed: Vec<PathBuf> = all[..keep_from]
+            .iter()
+            .map(|b| b.data.parent().expect("base folder").to_path_buf())
+            .collect();
+        pruned.bases = doomed.len();
+        // `tmp-<pid>`: a snapshot works under the project lock, so one seen here was killed.
+        if let Ok(rd) = fs::read_dir(bases_dir(&branch.dir)) {
+            doomed.extend(
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+                    .map(|e| e.path()),
+            );
         }
-        if let Some(oldest) = all.get(keep_from) {
-            if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
-                for e in rd.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if n.len() >= 24 && !n.ends_with(".history") && n[8..24] < oldest.start_wal[8..]
-                    {
+        for dir in &doomed {
+            pruned.bytes += own(dir);
+            if !dry_run {
+                remove_tree(dir)?;
+            }
+        }
+        let first_kept = all.get(keep_from).map(|b| b.start_wal.as_str());
+        if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
+            for e in rd.flatten() {
+                if wal_unneeded(&e.file_name().to_string_lossy(), first_kept) {
+                    pruned.wal_files += 1;
+                    pruned.bytes += own(&e.path());
+                    if !dry_run {
                         let _ = fs::remove_file(e.path());
                     }
                 }
             }
         }
-        Ok(())
+        Ok(pruned)
+    }
+
+    /// [`prune_history`](Self::prune_history) of every branch (`pgtwig gc --history`).
+    pub fn prune_all_history(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Vec<(BranchName, Pruned)>> {
+        let _lock = self.lock()?;
+        self.prune_all_history_locked(older_than, dry_run)
+    }
+
+    pub(crate) fn prune_all_history_locked(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Vec<(BranchName, Pruned)>> {
+        let mut out = Vec::new();
+        for name in self.names()? {
+            // A branch whose metadata is unreadable still has a folder: prune it too.
+            let branch = match self.get(&name) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            out.push((name, self.prune_history(&branch, older_than, dry_run)?));
+        }
+        Ok(out)
     }
 
     /// Create `name` as `parent` was at `target`, from a base and the WAL archive.
@@ -235,6 +344,7 @@ impl LocalBackend {
                 "cannot branch \"{parent}\" at that point: {earliest}; history is kept for history_retention"
             )));
         };
+        self.check_space_for_recovery(name, &parent_branch, &base)?;
         // Make sure the WAL up to now is in the archive.
         if let Some(sock) = self.ready_socket(parent) {
             let dir = sock.parent().unwrap_or(&sock).to_path_buf();
@@ -374,5 +484,55 @@ fn wait_promoted(sock: &Path, data: &Path) -> std::result::Result<(), String> {
             return Err("still recovering after 300 s".into());
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(started: u64, start_wal: &str) -> Base {
+        Base {
+            started: UNIX_EPOCH + Duration::from_secs(started),
+            start_wal: start_wal.into(),
+            data: PathBuf::from(format!("/b/{started}/data")),
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_base_that_reaches_back_to_the_boundary() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let all = [
+            base(1_000, "000000010000000000000002"),
+            base(5_000, "000000010000000000000008"),
+            base(9_000, "00000001000000000000000F"),
+        ];
+        let hour = Duration::from_secs(3600);
+        // Boundary 6400: the base of 5000 still covers it; the one of 1000 goes.
+        assert_eq!(bases_to_prune(&all, hour, now), 1);
+        // Boundary 9500: only the newest base is needed.
+        assert_eq!(bases_to_prune(&all, Duration::from_secs(500), now), 2);
+        // Everything is younger than a day: nothing goes.
+        assert_eq!(bases_to_prune(&all, 24 * hour, now), 0);
+        // "0": all of it.
+        assert_eq!(bases_to_prune(&all, Duration::ZERO, now), 3);
+        assert_eq!(bases_to_prune(&[], hour, now), 0);
+    }
+
+    #[test]
+    fn wal_goes_when_no_kept_base_needs_it() {
+        let first = Some("000000010000000000000008");
+        assert!(wal_unneeded("000000010000000000000007", first));
+        assert!(!wal_unneeded("000000010000000000000008", first));
+        assert!(!wal_unneeded("000000020000000000000009", first));
+        // An older timeline's segment before the base is as unneeded.
+        assert!(wal_unneeded("000000020000000000000003", first));
+        assert!(wal_unneeded("000000010000000000000003.partial", first));
+        assert!(!wal_unneeded("00000002.history", first));
+        assert!(!wal_unneeded("archive_status", first));
+        // No base kept: every segment goes, history files stay.
+        assert!(wal_unneeded("00000001000000000000000F", None));
+        assert!(!wal_unneeded("00000002.history", None));
+        assert!(!wal_unneeded(".tmp-000000010000000000000001", None));
     }
 }

@@ -12,6 +12,8 @@
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
 //! - [`fiemap`]: which bytes of a file are its own and which it shares
 //!   with clones (the kernel's extent map).
+//! - [`space`]: free space before a build, and what each branch and its
+//!   history cost on disk.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`history`]: WAL archive and base snapshots; branches as of a past time.
@@ -33,6 +35,7 @@ mod ownership;
 pub mod pgbin;
 pub mod prepared;
 pub mod server_user;
+pub mod space;
 
 pub use clone::CloneMethod;
 pub use engine::{Branch, BranchMeta, BranchStatus, CreateReport, Error, LocalBackend};
