@@ -196,10 +196,9 @@ impl LocalBackend {
             .is_none_or(|b| now.duration_since(b.started).unwrap_or_default() >= BASE_INTERVAL);
         if due {
             // A base holds blocks the branch then overwrites: not on a (nearly) full disk.
-            if let Err(e) = self.check_space(
-                &format!("a history base of \"{name}\""),
-                self.clone_need(&branch),
-            ) {
+            if let Err(e) = self.check_space(&format!("a history base of \"{name}\""), || {
+                Ok(self.clone_need(&branch))
+            }) {
                 tracing::warn!("no history base taken: {e}");
                 due = false;
             }

@@ -145,6 +145,22 @@ fn io_error(what: &str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
+fn resolve_margin(setting: Option<FreeSpaceMargin>, source: String, total: u64) -> Option<Margin> {
+    match setting {
+        Some(FreeSpaceMargin::Off) => None,
+        Some(FreeSpaceMargin::Bytes(bytes)) => Some(Margin {
+            bytes,
+            source: format!("{source}; default max(1 GiB, {MARGIN_PERCENT} % of the file system)"),
+        }),
+        None => Some(Margin {
+            bytes: default_margin(total),
+            source: format!(
+                "max(1 GiB, {MARGIN_PERCENT} % of the file system); set free_space_margin in .pgtwig.toml to change it"
+            ),
+        }),
+    }
+}
+
 /// Size of the WAL archive's segments from `first` (a WAL file name) on.
 fn archived_wal_from(branch_dir: &Path, first: &str) -> u64 {
     let Ok(rd) = std::fs::read_dir(crate::history::archive_dir(branch_dir)) else {
@@ -177,9 +193,10 @@ impl LocalBackend {
         free_space(&dir).map_err(io_error("reading the free space of", &dir))
     }
 
-    /// The margin in force on a file system of `total` bytes; `None` when checks are off.
-    pub fn margin(&self, total: u64) -> Result<Option<Margin>> {
-        let (setting, source) = match std::env::var(MARGIN_ENV) {
+    /// The margin setting in force (environment first, then `.pgtwig.toml`; `None`: the
+    /// default) and where it comes from.
+    fn margin_setting(&self) -> Result<(Option<FreeSpaceMargin>, String)> {
+        Ok(match std::env::var(MARGIN_ENV) {
             // Set and empty is unset, as for PGTWIG_HOME.
             Ok(text) if !text.trim().is_empty() => (
                 Some(
@@ -192,29 +209,31 @@ impl LocalBackend {
                 self.free_space_margin,
                 "free_space_margin in .pgtwig.toml".into(),
             ),
-        };
-        Ok(match setting {
-            Some(FreeSpaceMargin::Off) => None,
-            Some(FreeSpaceMargin::Bytes(bytes)) => Some(Margin {
-                bytes,
-                source: format!("{source}; default max(1 GiB, {MARGIN_PERCENT} % of the file system)"),
-            }),
-            None => Some(Margin {
-                bytes: default_margin(total),
-                source: format!(
-                    "max(1 GiB, {MARGIN_PERCENT} % of the file system); set free_space_margin in .pgtwig.toml to change it"
-                ),
-            }),
         })
     }
 
-    /// Refuse to build `building` (e.g. `branch "x"`) when `need` would leave less than the
-    /// margin free.
-    pub(crate) fn check_space(&self, building: &str, need: Need) -> Result<()> {
+    /// The margin in force on a file system of `total` bytes; `None` when checks are off.
+    pub fn margin(&self, total: u64) -> Result<Option<Margin>> {
+        let (setting, source) = self.margin_setting()?;
+        Ok(resolve_margin(setting, source, total))
+    }
+
+    /// Refuse to build `building` (e.g. `branch "x"`) when what it needs (`need`, estimated
+    /// only when the check is on) would leave less than the margin free.
+    pub(crate) fn check_space(
+        &self,
+        building: &str,
+        need: impl FnOnce() -> Result<Need>,
+    ) -> Result<()> {
+        let (setting, source) = self.margin_setting()?;
+        if setting == Some(FreeSpaceMargin::Off) {
+            return Ok(());
+        }
         let free = self.free_space()?;
-        let Some(margin) = self.margin(free.total)? else {
+        let Some(margin) = resolve_margin(setting, source, free.total) else {
             return Ok(());
         };
+        let need = need()?;
         if free.available >= need.bytes.saturating_add(margin.bytes) {
             return Ok(());
         }
@@ -266,19 +285,21 @@ impl LocalBackend {
 
     /// [`check_space`](Self::check_space) for a clone of `parent` named `name`.
     pub(crate) fn check_space_for_clone(&self, name: &BranchName, parent: &Branch) -> Result<()> {
-        self.check_space(&format!("branch \"{name}\""), self.clone_need(parent))
+        self.check_space(
+            &format!("branch \"{name}\""),
+            || Ok(self.clone_need(parent)),
+        )
     }
 
     /// For a build that clones `parent` and then rewrites its data (anonymize: masking,
     /// then `VACUUM FULL` of every table): the clone, a new copy of the data, and the WAL
     /// that writing it keeps at most ([`WAL_PEAK`]).
     pub(crate) fn check_space_for_rewrite(&self, name: &BranchName, parent: &Branch) -> Result<()> {
-        let clone = self.clone_need(parent);
-        let data = pgtwig_core::fsutil::dir_size(&parent.data_dir()).unwrap_or(0);
-        let wal = data.min(WAL_PEAK);
-        self.check_space(
-            &format!("branch \"{name}\""),
-            Need {
+        self.check_space(&format!("branch \"{name}\""), || {
+            let clone = self.clone_need(parent);
+            let data = pgtwig_core::fsutil::dir_size(&parent.data_dir()).unwrap_or(0);
+            let wal = data.min(WAL_PEAK);
+            Ok(Need {
                 bytes: clone.bytes + data + wal,
                 why: format!(
                     "{}; then a rewrite of its data, {}, and up to {} of WAL while writing it",
@@ -286,8 +307,8 @@ impl LocalBackend {
                     human(data),
                     human(wal)
                 ),
-            },
-        )
+            })
+        })
     }
 
     /// For a branch recovered from `base` of `parent` (`--at`): the clone of the base, and
@@ -298,10 +319,9 @@ impl LocalBackend {
         parent: &Branch,
         base: &Base,
     ) -> Result<()> {
-        let wal = archived_wal_from(&parent.dir, &base.start_wal);
-        self.check_space(
-            &format!("branch \"{name}\""),
-            Need {
+        self.check_space(&format!("branch \"{name}\""), || {
+            let wal = archived_wal_from(&parent.dir, &base.start_wal);
+            Ok(Need {
                 bytes: wal + CLONE_OVERHEAD,
                 why: format!(
                     "a copy-on-write clone of a base of \"{}\", {} for its first start, and the pages that \
@@ -310,8 +330,8 @@ impl LocalBackend {
                     human(CLONE_OVERHEAD),
                     human(wal)
                 ),
-            },
-        )
+            })
+        })
     }
 
     /// For `pgtwig import` into `into`, before anything is dumped: the dump (at most the
@@ -324,42 +344,42 @@ impl LocalBackend {
         into: &BranchName,
         source_bytes: Option<u64>,
     ) -> Result<()> {
-        let base = if self.exists(into) {
-            self.clone_need(&self.get(into)?)
-        } else {
-            Need {
-                bytes: NEW_CLUSTER,
-                why: format!("a new cluster, {}", human(NEW_CLUSTER)),
-            }
-        };
-        let need = match source_bytes {
-            Some(src) => Need {
-                bytes: base.bytes + 2 * src + src.min(WAL_PEAK),
-                why: format!(
-                    "the dump and the restored data of a {} source database, up to {} of WAL while \
-                     restoring, and {}",
-                    human(src),
-                    human(src.min(WAL_PEAK)),
-                    base.why
-                ),
-            },
-            None => Need {
-                why: format!("{}; the source's size is not known", base.why),
-                ..base
-            },
-        };
-        self.check_space(&format!("the import into \"{into}\""), need)
+        self.check_space(&format!("the import into \"{into}\""), || {
+            let base = if self.exists(into) {
+                self.clone_need(&self.get(into)?)
+            } else {
+                Need {
+                    bytes: NEW_CLUSTER,
+                    why: format!("a new cluster, {}", human(NEW_CLUSTER)),
+                }
+            };
+            Ok(match source_bytes {
+                Some(src) => Need {
+                    bytes: base.bytes + 2 * src + src.min(WAL_PEAK),
+                    why: format!(
+                        "the dump and the restored data of a {} source database, up to {} of WAL while \
+                         restoring, and {}",
+                        human(src),
+                        human(src.min(WAL_PEAK)),
+                        base.why
+                    ),
+                },
+                None => Need {
+                    why: format!("{}; the source's size is not known", base.why),
+                    ..base
+                },
+            })
+        })
     }
 
     /// For a new root cluster (`initdb`).
     pub(crate) fn check_space_for_new_cluster(&self, name: &BranchName) -> Result<()> {
-        self.check_space(
-            &format!("branch \"{name}\""),
-            Need {
+        self.check_space(&format!("branch \"{name}\""), || {
+            Ok(Need {
                 bytes: NEW_CLUSTER,
                 why: "a new cluster (initdb)".into(),
-            },
-        )
+            })
+        })
     }
 
     /// What branch `name` costs on disk (see [`BranchUsage`]).
