@@ -228,6 +228,7 @@ fn a_build_that_would_fill_the_disk_is_refused_and_the_parent_keeps_serving() {
     );
 
     // Less than the margin left: refused, saying what is free, what it needs and what to do.
+    let before_fill = xfs.available();
     let filler = xfs.fill_leaving(MARGIN / 2);
     let out = env.run(&["branch", "create", "x", "--from", "main"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -293,7 +294,7 @@ fn a_build_that_would_fill_the_disk_is_refused_and_the_parent_keeps_serving() {
     // Nothing to delete by hand: remove the filler and the same command works.
     std::fs::remove_file(&filler).unwrap();
     common::wait_for(30, "XFS to release the filler's blocks", || {
-        xfs.available() > 200 * MIB
+        xfs.available() + 32 * MIB > before_fill
     });
     let out = env.ok(&["branch", "create", "x", "--from", "main"]);
     assert!(out.contains("Created branch \"x\""), "{out}");
@@ -480,4 +481,68 @@ fn own_bytes_tell_a_clone_from_its_parent_and_gc_history_frees_space() {
         env.psql("x", "select count(*) from big where pad like 'c%'"),
         "20000"
     );
+}
+
+/// The estimate is not a promise: a build whose server is running when free space falls
+/// below half the margin is stopped at once and thrown away, and the parent keeps serving.
+#[test]
+fn a_build_running_when_the_disk_fills_is_stopped_and_thrown_away() {
+    let Some(xfs) = LoopXfs::new(384) else {
+        return;
+    };
+    let env = project_on(&xfs, "0", MARGIN);
+    // One row whose masking takes 8 s: the build's server runs that long, out of sight.
+    let mut toml = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.repo.join(".pgtwig.toml"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut toml,
+        b"[anonymize.columns]\n\"public.people.email\" = { sql = \"email || (select '' from pg_sleep(8))\" }\n",
+    )
+    .unwrap();
+    env.ok(&["branch", "start", "main"]);
+    env.psql(
+        "main",
+        "create table people(email text); insert into people values ('a@example.com')",
+    );
+    let child = env
+        .cmd(&["anonymize", "--from", "main", "--into", "anon"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp = env.project_dir().join("tmp");
+    common::wait_for(60, "the anonymize build's server", || {
+        std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name().to_string_lossy().starts_with("build-anon-")
+                        && e.path().join("data/postmaster.pid").exists()
+                })
+            })
+            .unwrap_or(false)
+    });
+    let filler = xfs.fill_leaving(MARGIN / 4);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    for part in [
+        "stopped building branch \"anon\"",
+        "below half of the 64.0 MiB pgtwig keeps free",
+        "nothing was changed",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "stopped at once, not after the masking: {:?}",
+        started.elapsed()
+    );
+    assert!(!env.project_dir().join("branches/anon").exists());
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+    assert_eq!(env.psql("main", "select count(*) from people"), "1");
+    env.psql("main", "insert into people values ('b@example.com')");
+    drop(filler);
 }

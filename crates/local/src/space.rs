@@ -66,6 +66,29 @@ pub fn default_margin(total: u64) -> u64 {
     MIN_MARGIN.max(total / 100 * MARGIN_PERCENT)
 }
 
+/// A build whose server runs is stopped when free space falls below the margin divided
+/// by this: its estimate was wrong, and the rest of the margin is the running branches'.
+pub const BUILD_STOP_DIVISOR: u64 = 2;
+/// How often a running build's free space is looked at.
+const BUILD_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Watches free space while a build's server runs (see [`LocalBackend::watch_build`]).
+/// Dropping it (or [`finish`](Self::finish)) ends the watch at once.
+pub(crate) struct BuildWatch {
+    /// Closed to end the watch: the thread wakes from its wait then, not 200 ms later.
+    _done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Option<String>>,
+}
+
+impl BuildWatch {
+    /// Stop watching; why the build was stopped, if it was.
+    pub(crate) fn finish(self) -> Option<String> {
+        let BuildWatch { _done, thread } = self;
+        drop(_done);
+        thread.join().ok().flatten()
+    }
+}
+
 /// What a build may write, and why, for messages.
 #[derive(Debug, Clone)]
 pub struct Need {
@@ -246,6 +269,59 @@ impl LocalBackend {
             folder: self.home.dir().to_path_buf(),
             history,
         })))
+    }
+
+    /// While the build server of `data` runs, look at free space every 200 ms and, when it
+    /// falls below the margin / [`BUILD_STOP_DIVISOR`], stop that server at once (immediate
+    /// shutdown): whatever the estimate said, a build never takes the space running
+    /// branches need. `None` when the check is off. [`BuildWatch::finish`] says why it
+    /// stopped the build.
+    pub(crate) fn watch_build(&self, building: &str, data: &Path) -> Result<Option<BuildWatch>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let (setting, source) = self.margin_setting()?;
+        if setting == Some(FreeSpaceMargin::Off) {
+            return Ok(None);
+        }
+        let dir = self.home.tmp_dir();
+        let free = free_space(&dir).map_err(io_error("reading the free space of", &dir))?;
+        let Some(margin) = resolve_margin(setting, source, free.total) else {
+            return Ok(None);
+        };
+        let floor = margin.bytes / BUILD_STOP_DIVISOR;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (building, data, folder) = (
+            building.to_string(),
+            data.to_path_buf(),
+            self.home.dir().to_path_buf(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("pgtwig-build-watch".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(BUILD_WATCH_INTERVAL) {
+                    let Ok(now) = free_space(&dir) else { continue };
+                    if now.available < floor && crate::cluster::stop_immediately(&data) {
+                        return Some(format!(
+                            "stopped building {building}: free space on the file system of {} fell to {}, \
+                             below half of the {} pgtwig keeps free for running branches ({}). The build \
+                             was thrown away and nothing was changed; free space (`pgtwig gc --history`, \
+                             `pgtwig branch delete NAME`) and run it again",
+                            folder.display(),
+                            human(now.available),
+                            human(margin.bytes),
+                            margin.source
+                        ));
+                    }
+                }
+                None
+            })
+            .map_err(|e| Error::Io {
+                what: "starting the free-space watch".into(),
+                source: e,
+            })?;
+        Ok(Some(BuildWatch {
+            _done: done,
+            thread,
+        }))
     }
 
     /// Whether builds here are copy-on-write (probed once).
