@@ -55,6 +55,10 @@ impl TestEnv {
 
     /// [`new`](Self::new) under a folder of the caller's (a file system the test mounted).
     pub fn new_in(base: &Path) -> TestEnv {
+        // Also for the tests that run pgtwig (or git, whose hook runs it) without `cmd`:
+        // once, before this test spawns anything; `cmd` sets or removes it per command.
+        static MARGIN: std::sync::Once = std::sync::Once::new();
+        MARGIN.call_once(|| std::env::set_var("PGTWIG_FREE_SPACE_MARGIN", TEST_FREE_SPACE_MARGIN));
         let tmp = tempfile::Builder::new()
             .prefix("pgtwig-test-")
             .tempdir_in(base)
