@@ -9,6 +9,7 @@ use pgtwig_core::BranchName;
 use pgtwig_daemon::DaemonPaths;
 use pgtwig_local::point_in_time::{format_utc, Target};
 use pgtwig_local::recovery::AtReport;
+use pgtwig_local::space::BranchUsage as UsageOf;
 use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
 use pgtwig_neon::PointInTime;
 use serde_json::json;
@@ -35,7 +36,7 @@ pub enum BranchCommand {
         #[arg(long, value_name = "TIME|LSN")]
         at: Option<String>,
     },
-    /// List branches: parent, creation time, running, size, how it was cloned.
+    /// List branches: parent, creation time, running, own and shared bytes, history, how it was cloned.
     List {
         #[arg(long)]
         json: bool,
@@ -483,11 +484,23 @@ fn print_built(
 
 fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<ExitCode> {
     let branches = backend.list()?;
-    let problems: Vec<&String> = branches.iter().filter_map(|b| b.problem.as_ref()).collect();
+    let mut problems: Vec<String> = branches.iter().filter_map(|b| b.problem.clone()).collect();
+    // Own bytes from the extent map: apparent sizes say nothing on copy-on-write.
+    let usages: Vec<Option<UsageOf>> = branches
+        .iter()
+        .map(|b| match backend.usage(&b.name) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(format!("measuring branch \"{}\": {e}", b.name));
+                None
+            }
+        })
+        .collect();
     if as_json {
         let items: Vec<_> = branches
             .iter()
-            .map(|b| {
+            .zip(&usages)
+            .map(|(b, u)| {
                 let m = b.meta.as_ref();
                 json!({
                     "name": b.name,
@@ -497,6 +510,10 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                     "created": m.map(|m| m.created.clone()),
                     "running": b.running,
                     "size_bytes": b.size,
+                    "own_bytes": u.map(|u| u.own),
+                    "shared_bytes": u.map(|u| u.shared),
+                    "history_bytes": u.map(|u| u.history),
+                    "own_bytes_method": u.map(|u| u.method),
                     "clone_method": m.map(|m| m.clone_method),
                     "pg_major": m.map(|m| m.pg_major),
                     "git_branch": m.and_then(|m| m.git_branch.clone()),
@@ -513,10 +530,16 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
             "PARENT".into(),
             "CREATED".into(),
             "STATE".into(),
-            "SIZE".into(),
+            "OWN".into(),
+            "SHARED".into(),
+            "HISTORY".into(),
             "CLONE".into(),
         ]];
-        for b in &branches {
+        let estimated = usages
+            .iter()
+            .flatten()
+            .any(|u| u.method == pgtwig_local::fiemap::Method::AllocatedBlocks);
+        for (b, u) in branches.iter().zip(&usages) {
             let name = if b.name == project.config.root_branch {
                 format!("{} (root)", b.name)
             } else {
@@ -539,11 +562,32 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                 parent,
                 created,
                 if b.running { "running" } else { "stopped" }.into(),
-                output::size(b.size),
+                u.map(|u| output::size(u.own)).unwrap_or_else(|| "?".into()),
+                u.map(|u| output::size(u.shared))
+                    .unwrap_or_else(|| "?".into()),
+                u.map(|u| output::size(u.history))
+                    .unwrap_or_else(|| "?".into()),
                 method,
             ]);
         }
         output::table(&rows);
+        if estimated {
+            println!(
+                "(this file system does not say which blocks are shared: OWN counts every allocated block)"
+            );
+        }
+        if let Ok(free) = backend.free_space() {
+            let kept = match backend.margin(free.total) {
+                Ok(Some(m)) => format!("; builds keep {} free", output::size(m.bytes)),
+                _ => String::new(),
+            };
+            println!(
+                "{} free of {} on the file system of {}{kept}",
+                output::size(free.available),
+                output::size(free.total),
+                backend.home().dir().display()
+            );
+        }
     }
     for p in &problems {
         eprintln!("error: {p}");

@@ -65,6 +65,19 @@ fn probe_source(url: &str) -> Result<(String, i64)> {
     Ok((row.get(0), row.get(1)))
 }
 
+/// `pg_database_size` of the source's database, for the free-space check (None if it
+/// cannot be read: the check then counts only the branch's clone).
+fn source_bytes(url: &str) -> Option<u64> {
+    let mut client = postgres::Config::from_str(url)
+        .ok()?
+        .connect(postgres::NoTls)
+        .ok()?;
+    let row = client
+        .query_one("select pg_database_size(current_database())", &[])
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
 /// Run a client tool, feeding each stderr line to `on_line`; returns the last lines on failure.
 fn run_tool(mut cmd: Command, mut on_line: impl FnMut(&str)) -> Result<(), String> {
     let mut child = cmd
@@ -125,6 +138,8 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| project.config.root_branch.clone());
     let (database, tables) = probe_source(&args.from)?;
+    // Before anything is written: the dump and the restore go to the disk the branches are on.
+    backend.check_space_for_import(&into, source_bytes(&args.from))?;
     let pg = pgtwig_local::pgbin::newest()?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()

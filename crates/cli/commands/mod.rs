@@ -2,6 +2,7 @@ pub mod anonymize;
 pub mod branch;
 pub mod daemon;
 pub mod diff;
+pub mod disk;
 pub mod git;
 pub mod import;
 pub mod init;

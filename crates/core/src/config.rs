@@ -47,6 +47,12 @@ pub struct Config {
     /// older than this are pruned ("0": keep no history).
     #[serde(default = "default_retention", with = "duration_text")]
     pub history_retention: std::time::Duration,
+    /// Free space a build (`branch create`, `reset`, `import`, …) must leave on the
+    /// file system of the branches, so a running branch never runs out of it
+    /// ("2GiB", or "off"). Unset: max(1 GiB, 5 % of the file system). The
+    /// environment variable `PGTWIG_FREE_SPACE_MARGIN` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_space_margin: Option<crate::size::FreeSpaceMargin>,
     /// The local proxy (`pgtwig up`).
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -339,6 +345,7 @@ impl Config {
             root_branch: default_root(),
             database: None,
             history_retention: default_retention(),
+            free_space_margin: None,
             proxy: ProxyConfig::default(),
             map: Vec::new(),
             anonymize: Default::default(),

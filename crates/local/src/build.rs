@@ -268,9 +268,15 @@ impl LocalBackend {
                 source,
             },
         )?;
+        // The build writes beside running branches: stopped if free space runs low.
+        let watch = self.watch_build(&format!("branch \"{name}\""), &data)?;
         let result = work(&sock);
+        let tripped = watch.and_then(crate::space::BuildWatch::finish);
         let stopped = cluster::stop(&data, log, STOP_TIMEOUT);
         let _ = fs::remove_dir(&sock);
+        if let Some(why) = tripped {
+            return Err(Error::Other(why));
+        }
         stopped?;
         result
     }

@@ -354,6 +354,18 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
     Ok(())
 }
 
+/// Stop the cluster at once (immediate shutdown, SIGQUIT: no checkpoint, nothing more
+/// written), without waiting. For a build that must not write any more; it is discarded
+/// after. Returns whether a server was signalled.
+pub fn stop_immediately(data_dir: &Path) -> bool {
+    match status(data_dir) {
+        Status::Running { pid, .. } if pid != 0 && is_postmaster_of(pid, data_dir) => {
+            kill(Pid::from_raw(pid), Signal::SIGQUIT).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// Whether `pid` can be the postmaster of `data_dir`: run as root, only a
 /// process of the data directory's owner. `postmaster.pid` is the server
 /// user's file and could name any process (pid 1, too) for root to signal;

@@ -10,6 +10,10 @@
 //! - `beneath`: reaching into the server user's data directories without
 //!   following links.
 //! - [`clone`]: copy-on-write (or full) copies of a directory tree.
+//! - [`fiemap`]: which bytes of a file are its own and which it shares
+//!   with clones (the kernel's extent map).
+//! - [`space`]: free space before a build, and what each branch and its
+//!   history cost on disk.
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`wal_archive`]: the archiver that servers run (`pgtwig-archive-wal`),
@@ -29,6 +33,7 @@ pub mod clone;
 pub mod cluster;
 pub mod databases;
 pub mod engine;
+pub mod fiemap;
 pub mod history;
 mod ownership;
 pub mod pgbin;
@@ -36,6 +41,7 @@ pub mod point_in_time;
 pub mod prepared;
 pub mod recovery;
 pub mod server_user;
+pub mod space;
 pub mod wal_archive;
 
 pub use clone::CloneMethod;

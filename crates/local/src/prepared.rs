@@ -38,7 +38,9 @@ impl LocalBackend {
         // copied); the long part, `prepare`, without it, beside other commands and the hook.
         let (parent_branch, unlocked) = {
             let _lock = self.lock_for_new(name)?;
-            (self.get(parent)?, self.new_build_dir_unlocked(name)?)
+            let parent_branch = self.get(parent)?;
+            self.check_space_for_rewrite(name, &parent_branch)?;
+            (parent_branch, self.new_build_dir_unlocked(name)?)
         };
         let build = unlocked.dir.clone();
         let result = (|| {
@@ -228,6 +230,7 @@ impl LocalBackend {
     /// parent is copied under it, and the swap always runs under it.
     pub fn reset(&self, name: &BranchName, keep_old: Option<&BranchName>) -> Result<CreateReport> {
         let (_, parent) = self.reset_source(name, keep_old)?;
+        self.check_space_for_clone(name, &parent)?;
         let unlocked = self.new_build_dir_unlocked(name)?;
         let build = unlocked.dir.clone();
         let result = (|| {
