@@ -13,6 +13,8 @@
 //! - [`backup`]: consistent clones of a running cluster (backup API).
 //! - [`prepared`]: branches changed out of sight (anonymize, import).
 //! - [`history`]: WAL archive and base snapshots; branches as of a past time.
+//! - [`lifetime`]: processes that die with the command that started them
+//!   (a build's server, import's pg_dump/pg_restore).
 //! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
 //!   up after a command that died mid-build.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
@@ -26,6 +28,7 @@ pub mod cluster;
 pub mod databases;
 pub mod engine;
 pub mod history;
+pub mod lifetime;
 mod ownership;
 pub mod pgbin;
 pub mod prepared;
