@@ -565,7 +565,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         if dry_run {
             println!("would delete {name} ({reason})");
         } else {
-            backend.delete(&name, &project.config.root_branch)?;
+            super::branch::delete_collected(&project, &backend, &name, &reason)?;
             println!("deleted {name} ({reason})");
         }
     }
