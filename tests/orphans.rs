@@ -186,7 +186,7 @@ fn production() -> (TestEnv, String) {
 
 #[test]
 fn a_killed_import_leaves_no_dump_restore_or_server_and_the_branch_keeps_serving() {
-    let (_prod, src) = production();
+    let (prod, src) = production();
     let env = TestEnv::new(Fs::Plain).unwrap();
     env.init();
     env.ok(&["import", "--from", &src]);
@@ -227,9 +227,22 @@ fn a_killed_import_leaves_no_dump_restore_or_server_and_the_branch_keeps_serving
     drop(locker.stdin.take());
     locker.wait().unwrap();
 
-    // Killed while pg_restore fills the build: its server (and pg_restore, if still at it)
-    // go with it.
-    let child = run_to(&env, &["import", "--from", &src], "import.restoring");
+    // Killed while pg_restore fills the build: its server and pg_restore go with it. The
+    // failpoint stops pgtwig reading pg_restore's output, so a source with enough objects (its
+    // `--verbose` lines overflow the pipe) keeps pg_restore waiting until the kill.
+    prod.psql("main", "create database many");
+    let many = prod
+        .ok(&["branch", "url", "main", "--database", "many"])
+        .trim()
+        .to_string();
+    common::psql(
+        &many,
+        "do $$ begin for i in 1..600 loop \
+           execute format('create table %I (id int primary key)', \
+             'a_table_with_a_name_long_enough_to_fill_the_pipe_quickly_' || i); \
+         end loop; end $$",
+    );
+    let child = run_to(&env, &["import", "--from", &many], "import.restoring");
     let tmp = std::fs::canonicalize(env.project_dir())
         .unwrap()
         .join("tmp");
@@ -237,6 +250,10 @@ fn a_killed_import_leaves_no_dump_restore_or_server_and_the_branch_keeps_serving
     assert!(
         running.iter().any(|p| is_postmaster(p, &tmp)),
         "the build's server runs at the failpoint: {running:#?}"
+    );
+    assert!(
+        running.iter().any(|p| p.what.contains("pg_restore")),
+        "pg_restore runs at the failpoint: {running:#?}"
     );
     kill_9(child);
     assert_all_gone_within_5s(&env, "pgtwig import while restoring");
