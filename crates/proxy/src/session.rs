@@ -234,28 +234,26 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             status.clone(),
         ),
         None => {
-            let mut server =
-                match connect_upstream(&route.addr, proxy.config.upstream_connect_timeout).await {
-                    Ok(s) => s,
-                    Err(e)
-                        if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) =>
-                    {
-                        send_error(&mut client, &crate::listen::too_many_connections()).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let err = PgError::fatal(
-                            sqlstate::CONNECTION_FAILURE,
-                            format!(
-                                "could not connect to the server of database branch \"{}\"",
-                                route.branch
-                            ),
-                        )
-                        .detail(format!("connecting to {}: {e}", route.addr));
-                        send_error(&mut client, &err).await;
-                        return;
-                    }
-                };
+            let limit = proxy.config.upstream_connect_timeout;
+            let mut server = match connect_upstream(&route.addr, limit).await {
+                Ok(s) => s,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    send_error(&mut client, &crate::listen::too_many_connections()).await;
+                    return;
+                }
+                Err(e) => {
+                    let err = PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "could not connect to the server of database branch \"{}\"",
+                            route.branch
+                        ),
+                    )
+                    .detail(format!("connecting to {}: {e}", route.addr));
+                    send_error(&mut client, &err).await;
+                    return;
+                }
+            };
             if server.write_all(&plan.upstream_packet).await.is_err() {
                 let err = PgError::fatal(
                     sqlstate::CONNECTION_FAILURE,
