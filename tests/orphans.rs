@@ -265,6 +265,18 @@ fn a_killed_import_leaves_no_dump_restore_or_server_and_the_branch_keeps_serving
     common::psql(&src, "insert into users values (1001, 'new@x')");
     env.ok(&["import", "--from", &src, "--replace"]);
     assert_eq!(env.psql("main", "select count(*) from users"), "1001");
+
+    // Killed after swapping the new state in, before starting main again: the next command
+    // starts it.
+    common::psql(&src, "insert into users values (1002, 'newer@x')");
+    kill_9(run_to(
+        &env,
+        &["import", "--from", &src, "--replace"],
+        "swap.before_restart",
+    ));
+    assert_eq!(env.branch_json("main")["running"], true, "main runs again");
+    assert_eq!(env.psql("main", "select count(*) from users"), "1002");
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
 }
 
 #[test]
