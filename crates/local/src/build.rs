@@ -79,6 +79,12 @@ fn stop_leftover_server(dir: &Path) -> Result<()> {
     })
 }
 
+/// `tmp/old-<name>.restart`: branch `name` ran when a reset or an import stopped it to swap
+/// in its new state; whoever takes the lock next starts it if the command died before it did.
+pub(crate) fn restart_marker(tmp: &Path, name: &BranchName) -> PathBuf {
+    tmp.join(format!("old-{name}.restart"))
+}
+
 /// The lock file of build folder `dir`.
 fn build_lock_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
@@ -231,6 +237,19 @@ impl LocalBackend {
             }
         }
         Ok(done)
+    }
+
+    /// After [`swap_in`](Self::swap_in): start `name` again if it ran before, and forget that
+    /// it has to be.
+    pub(crate) fn restart_after_swap(&self, name: &BranchName, was_running: bool) -> Result<()> {
+        failpoint::hit("swap.before_restart");
+        let started = if was_running {
+            self.start_locked(name).map(drop)
+        } else {
+            Ok(())
+        };
+        let _ = fs::remove_file(restart_marker(&self.home.tmp_dir(), name));
+        started
     }
 
     /// A fresh, empty folder in `tmp/` to build a branch in (under the project

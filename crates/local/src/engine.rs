@@ -501,8 +501,8 @@ impl LocalBackend {
     ) -> Result<bool> {
         let tmp = self.home.tmp_dir();
         // Recorded before it stops: if this command dies before starting it again, the next
-        // holder of the lock does (see `restart_after_swap`).
-        let restart = restart_marker(&tmp, name);
+        // holder of the lock does (see `build::restart_after_swap`).
+        let restart = crate::build::restart_marker(&tmp, name);
         let running = cluster::status(&self.branch_dir(name).join("data")).is_running();
         if running {
             fsutil::write_atomic(&restart, b"").map_err(io_err("recording that it runs"))?;
@@ -529,19 +529,6 @@ impl LocalBackend {
         Ok(was_running)
     }
 
-    /// After [`swap_in`](Self::swap_in): start `name` again if it ran before, and forget that
-    /// it has to be.
-    pub(crate) fn restart_after_swap(&self, name: &BranchName, was_running: bool) -> Result<()> {
-        failpoint::hit("swap.before_restart");
-        let started = if was_running {
-            self.start_locked(name).map(drop)
-        } else {
-            Ok(())
-        };
-        let _ = fs::remove_file(restart_marker(&self.home.tmp_dir(), name));
-        started
-    }
-
     /// Delete a branch and its data. Its children are untouched: clones
     /// share no files with their parent.
     pub fn delete(&self, name: &BranchName, root: &BranchName) -> Result<()> {
@@ -565,12 +552,6 @@ impl LocalBackend {
         fsutil::sync_dir(&self.home.branches_dir()).map_err(io_err("syncing"))?;
         remove_tree(&doomed)
     }
-}
-
-/// `tmp/old-<name>.restart`: branch `name` ran when a reset or an import stopped it to swap
-/// in its new state; whoever takes the lock next starts it if the command died before it did.
-pub(crate) fn restart_marker(tmp: &Path, name: &BranchName) -> PathBuf {
-    tmp.join(format!("old-{name}.restart"))
 }
 
 pub(crate) fn write_meta(dir: &Path, meta: &BranchMeta) -> Result<()> {
