@@ -194,7 +194,7 @@ fn has_base(branch_dir: &Path) -> bool {
 
 #[test]
 fn a_build_that_would_fill_the_disk_is_refused_and_the_parent_keeps_serving() {
-    let Some(xfs) = LoopXfs::new(384) else {
+    let Some(xfs) = LoopXfs::new(448) else {
         return;
     };
     let env = project_on(&xfs, "24h", MARGIN);

@@ -411,6 +411,29 @@ pub fn delete_guarded(
     Ok(())
 }
 
+/// Delete `name` for `gc` (which never picks a work tree's active branch): with the proxy
+/// running its sessions are ended at their transaction boundaries first, saying `reason`,
+/// and new ones held off until it is gone — as `branch delete` does.
+pub fn delete_collected(
+    project: &Project,
+    backend: &Backend,
+    name: &BranchName,
+    reason: &str,
+) -> Result<()> {
+    let why = format!(
+        "pgtwig gc is deleting database branch \"{name}\" ({reason}); reconnect to continue"
+    );
+    let _drained = drain_sessions(
+        &backend.daemon_paths()?,
+        backend.exists(name)?,
+        name,
+        project,
+        Some(why),
+    )?;
+    backend.delete(name, &project.config.root_branch)?;
+    Ok(())
+}
+
 /// Entries of removed work trees that pointed at the deleted branch route nobody; drop them.
 fn forget_removed_worktrees(project: &Project, backend: &Backend, name: &BranchName) {
     let path = project.home.state_path();

@@ -254,6 +254,11 @@ pub struct ProxyConfig {
     /// with `DISCARD ALL` (PgBouncer's session pooling). Off: every session
     /// gets a fresh server process (a new `pg_backend_pid()`).
     pub reuse_connections: bool,
+    /// How long the proxy may take to reach a branch's server: the connect, and for a TLS
+    /// upstream (Neon) the TLS handshake, each. Past it the client gets 08006 saying which;
+    /// "0": no limit.
+    #[serde(with = "duration_text")]
+    pub connect_timeout: std::time::Duration,
 }
 
 impl ProxyConfig {
@@ -271,6 +276,7 @@ impl Default for ProxyConfig {
             on_switch: OnSwitch::CloseIdle,
             tls: None,
             reuse_connections: true,
+            connect_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -676,6 +682,16 @@ mod tests {
         )
         .unwrap();
         assert!(!c.proxy.reuse_connections);
+        assert_eq!(c.proxy.connect_timeout, std::time::Duration::from_secs(10));
+        let c = Config::parse(
+            "project = \"a\"\n[proxy]\nconnect_timeout = \"1500ms\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.connect_timeout,
+            std::time::Duration::from_millis(1500)
+        );
         assert!(Config::new(BranchName::parse("a").unwrap())
             .proxy
             .tls_enabled(BackendKind::Local));

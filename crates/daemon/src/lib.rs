@@ -179,6 +179,10 @@ pub fn run(
             None
         },
         client_auth,
+        // "0" in the config: no limit, as for the other durations there.
+        upstream_connect_timeout: Some(settings.connect_timeout)
+            .filter(|t| !t.is_zero())
+            .unwrap_or(Duration::MAX),
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the

@@ -531,8 +531,15 @@ impl LocalBackend {
         build: &Path,
         keep_old: Option<&BranchName>,
     ) -> Result<bool> {
-        let was_running = self.stop_locked(name)?;
         let tmp = self.home.tmp_dir();
+        // Recorded before it stops: if this command dies before starting it again, the next
+        // holder of the lock does (see `build::restart_after_swap`).
+        let restart = crate::build::restart_marker(&tmp, name);
+        let running = cluster::status(&self.branch_dir(name).join("data")).is_running();
+        if running {
+            fsutil::write_atomic(&restart, b"").map_err(io_err("recording that it runs"))?;
+        }
+        let was_running = self.stop_locked(name)? || running;
         let aside = tmp.join(format!("old-{name}"));
         if let Some(k) = keep_old {
             fsutil::write_atomic(&tmp.join(format!("old-{name}.keep")), k.as_str().as_bytes())

@@ -21,6 +21,8 @@
 //! - [`history`]: base snapshots and the WAL archive of a branch.
 //! - [`point_in_time`]: what `--at` accepts (times with zones, relative, LSNs).
 //! - [`recovery`]: branches as of a past point (`branch create --at`).
+//! - [`lifetime`]: processes that die with the command that started them
+//!   (a build's server, import's pg_dump/pg_restore).
 //! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
 //!   up after a command that died mid-build.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
@@ -35,6 +37,7 @@ pub mod databases;
 pub mod engine;
 pub mod fiemap;
 pub mod history;
+pub mod lifetime;
 mod ownership;
 pub mod pgbin;
 pub mod point_in_time;
