@@ -59,6 +59,10 @@ pub enum BranchCommand {
         /// Keep the old state as a new branch with this name instead of deleting it.
         #[arg(long, value_name = "NEW")]
         keep_old: Option<BranchName>,
+        /// Then run the post_create commands of the [[map]] rule that made it again
+        /// (migrations, seeds), if `pgtwig trust` approved them.
+        #[arg(long)]
+        post_create: bool,
     },
     /// Start a branch's PostgreSQL server.
     Start { name: BranchName },
@@ -121,6 +125,7 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             name,
             force,
             keep_old,
+            post_create,
         } => {
             let started = Instant::now();
             let change = Change::Reset {
@@ -149,6 +154,14 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             print_built("Reset", &report, &parent, started, backend)?;
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
+            }
+            if post_create {
+                pgtwig_project::checkout::rerun_post_create(
+                    project,
+                    whole,
+                    &name,
+                    &mut output::Terminal::stdout(),
+                )?;
             }
         }
         BranchCommand::Start { name } => {
@@ -227,6 +240,7 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
             name,
             force,
             keep_old,
+            post_create,
         } => {
             let started = Instant::now();
             let change = Change::Reset {
@@ -253,6 +267,14 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
             );
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
+            }
+            if post_create {
+                pgtwig_project::checkout::rerun_post_create(
+                    project,
+                    whole,
+                    &name,
+                    &mut output::Terminal::stdout(),
+                )?;
             }
         }
         BranchCommand::Start { name } => {
