@@ -17,6 +17,7 @@ pub mod fd_limit;
 pub mod head_watch;
 pub mod neon_router;
 pub mod port;
+mod process;
 pub mod router;
 pub mod suspend;
 pub mod unix_socket;
