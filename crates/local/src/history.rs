@@ -523,12 +523,16 @@ mod tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod pruning_tests {
     use super::*;
 
+    /// A base that ended when it started (pruning goes by the end).
     fn base(started: u64, start_wal: &str) -> Base {
+        let at = UNIX_EPOCH + Duration::from_secs(started);
         Base {
-            started: UNIX_EPOCH + Duration::from_secs(started),
+            started: at,
+            ended: at,
+            end_lsn: Lsn(0),
             start_wal: start_wal.into(),
             data: PathBuf::from(format!("/b/{started}/data")),
         }
