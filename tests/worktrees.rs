@@ -288,7 +288,10 @@ fn a_work_tree_nobody_provisioned_gets_its_branch_on_first_connect() {
     assert_eq!(marker_from(&d, &wt2), "feature-q");
     assert_eq!(marker_from(&d, &env.repo), "main");
     // Through the proxy's Unix socket too: there the kernel names the client's pid.
-    let socket = status["daemon"]["unix_socket"].as_str().unwrap().to_string();
+    let socket = status["daemon"]["unix_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let socket_dir = Path::new(&socket).parent().unwrap().display().to_string();
     for (cwd, want) in [(&wt2, "feature-q"), (&env.repo, "main")] {
         let out = Command::new("psql")

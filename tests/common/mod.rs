@@ -22,7 +22,7 @@ pub struct TestEnv {
     pub free_space_margin: Option<String>,
 }
 
-/// The default margin is 5 % of the file system (12 GiB of a 250 GiB disk): tests of
+/// The default margin is 5 % of the file system (up to 10 GiB): tests of
 /// everything but the free-space check must not fail because the machine is short of that.
 pub const TEST_FREE_SPACE_MARGIN: &str = "256MiB";
 

@@ -49,7 +49,7 @@ pub struct Config {
     pub history_retention: std::time::Duration,
     /// Free space a build (`branch create`, `reset`, `import`, …) must leave on the
     /// file system of the branches, so a running branch never runs out of it
-    /// ("2GiB", or "off"). Unset: max(1 GiB, 5 % of the file system). The
+    /// ("2GiB", or "off"). Unset: 5 % of the file system, at least 1 GiB and at most 10 GiB. The
     /// environment variable `PGTWIG_FREE_SPACE_MARGIN` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_space_margin: Option<crate::size::FreeSpaceMargin>,

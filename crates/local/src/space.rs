@@ -6,7 +6,7 @@
 //! write WAL, so the build, not a running parent, must be the one to stop:
 //! before building, pgtwig estimates what the build may write and refuses
 //! (naming what is free, what it needs and how to free space) when less
-//! than a margin would remain — `max(1 GiB, 5 % of the file system)`, or
+//! than a margin would remain — 5 % of the file system, at least 1 GiB and at most 10 GiB, or
 //! `free_space_margin` in `.pgtwig.toml`, or `PGTWIG_FREE_SPACE_MARGIN`.
 //!
 //! What a branch costs is measured from the extent map ([`crate::fiemap`]):
@@ -28,8 +28,12 @@ use crate::history::Base;
 
 /// The margin is at least this much …
 pub const MIN_MARGIN: u64 = 1 << 30;
-/// … and at least this share (in percent) of the file system.
+/// … and this share (in percent) of the file system …
 pub const MARGIN_PERCENT: u64 = 5;
+/// … but never more than this by default: on a 1 TB laptop disk 5 % would be 50 GiB, and
+/// pgtwig would refuse branches on a disk with room for hundreds of them. What the margin
+/// guards against — a running branch's next WAL segments and checkpoints — fits in far less.
+pub const MAX_DEFAULT_MARGIN: u64 = 10 << 30;
 /// Overrides `free_space_margin` (a size, or "off"); for tests on small file systems.
 pub const MARGIN_ENV: &str = "PGTWIG_FREE_SPACE_MARGIN";
 /// What a copy-on-write clone writes besides copies of WAL: metadata, the
@@ -63,7 +67,7 @@ pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
 
 /// The default margin on a file system of `total` bytes.
 pub fn default_margin(total: u64) -> u64 {
-    MIN_MARGIN.max(total / 100 * MARGIN_PERCENT)
+    (total / 100 * MARGIN_PERCENT).clamp(MIN_MARGIN, MAX_DEFAULT_MARGIN)
 }
 
 /// A build whose server runs is stopped when free space falls below the margin divided
@@ -173,12 +177,12 @@ fn resolve_margin(setting: Option<FreeSpaceMargin>, source: String, total: u64) 
         Some(FreeSpaceMargin::Off) => None,
         Some(FreeSpaceMargin::Bytes(bytes)) => Some(Margin {
             bytes,
-            source: format!("{source}; default max(1 GiB, {MARGIN_PERCENT} % of the file system)"),
+            source: format!("{source}; default {MARGIN_PERCENT} % of the file system, at least 1 GiB and at most 10 GiB"),
         }),
         None => Some(Margin {
             bytes: default_margin(total),
             source: format!(
-                "max(1 GiB, {MARGIN_PERCENT} % of the file system); set free_space_margin in .pgtwig.toml to change it"
+                "{MARGIN_PERCENT} % of the file system, at least 1 GiB and at most 10 GiB; set free_space_margin in .pgtwig.toml to change it"
             ),
         }),
     }
@@ -563,10 +567,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_margin_is_a_gib_or_five_percent() {
+    fn the_default_margin_is_five_percent_within_one_to_ten_gib() {
         assert_eq!(default_margin(300 << 20), 1 << 30);
         assert_eq!(default_margin(10 << 30), 1 << 30);
         assert_eq!(default_margin(100 << 30), 5 << 30);
+        assert_eq!(default_margin(1 << 40), 10 << 30);
     }
 
     #[test]
@@ -590,7 +595,7 @@ mod tests {
             },
             margin: Margin {
                 bytes: 1 << 30,
-                source: "max(1 GiB, 5 % of the file system)".into(),
+                source: "5 % of the file system, at least 1 GiB and at most 10 GiB".into(),
             },
             folder: "/var/lib/pgtwig/shop".into(),
             history: Some(30 << 20),
