@@ -72,6 +72,18 @@ fn anonymized_branch_keeps_no_original_value_anywhere() {
         .trim()
         .to_string();
     common::psql(&crm, "create table contacts(email text)");
+    // The config came with the repository: its SQL mask runs as the superuser only once
+    // approved, and nothing is made before.
+    let err = env.fails(&["anonymize", "--into", "anon"]);
+    assert!(
+        err.contains("has SQL masks, which pgtwig runs as the branch's superuser")
+            && err.contains("public.orders.ship_to = 'redacted ' || id")
+            && err.contains("`pgtwig trust`"),
+        "{err}"
+    );
+    assert!(!env.project_dir().join("branches/anon").exists());
+    let approved = env.ok(&["trust"]);
+    assert!(approved.contains("anonymize sql"), "{approved}");
     let run = env.run(&["anonymize", "--into", "anon"]);
     let out = String::from_utf8_lossy(&run.stdout);
     let err = String::from_utf8_lossy(&run.stderr);

@@ -509,6 +509,8 @@ fn a_build_running_when_the_disk_fills_is_stopped_and_thrown_away() {
         b"[anonymize.columns]\n\"public.people.email\" = { sql = \"email || (select '' from pg_sleep(8))\" }\n",
     )
     .unwrap();
+    // Written by the test, not by init: approve its SQL as a user would.
+    env.ok(&["trust"]);
     env.ok(&["branch", "start", "main"]);
     env.psql(
         "main",

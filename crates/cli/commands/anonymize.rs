@@ -71,6 +71,7 @@ pub fn run(args: AnonymizeArgs) -> Result<ExitCode> {
     if args.check {
         return check(backend, &from, &database, rules);
     }
+    pgtwig_project::approval::require_approved_anonymize_sql(&project)?;
     let into = args.into.expect("clap requires --into");
     if rules.columns.is_empty() {
         bail!("no masking rules: add them under [anonymize.columns] in .pgtwig.toml (`pgtwig anonymize --check` lists columns that look like personal data)");

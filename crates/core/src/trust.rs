@@ -45,6 +45,10 @@ pub enum CommandKind {
     /// `[neon] api_url` when it is not Neon's own API (one entry): where the
     /// Neon API key is sent.
     NeonApiUrl,
+    /// `{ sql = "…" }` masks of `[anonymize.columns]` ("schema.table.column = expression"
+    /// each): SQL that `pgtwig anonymize` runs as the branch's superuser, which can do
+    /// anything that user can (`COPY … TO PROGRAM` runs commands).
+    AnonymizeSql,
 }
 
 impl CommandKind {
@@ -52,6 +56,7 @@ impl CommandKind {
         match self {
             CommandKind::PostCreate => "post_create",
             CommandKind::NeonApiUrl => "api_url",
+            CommandKind::AnonymizeSql => "anonymize sql",
         }
     }
 }
@@ -90,6 +95,27 @@ pub fn command_lists(config: &Config) -> Vec<CommandList> {
                 commands: vec![neon.api_url.clone()],
             });
         }
+    }
+    let sql: Vec<String> = config
+        .anonymize
+        .columns
+        .iter()
+        .filter_map(|(column, rule)| match rule {
+            crate::anonymize::MaskRule::Sql(e) => Some(format!(
+                "{}.{}.{} = {e}",
+                column.schema, column.table, column.column
+            )),
+            _ => None,
+        })
+        .collect();
+    if !sql.is_empty() {
+        out.push(CommandList {
+            kind: CommandKind::AnonymizeSql,
+            // Where each column was written is not kept: counted as the committed file's.
+            source: RuleSource::Committed,
+            rule: "[anonymize.columns] (SQL pgtwig anonymize runs as the superuser)".into(),
+            commands: sql,
+        });
     }
     for rule in &config.map {
         let number = numbers.entry(rule.source.file_name()).or_default();

@@ -69,3 +69,26 @@ pub fn require_approved_api_url(project: &Project, api_url: &str) -> Result<()> 
         project.root.display()
     )
 }
+
+/// `{ sql = "…" }` masks run as the branch's superuser (which can run programs: `COPY … TO
+/// PROGRAM`), so a committed config's SQL runs only once `pgtwig trust` approved that exact
+/// list, like `post_create`. Refused otherwise, listing the SQL and how to approve it.
+pub fn require_approved_anonymize_sql(project: &Project) -> Result<()> {
+    let lists = trust::command_lists(&project.config);
+    let Some(sql) = lists.iter().find(|l| l.kind == CommandKind::AnonymizeSql) else {
+        return Ok(());
+    };
+    let repo = repo_key(&project.root)?;
+    let store = TrustStore::load(&trust::trust_path(&project.home))?;
+    if store.is_approved(&repo, CommandKind::AnonymizeSql, &sql.commands) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "[anonymize.columns] in {} has SQL masks, which pgtwig runs as the branch's superuser, and they are \
+         not approved for this repository:\n    {}\nNothing was changed. Review them, then approve with \
+         `pgtwig trust` in {}",
+        pgtwig_core::CONFIG_FILE,
+        sql.commands.join("\n    "),
+        project.root.display()
+    )
+}
