@@ -304,4 +304,24 @@ fn neon_api_url_must_not_send_the_key_in_clear() {
         write(url);
         env.ok(&["trust", "--list"]);
     }
+
+    // Neon's own API, but a committed connect/ca_file: the password would go where the config
+    // says, so those need approval too (refused before any request).
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        "project = \"shop\"\nbackend = \"neon\"\n[neon]\nproject_id = \"p\"\n\
+         connect = \"127.0.0.1:6543\"\nca_file = \"certs/ca.pem\"\n",
+    )
+    .unwrap();
+    std::env::set_var("NEON_API_KEY", "test-key");
+    let e = env.fails(&["branch", "list"]);
+    assert!(
+        e.contains("sets connect = 127.0.0.1:6543 and ca_file = certs/ca.pem")
+            && e.contains("`pgtwig trust`"),
+        "{e}"
+    );
+    let out = env.ok(&["trust"]);
+    assert!(out.contains("neon endpoint"), "{out}");
+    let e = env.fails(&["branch", "list"]);
+    assert!(!e.contains("sets connect"), "approved now: {e}");
 }

@@ -49,6 +49,10 @@ pub enum CommandKind {
     /// each): SQL that `pgtwig anonymize` runs as the branch's superuser, which can do
     /// anything that user can (`COPY … TO PROGRAM` runs commands).
     AnonymizeSql,
+    /// `[neon] connect` / `ca_file`: where connections to Neon endpoints go and which CAs
+    /// vouch for them — together, a committed config could send the role's password to a
+    /// host of its choosing.
+    NeonEndpoint,
 }
 
 impl CommandKind {
@@ -57,6 +61,7 @@ impl CommandKind {
             CommandKind::PostCreate => "post_create",
             CommandKind::NeonApiUrl => "api_url",
             CommandKind::AnonymizeSql => "anonymize sql",
+            CommandKind::NeonEndpoint => "neon endpoint",
         }
     }
 }
@@ -93,6 +98,24 @@ pub fn command_lists(config: &Config) -> Vec<CommandList> {
                 source: RuleSource::Committed,
                 rule: "[neon] (pgtwig sends your Neon API key there)".into(),
                 commands: vec![neon.api_url.clone()],
+            });
+        }
+    }
+    if let Some(neon) = &config.neon {
+        let mut endpoint = Vec::new();
+        if let Some(c) = &neon.connect {
+            endpoint.push(format!("connect = {c}"));
+        }
+        if let Some(ca) = &neon.ca_file {
+            endpoint.push(format!("ca_file = {}", ca.display()));
+        }
+        if !endpoint.is_empty() {
+            out.push(CommandList {
+                kind: CommandKind::NeonEndpoint,
+                source: RuleSource::Committed,
+                rule: "[neon] (where pgtwig connects to Neon endpoints, and whom it trusts there)"
+                    .into(),
+                commands: endpoint,
             });
         }
     }

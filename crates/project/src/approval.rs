@@ -92,3 +92,24 @@ pub fn require_approved_anonymize_sql(project: &Project) -> Result<()> {
         project.root.display()
     )
 }
+
+/// `[neon] connect` and `ca_file` decide where the role's password goes: a committed config's
+/// values are used only once `pgtwig trust` approved them.
+pub fn require_approved_neon_endpoint(project: &Project) -> Result<()> {
+    let lists = trust::command_lists(&project.config);
+    let Some(endpoint) = lists.iter().find(|l| l.kind == CommandKind::NeonEndpoint) else {
+        return Ok(());
+    };
+    let repo = repo_key(&project.root)?;
+    let store = TrustStore::load(&trust::trust_path(&project.home))?;
+    if store.is_approved(&repo, CommandKind::NeonEndpoint, &endpoint.commands) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "[neon] in {} sets {}: pgtwig would send the Neon role's password there; if you trust it, \
+         approve it with `pgtwig trust` in {}",
+        pgtwig_core::CONFIG_FILE,
+        endpoint.commands.join(" and "),
+        project.root.display()
+    )
+}

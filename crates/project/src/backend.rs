@@ -52,6 +52,7 @@ impl Project {
             .as_ref()
             .context("backend = \"neon\" needs a [neon] section with project_id")?;
         crate::approval::require_approved_api_url(self, &config.api_url)?;
+        crate::approval::require_approved_neon_endpoint(self)?;
         let client = NeonClient::new(&config.api_url, ApiKey::from_environment()?);
         let mut backend = NeonBackend::new(client, &config.project_id, self.home.clone())?;
         backend.suspend_timeout = config.suspend_timeout;
