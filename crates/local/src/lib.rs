@@ -17,6 +17,7 @@
 //! - [`history`]: base snapshots and the WAL archive of a branch.
 //! - [`point_in_time`]: what `--at` accepts (times with zones, relative, LSNs).
 //! - [`recovery`]: branches as of a past point (`branch create --at`).
+//! - [`scratch`]: throwaway clones run with extra settings (`pgtwig check`).
 //! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
 //!   up after a command that died mid-build.
 //! - [`engine`]: branches — create, list, delete, reset, start, stop —
@@ -35,6 +36,7 @@ pub mod pgbin;
 pub mod point_in_time;
 pub mod prepared;
 pub mod recovery;
+pub mod scratch;
 pub mod server_user;
 pub mod wal_archive;
 
