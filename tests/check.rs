@@ -183,7 +183,10 @@ fn django_migrations_through_check() {
     );
     assert_eq!(out.status.code(), Some(1));
     let md = String::from_utf8(out.stdout).unwrap();
-    assert!(md.starts_with("### pgtwig check: ❌ failed"), "{md}");
+    assert!(
+        md.starts_with("<!-- pgtwig check -->\n### pgtwig check: ❌ failed"),
+        "{md}"
+    );
     assert!(md.contains("| level | rule | relation | finding |"), "{md}");
     assert!(
         md.contains("| FAIL | `table-rewrite` | `public.shop_item` |"),
@@ -352,6 +355,37 @@ fn rules_on_plain_sql_and_config() {
         .unwrap();
     assert_eq!(rename["level"], "warn");
 
+    // ACCESS EXCLUSIVE held past max_lock (1 s) by a transaction that sleeps after its ALTER.
+    let slow = [
+        "psql",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "begin",
+        "-c",
+        "alter table t add column c int",
+        "-c",
+        "select pg_sleep(1.3)",
+        "-c",
+        "commit",
+    ];
+    let report = json_of(&check(&env, &["--json"], &slow, &[]), 1);
+    assert_eq!(rules(&report), ["long-lock"], "{report:#}");
+    let i = report["findings"][0]["statement"].as_u64().unwrap() as usize;
+    let stmt = &report["statements"][i];
+    assert_eq!(stmt["text"], "alter table t add column c int", "{report:#}");
+    let held = stmt["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "public.t" && l["mode"] == "AccessExclusiveLock")
+        .unwrap_or_else(|| panic!("{stmt}"))["held_ms"]
+        .as_u64()
+        .unwrap();
+    assert!((1000..5000).contains(&held), "held {held} ms");
+
     // The safe way of the same, and [check] turning the rename off: clean.
     std::fs::write(
         env.repo.join(".pgtwig.toml"),
@@ -372,6 +406,9 @@ fn rules_on_plain_sql_and_config() {
         &[],
     );
     let report = json_of(&out, 0);
+    assert!(rules(&report).is_empty(), "{report:#}");
+    // max_lock = "5s": the same 1.3 s lock passes.
+    let report = json_of(&check(&env, &["--json"], &slow, &[]), 0);
     assert!(rules(&report).is_empty(), "{report:#}");
 
     // A bad [check] value is named.

@@ -172,8 +172,12 @@ fn md_cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
 }
 
+/// The first line of `--format markdown`: a workflow finds its earlier comment by it and
+/// updates that one instead of adding another.
+pub const MARKDOWN_MARKER: &str = "<!-- pgtwig check -->";
+
 pub fn markdown(r: &CheckReport) -> String {
-    let mut out = String::new();
+    let mut out = format!("{MARKDOWN_MARKER}\n");
     let verdict = if r.failed {
         "❌ failed"
     } else if r.findings.is_empty() {

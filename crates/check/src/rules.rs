@@ -120,7 +120,9 @@ pub fn judge(
             let l = t.to_lowercase();
             l.contains("create") && l.contains("index")
         };
-        let by_name = statement_naming(statements, &index.name, creating);
+        // By its name (also a constraint's: ADD PRIMARY KEY / UNIQUE name their index), else
+        // a CREATE INDEX on its table.
+        let by_name = statement_naming(statements, &index.name, |_| true);
         let table_name = before.name(table).unwrap_or("?").to_string();
         let stmt = by_name.or_else(|| statement_naming(statements, &table_name, creating));
         let was_concurrent = stmt.is_some_and(|i| concurrent(&statements[i].text));
