@@ -62,7 +62,7 @@ fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
 
     // Refresh while the branch runs: it is replaced, and running again.
     common::psql(&src, "insert into users values (1001, 'new@x')");
-    env.ok(&["import", "--from", &src]);
+    env.ok(&["import", "--from", &src, "--replace"]);
     assert_eq!(env.branch_json("main")["running"], true);
     assert_eq!(
         common::psql(
@@ -92,7 +92,7 @@ fn import_seeds_refreshes_and_leaves_the_branch_alone_on_failure() {
 
     // Killed just before the new cluster replaces the branch.
     let mut child = env
-        .cmd(&["import", "--from", &src])
+        .cmd(&["import", "--from", &src, "--replace"])
         .env("PGTWIG_FAILPOINT", "import.before_publish")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -152,4 +152,74 @@ fn wrong_password_and_unreadable_tables_are_clear_errors() {
     // Nothing half-made: the root is still the empty cluster init made.
     assert_eq!(env.list_json().len(), 1);
     assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+}
+
+#[test]
+fn import_into_a_branch_with_data_keeps_its_previous_state_as_a_branch() {
+    let (_prod, src) = production();
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    let names = |env: &TestEnv| -> Vec<String> {
+        env.list_json()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Into the empty root: nothing to keep, nothing said about it.
+    let out = env.ok(&["import", "--from", &src]);
+    assert!(!out.contains("previous"), "{out}");
+    assert_eq!(names(&env), vec!["main"]);
+
+    // Again, now that main has data: its previous state becomes main-before-import.
+    env.ok(&["branch", "start", "main"]);
+    env.psql("main", "insert into users values (5000, 'only-in-main@x')");
+    common::psql(&src, "insert into users values (1001, 'new@x')");
+    let out = env.ok(&["import", "--from", &src]);
+    assert!(
+        out.contains("Its previous state is kept as branch \"main-before-import\""),
+        "{out}"
+    );
+    assert_eq!(names(&env), vec!["main", "main-before-import"]);
+    assert_eq!(env.branch_json("main")["running"], true, "main runs again");
+    assert_eq!(
+        env.psql(
+            "main",
+            "select count(*) || ' ' || count(*) filter (where id = 5000) from users"
+        ),
+        "1001 0"
+    );
+    env.ok(&["branch", "start", "main-before-import"]);
+    assert_eq!(
+        env.psql(
+            "main-before-import",
+            "select count(*) || ' ' || count(*) filter (where id = 5000) from users"
+        ),
+        "1001 1",
+        "the kept branch has main's data as it was, its own row too"
+    );
+
+    // The default name is taken: refused before anything runs, with what to do.
+    let err = env.fails(&["import", "--from", &src]);
+    assert!(
+        err.contains("branch \"main-before-import\" already exists")
+            && err.contains("--keep-old NAME")
+            && err.contains("--replace"),
+        "{err}"
+    );
+    assert_eq!(names(&env), vec!["main", "main-before-import"]);
+    assert!(env.tmp_entries().is_empty(), "{:?}", env.tmp_entries());
+
+    // Another name, then dropping it.
+    let out = env.ok(&["import", "--from", &src, "--keep-old", "snap"]);
+    assert!(out.contains("kept as branch \"snap\""), "{out}");
+    let out = env.ok(&["import", "--from", &src, "--replace"]);
+    assert!(
+        out.contains("previous data in \"postgres\" was dropped"),
+        "{out}"
+    );
+    assert_eq!(names(&env), vec!["main", "main-before-import", "snap"]);
+    assert_eq!(env.psql("main", "select count(*) from users"), "1001");
+
+    let err = env.fails(&["import", "--from", &src, "--replace", "--keep-old", "x"]);
+    assert!(err.contains("cannot be used with"), "{err}");
 }

@@ -386,7 +386,9 @@ fn a_forged_postmaster_pid_does_not_make_root_signal_another_process() {
 
     let err = env.fails(&["branch", "stop", "main"]);
     assert!(
-        err.contains(&format!("names pid {pid}, a process of another user")),
+        err.contains(&format!(
+            "names pid {pid}, which is not the server of this data directory"
+        )),
         "{err}"
     );
     assert!(

@@ -369,3 +369,64 @@ fn server_connections_are_reused_unless_turned_off() {
         "reuse_connections = false: a fresh server process each time"
     );
 }
+
+/// `gc` drains like `branch delete`: a session open on the collected branch is ended with
+/// 57P01 saying why, a transaction in flight finishes first, and the branch goes.
+#[test]
+fn gc_ends_the_sessions_of_a_collected_branch_at_transaction_boundaries() {
+    let env = project();
+    env.ok(&["pr", "open", "9", "--ttl", "1s"]);
+    let d = up(&env);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect_async = |db: &str| {
+        let (client, conn) = rt
+            .block_on(tokio_postgres::connect(&url(&d, db), tokio_postgres::NoTls))
+            .unwrap();
+        (client, rt.spawn(conn))
+    };
+    let (idle, idle_conn) = connect_async("postgres@pr-9");
+    rt.block_on(idle.simple_query("select 1")).unwrap();
+    let (busy, busy_conn) = connect_async("postgres@pr-9");
+    rt.block_on(busy.batch_execute("begin; insert into marker values ('in flight')"))
+        .unwrap();
+    common::wait_for(10, "pr-9 to expire", || {
+        env.ok(&["gc", "--dry-run"]).contains("would delete pr-9")
+    });
+
+    let gc = {
+        let mut cmd = env.cmd(&["gc"]);
+        std::thread::spawn(move || cmd.output().unwrap())
+    };
+    let ended =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), idle_conn).await });
+    let err = ended.expect("idle session closed").unwrap().unwrap_err();
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {err}"));
+    assert_eq!(db.code().code(), "57P01");
+    assert!(
+        db.message()
+            .contains("pgtwig gc is deleting database branch \"pr-9\" (expired at"),
+        "{db:?}"
+    );
+    // The transaction is not cut: gc waits for it, then its session is ended too.
+    rt.block_on(busy.batch_execute("insert into marker values ('still in flight')"))
+        .unwrap();
+    assert!(!gc.is_finished(), "gc waits for the open transaction");
+    rt.block_on(busy.batch_execute("commit")).unwrap();
+    let ended =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), busy_conn).await });
+    let err = ended.expect("busy session closed").unwrap().unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("57P01"));
+    let out = gc.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted pr-9"));
+    assert!(env.list_json().iter().all(|b| b["name"] != "pr-9"));
+}

@@ -151,6 +151,18 @@ fn post_create_runs_only_once_approved() {
     assert!(!out.contains("did not run"), "{out}");
     assert_eq!(marker(&env, "feature-e").as_deref(), Some("v1"));
 
+    // A reset copies the parent afresh, without what post_create added; --post-create runs the
+    // rule's (approved) commands again.
+    env.ok(&["branch", "reset", "feature-e", "--force"]);
+    assert!(!made_by_post_create(&env, "feature-e"));
+    std::fs::remove_file(markers(&env).join("feature-e")).unwrap();
+    let out = env.ok(&["branch", "reset", "feature-e", "--force", "--post-create"]);
+    assert!(out.contains("post_create (database \"postgres\")"), "{out}");
+    assert_eq!(marker(&env, "feature-e").as_deref(), Some("v1"));
+    assert!(made_by_post_create(&env, "feature-e"));
+    let err = env.fails(&["branch", "reset", "main", "--post-create"]);
+    assert!(err.contains("root branch"), "{err}");
+
     // A second work tree of the same clone shares the approvals (they are
     // keyed by the git common dir), and says so from there too.
     let side = env.repo.parent().unwrap().join("side");

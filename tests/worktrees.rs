@@ -287,6 +287,29 @@ fn a_work_tree_nobody_provisioned_gets_its_branch_on_first_connect() {
     env.psql("feature-q", "update marker set branch = 'feature-q'");
     assert_eq!(marker_from(&d, &wt2), "feature-q");
     assert_eq!(marker_from(&d, &env.repo), "main");
+    // Through the proxy's Unix socket too: there the kernel names the client's pid.
+    let socket = status["daemon"]["unix_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let socket_dir = Path::new(&socket).parent().unwrap().display().to_string();
+    for (cwd, want) in [(&wt2, "feature-q"), (&env.repo, "main")] {
+        let out = Command::new("psql")
+            .arg(format!(
+                "host={socket_dir} port={} user=postgres dbname=postgres",
+                d.port
+            ))
+            .args(["-X", "-A", "-t", "-w", "-c", "select branch from marker"])
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let log = std::fs::read_to_string(
         std::env::temp_dir().join(format!("pgtwig-test-daemon-{}.log", d.port)),
     )

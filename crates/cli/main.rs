@@ -39,11 +39,18 @@ enum Command {
     /// Branches for pull requests (CI): pr-NUMBER.
     #[command(subcommand)]
     Pr(commands::git::PrCommand),
-    /// Delete branches whose git branch is gone or whose TTL passed.
+    /// Delete branches whose git branch is gone or whose TTL passed (--history: prune history instead).
     Gc {
         /// Only list what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// Remove point-in-time history (WAL archive, base snapshots) instead of branches.
+        #[arg(long)]
+        history: bool,
+        /// With --history: what is older than this ("2h", "3d"; "0": all of it; default:
+        /// history_retention).
+        #[arg(long, value_name = "DURATION", requires = "history")]
+        older_than: Option<String>,
     },
     /// Seed or refresh a branch (default: the root) from a real database.
     Import(commands::import::ImportArgs),
@@ -97,7 +104,12 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::daemon::status(args),
         Command::Url(args) => commands::url::run(args),
         Command::Pr(cmd) => commands::git::pr(cmd),
-        Command::Gc { dry_run } => commands::git::gc(dry_run),
+        Command::Gc {
+            dry_run,
+            history: true,
+            older_than,
+        } => commands::disk::gc_history(older_than.as_deref(), dry_run),
+        Command::Gc { dry_run, .. } => commands::git::gc(dry_run),
         Command::Uninstall => commands::git::uninstall(),
         Command::Trust(args) => commands::trust::run(args),
         Command::Diff(args) => commands::diff::run(args),

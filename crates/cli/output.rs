@@ -38,18 +38,7 @@ impl pgtwig_project::Report for Terminal {
 
 /// 1536 → "1.5 KiB".
 pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    pgtwig_core::size::human(bytes)
 }
 
 pub fn duration(d: Duration) -> String {

@@ -17,7 +17,14 @@ pub struct TestEnv {
     _tmp: tempfile::TempDir,
     pub repo: PathBuf,
     pub home: PathBuf,
+    /// `PGTWIG_FREE_SPACE_MARGIN` for every command: [`TEST_FREE_SPACE_MARGIN`] unless a test
+    /// wants the configuration's (`None`).
+    pub free_space_margin: Option<String>,
 }
+
+/// The default margin is 5 % of the file system (up to 10 GiB): tests of
+/// everything but the free-space check must not fail because the machine is short of that.
+pub const TEST_FREE_SPACE_MARGIN: &str = "256MiB";
 
 /// Where the state goes: the plain file system, or one that can reflink.
 pub enum Fs {
@@ -43,6 +50,15 @@ impl TestEnv {
                 }
             },
         };
+        Some(TestEnv::new_in(&base))
+    }
+
+    /// [`new`](Self::new) under a folder of the caller's (a file system the test mounted).
+    pub fn new_in(base: &Path) -> TestEnv {
+        // Also for the tests that run pgtwig (or git, whose hook runs it) without `cmd`:
+        // once, before this test spawns anything; `cmd` sets or removes it per command.
+        static MARGIN: std::sync::Once = std::sync::Once::new();
+        MARGIN.call_once(|| std::env::set_var("PGTWIG_FREE_SPACE_MARGIN", TEST_FREE_SPACE_MARGIN));
         let tmp = tempfile::Builder::new()
             .prefix("pgtwig-test-")
             .tempdir_in(base)
@@ -58,11 +74,12 @@ impl TestEnv {
             .output()
             .unwrap();
         assert!(out.status.success(), "git init: {out:?}");
-        Some(TestEnv {
+        TestEnv {
             _tmp: tmp,
             repo,
             home,
-        })
+            free_space_margin: Some(TEST_FREE_SPACE_MARGIN.into()),
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -72,6 +89,10 @@ impl TestEnv {
             .env("PGTWIG_HOME", &self.home)
             .env_remove("PGTWIG_FAILPOINT")
             .env_remove("PGTWIG_LOG");
+        match &self.free_space_margin {
+            Some(m) => c.env("PGTWIG_FREE_SPACE_MARGIN", m),
+            None => c.env_remove("PGTWIG_FREE_SPACE_MARGIN"),
+        };
         c
     }
 
@@ -296,6 +317,10 @@ pub fn git(env: &TestEnv, args: &[&str]) -> String {
         .args(args)
         .current_dir(&env.repo)
         .env("PGTWIG_HOME", &env.home)
+        .env(
+            "PGTWIG_FREE_SPACE_MARGIN",
+            env.free_space_margin.as_deref().unwrap_or(""),
+        )
         .output()
         .unwrap();
     assert!(

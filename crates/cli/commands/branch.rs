@@ -9,6 +9,7 @@ use pgtwig_core::BranchName;
 use pgtwig_daemon::DaemonPaths;
 use pgtwig_local::point_in_time::{format_utc, Target};
 use pgtwig_local::recovery::AtReport;
+use pgtwig_local::space::BranchUsage as UsageOf;
 use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
 use pgtwig_neon::PointInTime;
 use serde_json::json;
@@ -35,7 +36,7 @@ pub enum BranchCommand {
         #[arg(long, value_name = "TIME|LSN")]
         at: Option<String>,
     },
-    /// List branches: parent, creation time, running, size, how it was cloned.
+    /// List branches: parent, creation time, running, own and shared bytes, history, how it was cloned.
     List {
         #[arg(long)]
         json: bool,
@@ -58,6 +59,10 @@ pub enum BranchCommand {
         /// Keep the old state as a new branch with this name instead of deleting it.
         #[arg(long, value_name = "NEW")]
         keep_old: Option<BranchName>,
+        /// Then run the post_create commands of the [[map]] rule that made it again
+        /// (migrations, seeds), if `pgtwig trust` approved them.
+        #[arg(long)]
+        post_create: bool,
     },
     /// Start a branch's PostgreSQL server.
     Start { name: BranchName },
@@ -120,6 +125,7 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             name,
             force,
             keep_old,
+            post_create,
         } => {
             let started = Instant::now();
             let change = Change::Reset {
@@ -148,6 +154,14 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             print_built("Reset", &report, &parent, started, backend)?;
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
+            }
+            if post_create {
+                pgtwig_project::checkout::rerun_post_create(
+                    project,
+                    whole,
+                    &name,
+                    &mut output::Terminal::stdout(),
+                )?;
             }
         }
         BranchCommand::Start { name } => {
@@ -226,6 +240,7 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
             name,
             force,
             keep_old,
+            post_create,
         } => {
             let started = Instant::now();
             let change = Change::Reset {
@@ -252,6 +267,14 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
             );
             if let Some(k) = keep_old {
                 println!("Its previous state is kept as branch \"{k}\"");
+            }
+            if post_create {
+                pgtwig_project::checkout::rerun_post_create(
+                    project,
+                    whole,
+                    &name,
+                    &mut output::Terminal::stdout(),
+                )?;
             }
         }
         BranchCommand::Start { name } => {
@@ -410,6 +433,29 @@ pub fn delete_guarded(
     Ok(())
 }
 
+/// Delete `name` for `gc` (which never picks a work tree's active branch): with the proxy
+/// running its sessions are ended at their transaction boundaries first, saying `reason`,
+/// and new ones held off until it is gone — as `branch delete` does.
+pub fn delete_collected(
+    project: &Project,
+    backend: &Backend,
+    name: &BranchName,
+    reason: &str,
+) -> Result<()> {
+    let why = format!(
+        "pgtwig gc is deleting database branch \"{name}\" ({reason}); reconnect to continue"
+    );
+    let _drained = drain_sessions(
+        &backend.daemon_paths()?,
+        backend.exists(name)?,
+        name,
+        project,
+        Some(why),
+    )?;
+    backend.delete(name, &project.config.root_branch)?;
+    Ok(())
+}
+
 /// Entries of removed work trees that pointed at the deleted branch route nobody; drop them.
 fn forget_removed_worktrees(project: &Project, backend: &Backend, name: &BranchName) {
     let path = project.home.state_path();
@@ -483,11 +529,23 @@ fn print_built(
 
 fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<ExitCode> {
     let branches = backend.list()?;
-    let problems: Vec<&String> = branches.iter().filter_map(|b| b.problem.as_ref()).collect();
+    let mut problems: Vec<String> = branches.iter().filter_map(|b| b.problem.clone()).collect();
+    // Own bytes from the extent map: apparent sizes say nothing on copy-on-write.
+    let usages: Vec<Option<UsageOf>> = branches
+        .iter()
+        .map(|b| match backend.usage(&b.name) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(format!("measuring branch \"{}\": {e}", b.name));
+                None
+            }
+        })
+        .collect();
     if as_json {
         let items: Vec<_> = branches
             .iter()
-            .map(|b| {
+            .zip(&usages)
+            .map(|(b, u)| {
                 let m = b.meta.as_ref();
                 json!({
                     "name": b.name,
@@ -497,6 +555,10 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                     "created": m.map(|m| m.created.clone()),
                     "running": b.running,
                     "size_bytes": b.size,
+                    "own_bytes": u.map(|u| u.own),
+                    "shared_bytes": u.map(|u| u.shared),
+                    "history_bytes": u.map(|u| u.history),
+                    "own_bytes_method": u.map(|u| u.method),
                     "clone_method": m.map(|m| m.clone_method),
                     "pg_major": m.map(|m| m.pg_major),
                     "git_branch": m.and_then(|m| m.git_branch.clone()),
@@ -513,10 +575,16 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
             "PARENT".into(),
             "CREATED".into(),
             "STATE".into(),
-            "SIZE".into(),
+            "OWN".into(),
+            "SHARED".into(),
+            "HISTORY".into(),
             "CLONE".into(),
         ]];
-        for b in &branches {
+        let estimated = usages
+            .iter()
+            .flatten()
+            .any(|u| u.method == pgtwig_local::fiemap::Method::AllocatedBlocks);
+        for (b, u) in branches.iter().zip(&usages) {
             let name = if b.name == project.config.root_branch {
                 format!("{} (root)", b.name)
             } else {
@@ -539,11 +607,32 @@ fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<Exit
                 parent,
                 created,
                 if b.running { "running" } else { "stopped" }.into(),
-                output::size(b.size),
+                u.map(|u| output::size(u.own)).unwrap_or_else(|| "?".into()),
+                u.map(|u| output::size(u.shared))
+                    .unwrap_or_else(|| "?".into()),
+                u.map(|u| output::size(u.history))
+                    .unwrap_or_else(|| "?".into()),
                 method,
             ]);
         }
         output::table(&rows);
+        if estimated {
+            println!(
+                "(this file system does not say which blocks are shared: OWN counts every allocated block)"
+            );
+        }
+        if let Ok(free) = backend.free_space() {
+            let kept = match backend.margin(free.total) {
+                Ok(Some(m)) => format!("; builds keep {} free", output::size(m.bytes)),
+                _ => String::new(),
+            };
+            println!(
+                "{} free of {} on the file system of {}{kept}",
+                output::size(free.available),
+                output::size(free.total),
+                backend.home().dir().display()
+            );
+        }
     }
     for p in &problems {
         eprintln!("error: {p}");

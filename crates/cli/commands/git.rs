@@ -305,7 +305,7 @@ pub fn gc(dry_run: bool) -> Result<ExitCode> {
         if dry_run {
             println!("would delete {} ({})", d.name, d.reason);
         } else {
-            backend.delete(&d.name, &project.config.root_branch)?;
+            super::branch::delete_collected(&project, &backend, &d.name, &d.reason)?;
             println!("deleted {} ({})", d.name, d.reason);
         }
     }

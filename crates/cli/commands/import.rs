@@ -40,6 +40,31 @@ pub struct ImportArgs {
     /// Parallel jobs for dump and restore (default: number of CPUs).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Keep the branch's previous state as this branch when it has data (default:
+    /// `<branch>-before-import`).
+    #[arg(long, value_name = "NAME", conflicts_with = "replace")]
+    keep_old: Option<BranchName>,
+    /// Drop the branch's previous data instead of keeping it as a branch.
+    #[arg(long)]
+    replace: bool,
+}
+
+/// Where the branch's previous state goes: `--keep-old`, else `<branch>-before-import`;
+/// nowhere with `--replace`.
+fn keep_name(args: &ImportArgs, into: &BranchName) -> Result<Option<BranchName>> {
+    if args.replace {
+        return Ok(None);
+    }
+    if let Some(k) = &args.keep_old {
+        return Ok(Some(k.clone()));
+    }
+    let name = format!("{into}-before-import");
+    BranchName::parse(&name).map(Some).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot keep the previous state of \"{into}\" as \"{name}\" ({e}); name a branch with \
+             `--keep-old NAME`, or drop it with `--replace`"
+        )
+    })
 }
 
 /// Check the source answers, and say clearly why not.
@@ -65,18 +90,42 @@ fn probe_source(url: &str) -> Result<(String, i64)> {
     Ok((row.get(0), row.get(1)))
 }
 
+/// `pg_database_size` of the source's database, for the free-space check (None if it
+/// cannot be read: the check then counts only the branch's clone).
+fn source_bytes(url: &str) -> Option<u64> {
+    let mut client = postgres::Config::from_str(url)
+        .ok()?
+        .connect(postgres::NoTls)
+        .ok()?;
+    let row = client
+        .query_one("select pg_database_size(current_database())", &[])
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
 /// Run a client tool, feeding each stderr line to `on_line`; returns the last lines on failure.
-fn run_tool(mut cmd: Command, mut on_line: impl FnMut(&str)) -> Result<(), String> {
+/// The tool dies with this command (even killed with `kill -9`: see `pgtwig_local::lifetime`);
+/// `failpoint` is hit at its first line (crash tests).
+fn run_tool(
+    mut cmd: Command,
+    failpoint: &str,
+    mut on_line: impl FnMut(&str),
+) -> Result<(), String> {
+    pgtwig_local::lifetime::die_with_this_thread(&mut cmd, nix::sys::signal::Signal::SIGTERM);
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let mut tail: Vec<String> = Vec::new();
-    for line in BufReader::new(child.stderr.take().expect("piped"))
+    for (n, line) in BufReader::new(child.stderr.take().expect("piped"))
         .lines()
         .map_while(Result::ok)
+        .enumerate()
     {
+        if n == 0 {
+            pgtwig_core::failpoint::hit(failpoint);
+        }
         on_line(&line);
         if !line.contains(": processing")
             && !line.contains(": dumping")
@@ -124,7 +173,20 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         .into
         .clone()
         .unwrap_or_else(|| project.config.root_branch.clone());
+    let keep = keep_name(&args, &into)?;
+    // Checked before the long dump: the name for the previous state must be free.
+    if let Some(k) = keep.as_ref().filter(|k| backend.exists(k)) {
+        if backend.exists(&into) {
+            bail!(
+                "branch \"{k}\" already exists, so the previous state of \"{into}\" cannot be kept there (an \
+                 earlier import may have kept it); delete it (`pgtwig branch delete {k}`), name another branch \
+                 with `--keep-old NAME`, or drop the previous data with `--replace`"
+            );
+        }
+    }
     let (database, tables) = probe_source(&args.from)?;
+    // Before anything is written: the dump and the restore go to the disk the branches are on.
+    backend.check_space_for_import(&into, source_bytes(&args.from))?;
     let pg = pgtwig_local::pgbin::newest()?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -149,7 +211,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
     }
     cmd.arg("--dbname").arg(&args.from);
     let pb = bar(if args.schema_only { 1 } else { tables as u64 }, "dump");
-    let result = run_tool(cmd, |line| {
+    let result = run_tool(cmd, "import.dumping", |line| {
         if line.contains("dumping contents of table") {
             pb.inc(1);
             let size = pgtwig_core::fsutil::dir_size(&dump).unwrap_or(0);
@@ -197,7 +259,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             .args(["--username", pgtwig_local::cluster::SUPERUSER])
             .args(["--dbname", &target])
             .arg(&dump);
-        run_tool(cmd, |line| {
+        run_tool(cmd, "import.restoring", |line| {
             if line.contains("processing item")
                 || line.contains(": creating")
                 || line.contains("processing data")
@@ -208,11 +270,12 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         pgtwig_core::failpoint::hit("import.before_publish");
         Ok(())
     };
-    let result = backend.replace_database(&into, &target, &mut fill);
+    let result = backend.replace_database(&into, &target, keep.as_ref(), &mut fill);
     pb.finish_and_clear();
     let _ = std::fs::remove_dir_all(&work);
-    let branch = result
+    let replaced = result
         .map_err(|e| anyhow::anyhow!("restoring failed; branch \"{into}\" was not changed: {e}"))?;
+    let branch = &replaced.branch;
     println!(
         "Restored database \"{database}\" of the source into database \"{target}\" of branch \"{into}\" \
          ({} dumped{}; PostgreSQL {}, {}); its other databases are as they were",
@@ -225,6 +288,14 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         branch.meta.pg_major,
         output::duration(started.elapsed())
     );
+    if let Some(k) = &replaced.kept {
+        println!(
+            "Its previous state is kept as branch \"{k}\" (`pgtwig branch delete {k}` when you no longer need it; \
+             `--replace` drops it instead)"
+        );
+    } else if replaced.dropped {
+        println!("Its previous data in \"{target}\" was dropped (--replace)");
+    }
     if stale_namesake {
         println!(
             "Branch \"{into}\" also has a database \"{database}\" (from an earlier import?); it was left as it was: \

@@ -3,6 +3,7 @@ pub mod branch;
 pub mod check;
 pub mod daemon;
 pub mod diff;
+pub mod disk;
 pub mod git;
 pub mod import;
 pub mod init;

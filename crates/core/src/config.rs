@@ -47,6 +47,12 @@ pub struct Config {
     /// older than this are pruned ("0": keep no history).
     #[serde(default = "default_retention", with = "duration_text")]
     pub history_retention: std::time::Duration,
+    /// Free space a build (`branch create`, `reset`, `import`, …) must leave on the
+    /// file system of the branches, so a running branch never runs out of it
+    /// ("2GiB", or "off"). Unset: 5 % of the file system, at least 1 GiB and at most 10 GiB. The
+    /// environment variable `PGTWIG_FREE_SPACE_MARGIN` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_space_margin: Option<crate::size::FreeSpaceMargin>,
     /// The local proxy (`pgtwig up`).
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -251,6 +257,11 @@ pub struct ProxyConfig {
     /// with `DISCARD ALL` (PgBouncer's session pooling). Off: every session
     /// gets a fresh server process (a new `pg_backend_pid()`).
     pub reuse_connections: bool,
+    /// How long the proxy may take to reach a branch's server: the connect, and for a TLS
+    /// upstream (Neon) the TLS handshake, each. Past it the client gets 08006 saying which;
+    /// "0": no limit.
+    #[serde(with = "duration_text")]
+    pub connect_timeout: std::time::Duration,
 }
 
 impl ProxyConfig {
@@ -268,6 +279,7 @@ impl Default for ProxyConfig {
             on_switch: OnSwitch::CloseIdle,
             tls: None,
             reuse_connections: true,
+            connect_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -342,6 +354,7 @@ impl Config {
             root_branch: default_root(),
             database: None,
             history_retention: default_retention(),
+            free_space_margin: None,
             proxy: ProxyConfig::default(),
             map: Vec::new(),
             anonymize: Default::default(),
@@ -680,6 +693,16 @@ mod tests {
         )
         .unwrap();
         assert!(!c.proxy.reuse_connections);
+        assert_eq!(c.proxy.connect_timeout, std::time::Duration::from_secs(10));
+        let c = Config::parse(
+            "project = \"a\"\n[proxy]\nconnect_timeout = \"1500ms\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.connect_timeout,
+            std::time::Duration::from_millis(1500)
+        );
         assert!(Config::new(BranchName::parse("a").unwrap())
             .proxy
             .tls_enabled(BackendKind::Local));

@@ -7,6 +7,7 @@
 //! - [`names`]: database branch names, and how any git branch name maps to one.
 //! - [`fsutil`]: crash-safe files (write, fsync, rename) and the per-project lock.
 //! - [`private`]: files and folders nobody else can read or redirect (modes, `O_NOFOLLOW`).
+//! - [`size`]: sizes in configuration and messages ("1GiB"), the free-space margin.
 //! - [`rules`]: `[[map]]` rules, git branch → database branch.
 //! - [`state`]: `state.json`, the active branch.
 //! - [`trust`]: commands from the repository (`post_create`) run only once approved (`pgtwig trust`).
@@ -23,6 +24,7 @@ pub mod names;
 pub mod private;
 pub mod proxy_password;
 pub mod rules;
+pub mod size;
 pub mod state;
 pub mod trust;
 

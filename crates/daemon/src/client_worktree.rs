@@ -13,13 +13,17 @@
 //!   only if its git common dir is this project's repository.
 //!
 //! Answers are cached per (pid, process start time), so a reused pid is never mistaken for
-//! the process that had it before. Linux only; elsewhere the lookup says it cannot tell and
-//! the client goes to the main work tree's branch (the daemon logs why).
+//! the process that had it before. The process facts come from `crate::process`: `/proc` on
+//! Linux, libproc on macOS (where only Unix-socket clients, whose pid the kernel gives, are
+//! found; a TCP client goes to the main work tree's branch and the daemon logs why).
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+#[cfg(target_os = "linux")]
+use crate::process::{all_pids, holds, last_pid, owned_by};
+use crate::process::{cwd, start_time};
 
 /// Processes remembered as recent connectors, tried first.
 const RECENT_PIDS: usize = 16;
@@ -62,7 +66,7 @@ impl WorktreeFinder {
                 format!("process {pid} does not run in a work tree of this project")
             });
         }
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+        let cwd = cwd(pid)
             .map_err(|e| format!("cannot read the working directory of process {pid}: {e}"))?;
         let found = self.worktree_of_dir(&cwd);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,7 +90,20 @@ impl WorktreeFinder {
             .cloned()
     }
 
+    /// The process of user `uid` holding the socket with `inode`. Linux only: elsewhere the
+    /// proxy learns no socket inode (see `pgtwig_proxy::peer`), and a Unix-socket client's pid
+    /// comes straight from the kernel.
+    #[cfg(not(target_os = "linux"))]
+    pub fn pid_of_socket(&self, _uid: u32, _inode: u64) -> Result<u32, Unknown> {
+        Err(
+            "finding the process of a TCP client is implemented on Linux only; connect through \
+             the proxy's Unix socket (`pgtwig status` shows it) to be routed by work tree"
+                .into(),
+        )
+    }
+
     /// The process of user `uid` holding the socket with `inode`.
+    #[cfg(target_os = "linux")]
     pub fn pid_of_socket(&self, uid: u32, inode: u64) -> Result<u32, Unknown> {
         let link = format!("socket:[{inode}]");
         let recent: Vec<u32> = self
@@ -108,8 +125,7 @@ impl WorktreeFinder {
                 let roots = self.worktree_roots();
                 let candidate = |pid: u32| {
                     owned_by(pid, uid)
-                        && std::fs::read_link(format!("/proc/{pid}/cwd"))
-                            .is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
+                        && cwd(pid).is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
                         && holds(pid, &link)
                 };
                 // Read before searching: a process started during the search is above it.
@@ -206,49 +222,11 @@ fn linked_common_dir(dotgit_file: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Every process id, unordered (no per-process system call: the uid is checked later, and
-/// only for the processes looked at).
-fn all_pids() -> impl Iterator<Item = u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-}
-
-/// The pid the kernel allocated last in this pid namespace (`/proc/sys/kernel/ns_last_pid`).
-fn last_pid() -> Option<u32> {
-    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn owned_by(pid: u32, uid: u32) -> bool {
-    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uid)
-}
-
-fn holds(pid: u32, link: &str) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten()
-        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
     fn git(dir: &Path, args: &[&str]) {

@@ -17,6 +17,7 @@ pub mod fd_limit;
 pub mod head_watch;
 pub mod neon_router;
 pub mod port;
+mod process;
 pub mod router;
 pub mod suspend;
 pub mod unix_socket;
@@ -179,6 +180,10 @@ pub fn run(
             None
         },
         client_auth,
+        // "0" in the config: no limit, as for the other durations there.
+        upstream_connect_timeout: Some(settings.connect_timeout)
+            .filter(|t| !t.is_zero())
+            .unwrap_or(Duration::MAX),
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the

@@ -59,6 +59,32 @@ impl Drop for UnlockedBuild {
     }
 }
 
+/// How long a leftover build's server may take to go (immediate shutdown, then SIGKILL).
+const LEFTOVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Stop a server still running on build folder `dir` (a dead command's, whose server did not
+/// die with it — macOS, or a pgtwig from before servers did — or a failed build's), checking
+/// that the pid in its `postmaster.pid` really is that folder's postmaster. An error: the
+/// folder must stay, a server may still use it.
+fn stop_leftover_server(dir: &Path) -> Result<()> {
+    let data = dir.join("data");
+    if !data.join("postmaster.pid").exists() {
+        return Ok(());
+    }
+    cluster::stop_discarded(&data, LEFTOVER_STOP_TIMEOUT).map_err(|e| {
+        Error::Other(format!(
+            "left {} in place: its server may still run ({e})",
+            dir.display()
+        ))
+    })
+}
+
+/// `tmp/old-<name>.restart`: branch `name` ran when a reset or an import stopped it to swap
+/// in its new state; whoever takes the lock next starts it if the command died before it did.
+pub(crate) fn restart_marker(tmp: &Path, name: &BranchName) -> PathBuf {
+    tmp.join(format!("old-{name}.restart"))
+}
+
 /// The lock file of build folder `dir`.
 fn build_lock_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
@@ -97,7 +123,11 @@ impl LocalBackend {
         names.sort();
         for name in &names {
             let path = tmp.join(name);
-            if !path.exists() || name.ends_with(".keep") || name.ends_with(".lock") {
+            if !path.exists()
+                || name.ends_with(".keep")
+                || name.ends_with(".lock")
+                || name.ends_with(".restart")
+            {
                 continue;
             }
             // A build worked on without the project lock: its own lock says whether its
@@ -107,7 +137,10 @@ impl LocalBackend {
                 let Some(_free) = take_build_lock(&own_lock) else {
                     continue;
                 };
-                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+                if let Err(e) = stop_leftover_server(&path) {
+                    tracing::warn!("{e}");
+                    continue;
+                }
                 remove_tree(&path)?;
                 let _ = fs::remove_file(&own_lock);
                 done.push(format!("removed {name}, left by an interrupted command"));
@@ -154,17 +187,40 @@ impl LocalBackend {
                 {
                     continue;
                 }
-                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
             }
-            if name.starts_with("build-") {
-                // A build whose lock file is gone: its owner is too (see UnlockedBuild).
-                let _ = cluster::stop(&path.join("data"), &path.join("server.log"), STOP_TIMEOUT);
+            // A build whose lock file is gone (its owner is too, see UnlockedBuild), or any
+            // other leftover: never removed from under a server still running on it.
+            if let Err(e) = stop_leftover_server(&path) {
+                tracing::warn!("{e}");
+                continue;
             }
             remove_tree(&path)?;
             done.push(format!("removed {name}, left by an interrupted command"));
         }
         for name in names.iter().filter(|n| n.ends_with(".keep")) {
             let _ = fs::remove_file(tmp.join(name));
+        }
+        // A reset or import stopped a running branch to swap it and died before starting it
+        // again (the branch is back as it was, or in its new state): start it.
+        for marker in names.iter().filter(|n| n.ends_with(".restart")) {
+            let branch = marker
+                .strip_prefix("old-")
+                .and_then(|n| n.strip_suffix(".restart"))
+                .and_then(|n| BranchName::parse(n).ok());
+            if let Some(branch) = branch.filter(|b| self.exists(b)) {
+                if !cluster::status(&self.branch_dir(&branch).join("data")).is_running() {
+                    done.push(match self.start_locked(&branch) {
+                        Ok(_) => format!(
+                            "started branch \"{branch}\" again: an interrupted reset or import had stopped it"
+                        ),
+                        Err(e) => format!(
+                            "branch \"{branch}\" ran before an interrupted reset or import, but could not be \
+                             started again: {e}"
+                        ),
+                    });
+                }
+            }
+            let _ = fs::remove_file(tmp.join(marker));
         }
         // Lock files of builds that are gone, whose owner is gone too.
         for name in names.iter().filter(|n| n.ends_with(".lock")) {
@@ -181,6 +237,19 @@ impl LocalBackend {
             }
         }
         Ok(done)
+    }
+
+    /// After [`swap_in`](Self::swap_in): start `name` again if it ran before, and forget that
+    /// it has to be.
+    pub(crate) fn restart_after_swap(&self, name: &BranchName, was_running: bool) -> Result<()> {
+        failpoint::hit("swap.before_restart");
+        let started = if was_running {
+            self.start_locked(name).map(drop)
+        } else {
+            Ok(())
+        };
+        let _ = fs::remove_file(restart_marker(&self.home.tmp_dir(), name));
+        started
     }
 
     /// A fresh, empty folder in `tmp/` to build a branch in (under the project
@@ -262,22 +331,32 @@ impl LocalBackend {
     ) -> Result<T> {
         let data = build.join("data");
         let sock = cluster::socket_dir_for(&self.user, build)?;
-        cluster::start_with(pg, &self.user, &data, &sock, log, START_TIMEOUT, settings).map_err(
-            |source| Error::StartFailed {
+        // Dies with this thread (and the command): a killed build leaves no server behind.
+        cluster::start_for_build(pg, &self.user, &data, &sock, log, START_TIMEOUT, settings)
+            .map_err(|source| Error::StartFailed {
                 name: name.clone(),
                 source,
-            },
-        )?;
+            })?;
+        // The build writes beside running branches: stopped if free space runs low.
+        let watch = self.watch_build(&format!("branch \"{name}\""), &data)?;
         let result = work(&sock);
+        let tripped = watch.and_then(crate::space::BuildWatch::finish);
         let stopped = cluster::stop(&data, log, STOP_TIMEOUT);
         let _ = fs::remove_dir(&sock);
+        if let Some(why) = tripped {
+            return Err(Error::Other(why));
+        }
         stopped?;
         result
     }
 
-    /// Throw away a failed build: stop its server if one still runs, remove it.
-    pub(crate) fn discard_build(&self, build: &Path, log: &Path) {
-        let _ = cluster::stop(&build.join("data"), log, STOP_TIMEOUT);
+    /// Throw away a failed build: stop its server if one still runs (immediate shutdown: its
+    /// data goes, so `_log` gets nothing worth reading), remove it.
+    pub(crate) fn discard_build(&self, build: &Path, _log: &Path) {
+        if let Err(e) = stop_leftover_server(build) {
+            tracing::warn!("{e}");
+            return;
+        }
         let _ = remove_tree(build);
     }
 

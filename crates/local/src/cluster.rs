@@ -241,6 +241,69 @@ pub fn start_with(
     timeout: Duration,
     settings: &[&str],
 ) -> Result<(), ClusterError> {
+    let spec = ServerSpec {
+        pg,
+        user,
+        data_dir,
+        socket_dir,
+        log,
+    };
+    start_server(&spec, timeout, settings, Lifetime::Independent)
+}
+
+/// [`start_with`] for the server of a build, which must not outlive the calling thread: when
+/// the command dies (even by `kill -9`) the server gets an immediate shutdown (see
+/// `crate::lifetime`). Stop it before the calling thread ends.
+pub fn start_for_build(
+    pg: &PgInstall,
+    user: &ServerUser,
+    data_dir: &Path,
+    socket_dir: &Path,
+    log: &Path,
+    timeout: Duration,
+    settings: &[&str],
+) -> Result<(), ClusterError> {
+    let spec = ServerSpec {
+        pg,
+        user,
+        data_dir,
+        socket_dir,
+        log,
+    };
+    start_server(&spec, timeout, settings, Lifetime::DiesWithCaller)
+}
+
+/// Which server, for [`start_server`].
+struct ServerSpec<'a> {
+    pg: &'a PgInstall,
+    user: &'a ServerUser,
+    data_dir: &'a Path,
+    socket_dir: &'a Path,
+    log: &'a Path,
+}
+
+/// Whether a server may outlive the command that starts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lifetime {
+    /// A branch's server: runs until stopped (or suspended by the daemon).
+    Independent,
+    /// A build's server: immediate shutdown when the starting thread ends.
+    DiesWithCaller,
+}
+
+fn start_server(
+    spec: &ServerSpec<'_>,
+    timeout: Duration,
+    settings: &[&str],
+    lifetime: Lifetime,
+) -> Result<(), ClusterError> {
+    let ServerSpec {
+        pg,
+        user,
+        data_dir,
+        socket_dir,
+        log,
+    } = *spec;
     // Opened by pgtwig (root, when servers run as another user) in a folder
     // the server user cannot change (see `crate::ownership`), without
     // following a link: the server only gets the open descriptor.
@@ -264,6 +327,9 @@ pub fn start_with(
     }
     for setting in settings {
         cmd.args(["-c", setting]);
+    }
+    if lifetime == Lifetime::DiesWithCaller {
+        crate::lifetime::die_with_this_thread(&mut cmd, Signal::SIGQUIT);
     }
     let mut child = cmd
         .env_remove("PGDATA")
@@ -326,8 +392,9 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
     if !is_postmaster_of(pid, data_dir) {
         return Err(ClusterError::Io {
             what: format!(
-                "{} names pid {pid}, a process of another user than the data directory's owner; pgtwig \
-                 does not signal it. If no server runs for {}, remove that postmaster.pid",
+                "{} names pid {pid}, which is not the server of this data directory (a process of \
+                 another user, or a pid now used by another program); pgtwig does not signal it. If no \
+                 server runs for {}, remove that postmaster.pid",
                 data_dir.join("postmaster.pid").display(),
                 data_dir.display()
             ),
@@ -354,12 +421,34 @@ pub fn stop(data_dir: &Path, log: &Path, timeout: Duration) -> Result<(), Cluste
     Ok(())
 }
 
-/// Whether `pid` can be the postmaster of `data_dir`: run as root, only a
-/// process of the data directory's owner. `postmaster.pid` is the server
-/// user's file and could name any process (pid 1, too) for root to signal;
-/// a stale one may name a pid reused by someone else.
+/// Stop the cluster at once (immediate shutdown, SIGQUIT: no checkpoint, nothing more
+/// written), without waiting. For a build that must not write any more; it is discarded
+/// after. Returns whether a server was signalled.
+pub fn stop_immediately(data_dir: &Path) -> bool {
+    match status(data_dir) {
+        Status::Running { pid, .. } if pid != 0 && is_postmaster_of(pid, data_dir) => {
+            kill(Pid::from_raw(pid), Signal::SIGQUIT).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// Whether `pid` can be the postmaster of `data_dir`: a process whose working
+/// directory is `data_dir` (a postmaster changes into its data directory
+/// first thing) and, run as root, a process of the data directory's owner.
+/// `postmaster.pid` is the server user's file and could name any process
+/// (pid 1, too) for root to signal; a stale one may name a pid reused by
+/// someone else — another branch's server, or one of the user's own programs.
 fn is_postmaster_of(pid: i32, data_dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
+    if Path::new("/proc/self").exists() {
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd"));
+        let here = fs::canonicalize(data_dir);
+        match (cwd, here) {
+            (Ok(cwd), Ok(here)) if cwd == here => {}
+            _ => return false,
+        }
+    }
     if !nix::unistd::geteuid().is_root() {
         return true; // the kernel only lets us signal our own processes
     }
@@ -378,6 +467,47 @@ fn is_postmaster_of(pid: i32, data_dir: &Path) -> bool {
         // No /proc (macOS): nothing to check against.
         Err(_) => !Path::new("/proc/self").exists(),
     }
+}
+
+/// Stop the server of a build that is thrown away (a dead command's leftover, a failed
+/// build): immediate shutdown (`SIGQUIT`; its data does not matter), `SIGKILL` if it is still
+/// there after half of `timeout`, and wait until it is gone. Only a process that is this data
+/// directory's postmaster is signalled (see [`is_postmaster_of`]); a `postmaster.pid` naming
+/// anything else is stale. An error means a server may still use the folder: do not delete it.
+pub fn stop_discarded(data_dir: &Path, timeout: Duration) -> Result<(), ClusterError> {
+    let deadline = Instant::now() + timeout;
+    let pid = loop {
+        match status(data_dir) {
+            Status::Stopped => return Ok(()),
+            // Being written by a starting postmaster: wait for its pid.
+            Status::Running { pid: 0, .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Status::Running { pid, .. } => break pid,
+        }
+    };
+    if pid == 0 || !is_postmaster_of(pid, data_dir) {
+        return Ok(()); // no live postmaster of this folder: the pid file is stale
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+    let escalate = Instant::now() + timeout / 2;
+    let mut killed = false;
+    while process_alive(pid) && is_postmaster_of(pid, data_dir) {
+        if !killed && Instant::now() > escalate {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed = true;
+        }
+        if Instant::now() > deadline {
+            return Err(ClusterError::StopTimeout {
+                data_dir: data_dir.to_path_buf(),
+                pid,
+                secs: timeout.as_secs(),
+                log: data_dir.join("postmaster.pid"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// The last lines the server wrote since `from` (for error messages).

@@ -60,6 +60,22 @@ pub fn recreate(socket_dir: &Path, database: &str) -> Result<(), postgres::Error
     Ok(())
 }
 
+/// Whether `database` exists and holds anything a user made: a table, view, sequence or
+/// foreign table outside the system schemas. What `pgtwig import` keeps before replacing it.
+pub fn has_user_objects(socket_dir: &Path, database: &str) -> Result<bool, postgres::Error> {
+    if !exists(socket_dir, database)? {
+        return Ok(false);
+    }
+    let mut c = cluster::client_config(socket_dir, database, "pgtwig").connect(postgres::NoTls)?;
+    let row = c.query_one(
+        "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind in ('r', 'p', 'v', 'm', 'S', 'f') \
+         and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg\\_%'",
+        &[],
+    )?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
 /// Every database a client could hold data in: not a template, and
 /// accepting connections; sorted by name.
 pub fn list_for_data(socket_dir: &Path) -> Result<Vec<String>, postgres::Error> {

@@ -126,6 +126,18 @@ pub enum Error {
         #[source]
         source: cluster::ClusterError,
     },
+    /// [`StartFailed`](Error::StartFailed) on a (nearly) full file system: `note` (first, as
+    /// the proxy tells clients the first line) says how to free space.
+    #[error("branch \"{name}\" could not be started: {note}\n{source}")]
+    StartFailedLowSpace {
+        name: BranchName,
+        #[source]
+        source: Box<cluster::ClusterError>,
+        note: String,
+    },
+    /// A build refused: it would leave less than the free-space margin (see `space`).
+    #[error("{0}")]
+    NoSpace(Box<crate::space::NoSpace>),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
@@ -154,6 +166,9 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error
 /// busy parent replays WAL) or to stop (a checkpoint).
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(300);
 pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// `history_retention` until [`LocalBackend::set_history_retention`] says otherwise (the
+/// configuration's default).
+const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The local backend for one project.
 pub struct LocalBackend {
@@ -163,6 +178,12 @@ pub struct LocalBackend {
     lock_wait: Option<Duration>,
     /// The same for [`start`](Self::start) alone (the daemon's wake-on-connect).
     start_lock_wait: Option<Duration>,
+    /// `free_space_margin` of `.pgtwig.toml` (see `space`); `None`: the default.
+    pub(crate) free_space_margin: Option<pgtwig_core::size::FreeSpaceMargin>,
+    /// `history_retention` of `.pgtwig.toml`, for pruning after a failed start.
+    pub(crate) history_retention: Duration,
+    /// Whether clones here are copy-on-write, once probed.
+    pub(crate) reflink: std::sync::OnceLock<bool>,
 }
 
 impl LocalBackend {
@@ -181,6 +202,9 @@ impl LocalBackend {
             user,
             lock_wait: None,
             start_lock_wait: None,
+            free_space_margin: None,
+            history_retention: DEFAULT_HISTORY_RETENTION,
+            reflink: std::sync::OnceLock::new(),
         };
         // Before anything in the project is opened: see `ownership`.
         backend.secure_project()?;
@@ -367,19 +391,21 @@ impl LocalBackend {
         let pg = self.install_for(&branch)?;
         let archive = self.archive_settings(&branch.dir)?;
         let settings: Vec<&str> = archive.iter().map(String::as_str).collect();
-        cluster::start_with(
-            &pg,
-            &self.user,
-            &branch.data_dir(),
-            &sock,
-            &branch.log_path(),
-            START_TIMEOUT,
-            &settings,
-        )
-        .map_err(|source| Error::StartFailed {
-            name: name.clone(),
-            source,
-        })?;
+        let start = || {
+            cluster::start_with(
+                &pg,
+                &self.user,
+                &branch.data_dir(),
+                &sock,
+                &branch.log_path(),
+                START_TIMEOUT,
+                &settings,
+            )
+        };
+        if let Err(source) = start() {
+            // A full disk is the likeliest cause: history goes first (see `space`).
+            self.after_failed_start(name, source, start)?;
+        }
         Ok(sock)
     }
 
@@ -410,6 +436,7 @@ impl LocalBackend {
         database: &str,
     ) -> Result<Branch> {
         let _lock = self.lock_for_new(name)?;
+        self.check_space_for_new_cluster(name)?;
         let pg = pgbin::newest()?;
         let build = self.new_build_dir(name)?;
         let log = build.join("server.log");
@@ -474,6 +501,7 @@ impl LocalBackend {
     ) -> Result<CreateReport> {
         let _lock = self.lock_for_new(name)?;
         let parent_branch = self.get(parent)?;
+        self.check_space_for_clone(name, &parent_branch)?;
         let build = self.new_build_dir(name)?;
         let cloned = self.build_clone(&parent_branch, &build)?;
         let meta = BranchMeta {
@@ -503,8 +531,15 @@ impl LocalBackend {
         build: &Path,
         keep_old: Option<&BranchName>,
     ) -> Result<bool> {
-        let was_running = self.stop_locked(name)?;
         let tmp = self.home.tmp_dir();
+        // Recorded before it stops: if this command dies before starting it again, the next
+        // holder of the lock does (see `build::restart_after_swap`).
+        let restart = crate::build::restart_marker(&tmp, name);
+        let running = cluster::status(&self.branch_dir(name).join("data")).is_running();
+        if running {
+            fsutil::write_atomic(&restart, b"").map_err(io_err("recording that it runs"))?;
+        }
+        let was_running = self.stop_locked(name)? || running;
         let aside = tmp.join(format!("old-{name}"));
         if let Some(k) = keep_old {
             fsutil::write_atomic(&tmp.join(format!("old-{name}.keep")), k.as_str().as_bytes())

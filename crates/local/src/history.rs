@@ -37,7 +37,7 @@ pub(crate) fn archive_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("wal-archive")
 }
 
-fn bases_dir(branch_dir: &Path) -> PathBuf {
+pub(crate) fn bases_dir(branch_dir: &Path) -> PathBuf {
     branch_dir.join("bases")
 }
 
@@ -71,6 +71,15 @@ impl LocalBackend {
             ),
         ])
     }
+}
+
+/// What pruning one branch's history removed (or would remove).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub bases: usize,
+    pub wal_files: usize,
+    /// Own bytes of what was removed (blocks shared with other files are not freed).
+    pub bytes: u64,
 }
 
 /// A base: when its backup started and ended, and where its data directory is.
@@ -197,6 +206,33 @@ pub fn base_for<'a>(all: &'a [Base], target: &Target) -> Option<&'a Base> {
     })
 }
 
+/// How many of `bases` (oldest first, by end) pruning what is older than `older_than` at
+/// `now` removes: every base that ended before the boundary but the newest of them, which
+/// still reaches back to it; all of them when `older_than` is zero.
+fn bases_to_prune(bases: &[Base], older_than: Duration, now: SystemTime) -> usize {
+    if older_than.is_zero() {
+        return bases.len();
+    }
+    let boundary = now.checked_sub(older_than).unwrap_or(UNIX_EPOCH);
+    bases.iter().rposition(|b| b.ended <= boundary).unwrap_or(0)
+}
+
+/// Whether archived file `name` is a WAL segment (possibly `.partial`) that no kept base
+/// needs: one before `first_kept`, the start WAL file of the oldest kept base, or any
+/// when no base is kept (WAL without a base to replay it onto serves nothing). Timeline
+/// history files always stay.
+fn wal_unneeded(name: &str, first_kept: Option<&str>) -> bool {
+    let segment = name.len() >= 24 && name[..24].bytes().all(|b| b.is_ascii_hexdigit());
+    if !segment || name.ends_with(".history") {
+        return false;
+    }
+    match first_kept {
+        None => true,
+        // Log and segment, not the timeline: what matters is the position.
+        Some(first) => first.len() == 24 && name[8..24] < first[8..],
+    }
+}
+
 pub(crate) fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -219,19 +255,30 @@ impl LocalBackend {
             || !clone::supports_reflink(&branch.dir)
             || self.ready_socket(name).is_none()
         {
+            // No base now, but what was archived still goes when it is older than retention.
+            self.prune_history(&branch, retention, false)?;
             return Ok(false);
         }
         let now = SystemTime::now();
         let existing = bases(&branch.dir);
-        let due = existing
+        let mut due = existing
             .iter()
             .map(|b| b.started)
             .max()
             .is_none_or(|t| now.duration_since(t).unwrap_or_default() >= BASE_INTERVAL);
+        if due {
+            // A base holds blocks the branch then overwrites: not on a (nearly) full disk.
+            if let Err(e) = self.check_space(&format!("a history base of \"{name}\""), || {
+                Ok(self.clone_need(&branch))
+            }) {
+                tracing::warn!("no history base taken: {e}");
+                due = false;
+            }
+        }
         if due && !self.take_base(&branch, now)? {
             return Ok(false);
         }
-        self.prune_history(&branch, retention)?;
+        self.prune_history(&branch, retention, false)?;
         Ok(due)
     }
 
@@ -295,30 +342,84 @@ impl LocalBackend {
         kept
     }
 
-    fn prune_history(&self, branch: &Branch, retention: Duration) -> Result<()> {
-        let boundary = SystemTime::now() - retention;
+    /// Remove a branch's history older than `older_than` (or say what would go, `dry_run`):
+    /// every base started before the boundary except the newest of them (it still reaches
+    /// back to the boundary; with `older_than` zero it goes too), the WAL no kept base needs
+    /// (all of it when none is kept), and bases a killed snapshot left half made. Under the
+    /// project lock.
+    pub(crate) fn prune_history(
+        &self,
+        branch: &Branch,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Pruned> {
         let all = bases(&branch.dir);
-        // Keep every base newer than the boundary, plus the newest one that
-        // reaches back to it.
-        let keep_from = all.iter().rposition(|b| b.ended <= boundary).unwrap_or(0);
-        for b in &all[..keep_from] {
-            remove_tree(b.data.parent().expect("base folder"))?;
+        let keep_from = bases_to_prune(&all, older_than, SystemTime::now());
+        let mut pruned = Pruned::default();
+        let own = |p: &Path| {
+            crate::fiemap::tree_usage(p)
+                .map(|(u, _)| u.own)
+                .unwrap_or(0)
+        };
+        let mut doomed: Vec<PathBuf> = all[..keep_from]
+            .iter()
+            .map(|b| b.data.parent().expect("base folder").to_path_buf())
+            .collect();
+        pruned.bases = doomed.len();
+        // `tmp-<pid>`: a snapshot works under the project lock, so one seen here was killed.
+        if let Ok(rd) = fs::read_dir(bases_dir(&branch.dir)) {
+            doomed.extend(
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+                    .map(|e| e.path()),
+            );
         }
-        if let Some(oldest) = all[keep_from..].iter().map(|b| &b.start_wal).min() {
-            if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
-                for e in rd.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if n.len() >= 24
-                        && n.is_char_boundary(24)
-                        && !n.ends_with(".history")
-                        && n[8..24] < oldest[8..]
-                    {
+        for dir in &doomed {
+            pruned.bytes += own(dir);
+            if !dry_run {
+                remove_tree(dir)?;
+            }
+        }
+        let first_kept = all.get(keep_from).map(|b| b.start_wal.as_str());
+        if let Ok(rd) = fs::read_dir(archive_dir(&branch.dir)) {
+            for e in rd.flatten() {
+                if wal_unneeded(&e.file_name().to_string_lossy(), first_kept) {
+                    pruned.wal_files += 1;
+                    pruned.bytes += own(&e.path());
+                    if !dry_run {
                         let _ = fs::remove_file(e.path());
                     }
                 }
             }
         }
-        Ok(())
+        Ok(pruned)
+    }
+
+    /// [`prune_history`](Self::prune_history) of every branch (`pgtwig gc --history`).
+    pub fn prune_all_history(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Vec<(BranchName, Pruned)>> {
+        let _lock = self.lock()?;
+        self.prune_all_history_locked(older_than, dry_run)
+    }
+
+    pub(crate) fn prune_all_history_locked(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Vec<(BranchName, Pruned)>> {
+        let mut out = Vec::new();
+        for name in self.names()? {
+            // A branch whose metadata is unreadable still has a folder: prune it too.
+            let branch = match self.get(&name) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            out.push((name, self.prune_history(&branch, older_than, dry_run)?));
+        }
+        Ok(out)
     }
 }
 
@@ -418,5 +519,59 @@ mod tests {
         let all = bases(b);
         assert_eq!(all[0].ended, t("2026-12-02T10:00:00Z"));
         assert_eq!(all[0].end_lsn, Lsn(0x2000028));
+    }
+}
+
+#[cfg(test)]
+mod pruning_tests {
+    use super::*;
+
+    /// A base that ended when it started (pruning goes by the end).
+    fn base(started: u64, start_wal: &str) -> Base {
+        let at = UNIX_EPOCH + Duration::from_secs(started);
+        Base {
+            started: at,
+            ended: at,
+            end_lsn: Lsn(0),
+            start_wal: start_wal.into(),
+            data: PathBuf::from(format!("/b/{started}/data")),
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_base_that_reaches_back_to_the_boundary() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let all = [
+            base(1_000, "000000010000000000000002"),
+            base(5_000, "000000010000000000000008"),
+            base(9_000, "00000001000000000000000F"),
+        ];
+        let hour = Duration::from_secs(3600);
+        // Boundary 6400: the base of 5000 still covers it; the one of 1000 goes.
+        assert_eq!(bases_to_prune(&all, hour, now), 1);
+        // Boundary 9500: only the newest base is needed.
+        assert_eq!(bases_to_prune(&all, Duration::from_secs(500), now), 2);
+        // Everything is younger than a day: nothing goes.
+        assert_eq!(bases_to_prune(&all, 24 * hour, now), 0);
+        // "0": all of it.
+        assert_eq!(bases_to_prune(&all, Duration::ZERO, now), 3);
+        assert_eq!(bases_to_prune(&[], hour, now), 0);
+    }
+
+    #[test]
+    fn wal_goes_when_no_kept_base_needs_it() {
+        let first = Some("000000010000000000000008");
+        assert!(wal_unneeded("000000010000000000000007", first));
+        assert!(!wal_unneeded("000000010000000000000008", first));
+        assert!(!wal_unneeded("000000020000000000000009", first));
+        // An older timeline's segment before the base is as unneeded.
+        assert!(wal_unneeded("000000020000000000000003", first));
+        assert!(wal_unneeded("000000010000000000000003.partial", first));
+        assert!(!wal_unneeded("00000002.history", first));
+        assert!(!wal_unneeded("archive_status", first));
+        // No base kept: every segment goes, history files stay.
+        assert!(wal_unneeded("00000001000000000000000F", None));
+        assert!(!wal_unneeded("00000002.history", None));
+        assert!(!wal_unneeded(".tmp-000000010000000000000001", None));
     }
 }

@@ -18,6 +18,17 @@ use crate::engine::{
 };
 use crate::pgbin;
 
+/// What [`LocalBackend::replace_database`] did.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    /// The branch, with its database filled anew.
+    pub branch: Branch,
+    /// Where its previous state was kept, when it held data.
+    pub kept: Option<BranchName>,
+    /// It held data, and that was dropped (no branch to keep it in was asked for).
+    pub dropped: bool,
+}
+
 impl LocalBackend {
     /// Create `name` from `parent` and let `prepare` change it before it
     /// becomes visible: the clone is started from its build folder (socket
@@ -38,7 +49,9 @@ impl LocalBackend {
         // copied); the long part, `prepare`, without it, beside other commands and the hook.
         let (parent_branch, unlocked) = {
             let _lock = self.lock_for_new(name)?;
-            (self.get(parent)?, self.new_build_dir_unlocked(name)?)
+            let parent_branch = self.get(parent)?;
+            self.check_space_for_rewrite(name, &parent_branch)?;
+            (parent_branch, self.new_build_dir_unlocked(name)?)
         };
         let build = unlocked.dir.clone();
         let result = (|| {
@@ -115,12 +128,18 @@ impl LocalBackend {
     /// runs without the project lock (the clone and the swap take it), so
     /// what the branch's other databases get meanwhile is not carried
     /// over. A replaced running branch is started again.
+    ///
+    /// When `database` on the branch holds anything a user made
+    /// ([`databases::has_user_objects`](crate::databases::has_user_objects)), the branch's
+    /// previous state is kept as branch `keep` (as `reset --keep-old` does; taken: an error,
+    /// before anything changes); `None` drops it.
     pub fn replace_database(
         &self,
         name: &BranchName,
         database: &str,
+        keep: Option<&BranchName>,
         fill: &mut dyn FnMut(&Path) -> std::result::Result<(), String>,
-    ) -> Result<Branch> {
+    ) -> Result<Replaced> {
         let unlocked = self.new_build_dir_unlocked(name)?;
         let build = unlocked.dir.clone();
         let log = build.join("server.log");
@@ -146,15 +165,21 @@ impl LocalBackend {
                     }
                 }
             };
-            self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+            let had_data = self.with_build_server(name, &pg, &build, &log, &[], |sock| {
+                // The clone is the branch as it is: what it holds now is what would be lost.
+                let had_data = cloned.is_some()
+                    && crate::databases::has_user_objects(sock, database).map_err(|e| {
+                        Error::Other(format!("looking into database \"{database}\": {e}"))
+                    })?;
                 crate::databases::recreate(sock, database).map_err(|e| {
                     Error::Other(format!("making database \"{database}\" empty: {e}"))
                 })?;
-                fill(sock).map_err(Error::Other)
+                fill(sock).map_err(Error::Other)?;
+                Ok(had_data)
             })?;
-            Ok((pg, cloned))
+            Ok((pg, cloned, had_data))
         })();
-        let (pg, cloned) = match result {
+        let (pg, cloned, had_data) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.discard_build(&build, &log);
@@ -163,6 +188,11 @@ impl LocalBackend {
         };
         // Only the swap needs the lock: the long fill ran beside other commands.
         let _lock = self.lock()?;
+        let keep = keep.filter(|_| had_data);
+        if let Some(k) = keep.filter(|k| self.exists(k)) {
+            self.discard_build(&build, &log);
+            return Err(Error::Exists { name: k.clone() });
+        }
         let meta = match cloned {
             // Still the same branch, refreshed: what it was made for stays.
             Some((old, method)) => BranchMeta {
@@ -185,15 +215,18 @@ impl LocalBackend {
         crate::databases::known::record(&build, &[database])
             .map_err(crate::engine::io_err("recording the branch's databases"))?;
         sync_tree(&build)?;
-        if self.exists(name) {
-            let was_running = self.swap_in(name, &build, None)?;
-            if was_running {
-                self.start_locked(name)?;
-            }
-            self.get(name)
+        let branch = if self.exists(name) {
+            let was_running = self.swap_in(name, &build, keep)?;
+            self.restart_after_swap(name, was_running)?;
+            self.get(name)?
         } else {
-            self.publish(name, &build, &meta)
-        }
+            self.publish(name, &build, &meta)?
+        };
+        Ok(Replaced {
+            branch,
+            kept: keep.cloned(),
+            dropped: had_data && keep.is_none(),
+        })
     }
 
     /// Make sure branch `name` holds database `database` (starting the
@@ -228,6 +261,7 @@ impl LocalBackend {
     /// parent is copied under it, and the swap always runs under it.
     pub fn reset(&self, name: &BranchName, keep_old: Option<&BranchName>) -> Result<CreateReport> {
         let (_, parent) = self.reset_source(name, keep_old)?;
+        self.check_space_for_clone(name, &parent)?;
         let unlocked = self.new_build_dir_unlocked(name)?;
         let build = unlocked.dir.clone();
         let result = (|| {
@@ -267,9 +301,7 @@ impl LocalBackend {
             sync_tree(&build)?;
             let was_running = self.swap_in(name, &build, keep_old)?;
             let branch = self.get(name)?;
-            if was_running {
-                self.start_locked(name)?;
-            }
+            self.restart_after_swap(name, was_running)?;
             Ok(cloned.report(branch))
         })();
         if result.is_err() && build.exists() {

@@ -94,6 +94,7 @@ impl LocalBackend {
                 target.describe()
             )));
         };
+        self.check_space_for_recovery(name, &parent_branch, &base)?;
         let latest = self.archive_until_now(&parent_branch)?;
         let past_the_end = match target {
             Target::Time(t) => *t > latest.time,

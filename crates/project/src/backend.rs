@@ -35,10 +35,12 @@ impl Project {
     /// The backend `.pgtwig.toml` names.
     pub fn backend(&self, create: bool) -> Result<Backend> {
         match self.config.backend {
-            pgtwig_core::BackendKind::Local => Ok(Backend::Local(LocalBackend::open(
-                self.home.clone(),
-                create,
-            )?)),
+            pgtwig_core::BackendKind::Local => {
+                let mut b = LocalBackend::open(self.home.clone(), create)?;
+                b.set_free_space_margin(self.config.free_space_margin);
+                b.set_history_retention(self.config.history_retention);
+                Ok(Backend::Local(b))
+            }
             pgtwig_core::BackendKind::Neon => Ok(Backend::Neon(Box::new(self.neon()?))),
         }
     }

@@ -159,6 +159,52 @@ pub fn record_active(
     Ok((old, branch.clone()))
 }
 
+/// Runs again the `post_create` commands of the `[[map]]` rule that made branch `name` (the
+/// git branch recorded when it was made, through the rules checked out now), as a checkout
+/// does when it makes the branch: approved lists only, DATABASE_URL at its app database.
+/// For `branch reset --post-create`: a reset copies the parent afresh, without what the
+/// commands added. An error when no rule made `name` or its rule has no commands.
+pub fn rerun_post_create(
+    project: &Project,
+    backend: &Backend,
+    name: &BranchName,
+    report: &mut dyn Report,
+) -> Result<()> {
+    let git = match backend {
+        Backend::Local(b) => b.get(name)?.meta.git_branch,
+        Backend::Neon(n) => n
+            .backend
+            .list()?
+            .into_iter()
+            .find(|b| b.branch.name == name.as_str())
+            .and_then(|b| b.git_branch),
+    };
+    let Some(git) = git else {
+        anyhow::bail!(
+            "branch \"{name}\" was not made by a [[map]] rule (no git branch is recorded for it), so it \
+             has no post_create commands to run again"
+        );
+    };
+    let holders = Holders::of(backend)?;
+    let target = rules::resolve(
+        &project.config.map,
+        &git,
+        &user_name(),
+        &project.config.root_branch,
+        |b| holders.holder(b),
+    )
+    .filter(|t| t.branch == *name);
+    let Some(target) = target.filter(|t| !t.post_create.is_empty()) else {
+        anyhow::bail!(
+            "no [[map]] rule in the .pgtwig.toml checked out here makes branch \"{name}\" (for git branch \
+             \"{git}\") with post_create commands; nothing to run again"
+        );
+    };
+    project.ensure_app_database(backend, name, report)?;
+    run_post_create(project, backend, &target, report);
+    Ok(())
+}
+
 /// Which database branches exist and the git branch each was made for, for collision-free
 /// git mapping (one listing, not a lookup per name).
 enum Holders<'a> {

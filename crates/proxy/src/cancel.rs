@@ -133,7 +133,7 @@ pub fn encode_cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
 /// connection, as libpq does, so the cancel has been processed when this returns.
 pub async fn forward_cancel(target: &CancelTarget) -> std::io::Result<()> {
     let fut = async {
-        let mut s = connect_upstream(&target.addr).await?;
+        let mut s = connect_upstream(&target.addr, Duration::from_secs(5)).await?;
         s.write_all(&encode_cancel_request(target.pid, &target.secret))
             .await?;
         let mut b = [0u8; 1];

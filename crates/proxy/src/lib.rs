@@ -166,6 +166,10 @@ pub struct ProxyConfig {
     pub startup_timeout: Duration,
     /// Largest accepted startup packet in bytes (default 10 000, like Postgres).
     pub max_startup_packet: usize,
+    /// How long connecting to an upstream may take: the TCP (or Unix socket) connect, and for
+    /// a TLS upstream the SSLRequest answer and TLS handshake, each (default 10 s). Past it
+    /// the client gets FATAL 08006 saying which step did not finish.
+    pub upstream_connect_timeout: Duration,
     /// How long to keep a *trust-authenticated* server connection after its client leaves,
     /// for the next client with the identical startup packet (default 30 s; `None` turns
     /// reuse off). See "Server connection reuse" in the crate docs.
@@ -191,6 +195,7 @@ impl Default for ProxyConfig {
             on_switch: OnSwitch::CloseIdle,
             startup_timeout: Duration::from_secs(10),
             max_startup_packet: 10_000,
+            upstream_connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Some(Duration::from_secs(30)),
             busy_poll: Some(Duration::from_micros(200)),
             client_auth: None,
@@ -205,6 +210,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("on_switch", &self.on_switch)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_startup_packet", &self.max_startup_packet)
+            .field("upstream_connect_timeout", &self.upstream_connect_timeout)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("busy_poll", &self.busy_poll)
             .field(
@@ -292,9 +298,19 @@ pub struct Proxy {
     activity: Option<Arc<spin::Activity>>,
     sessions: Mutex<HashMap<u64, SessionRecord>>,
     next_id: AtomicU64,
-    /// (branch, message): close every session on branch at its next
-    /// transaction boundary (see [`Proxy::close_sessions_on`]).
-    drains: tokio::sync::broadcast::Sender<(String, String)>,
+    /// Per branch, its latest drain (see [`Proxy::close_sessions_on`]): a watch, so a session
+    /// that looks late still sees it (a broadcast channel drops what a slow receiver has not
+    /// read). Drains are numbered from `drain_seq`: a session acts on one numbered after the
+    /// moment it started routing.
+    drains: Mutex<HashMap<String, watch::Sender<Drain>>>,
+    drain_seq: AtomicU64,
+}
+
+/// A branch's latest drain: its number (0: none yet) and the FATAL message.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Drain {
+    pub(crate) seq: u64,
+    pub(crate) message: String,
 }
 
 impl Proxy {
@@ -315,8 +331,24 @@ impl Proxy {
             cancel: Arc::new(cancel::CancelMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            drains: tokio::sync::broadcast::channel(64).0,
+            drains: Mutex::new(HashMap::new()),
+            drain_seq: AtomicU64::new(0),
         }
+    }
+
+    /// The number of the latest drain: read it before routing a session, and drains numbered
+    /// after it concern that session (see [`Proxy::drains_of`]).
+    pub(crate) fn drain_seq(&self) -> u64 {
+        self.drain_seq.load(Ordering::SeqCst)
+    }
+
+    /// A watch of `branch`'s latest drain.
+    pub(crate) fn drains_of(&self, branch: &str) -> watch::Receiver<Drain> {
+        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
+        drains
+            .entry(branch.to_string())
+            .or_insert_with(|| watch::channel(Drain::default()).0)
+            .subscribe()
     }
 
     /// Ends every session on `branch`, pinned ones included, at its next
@@ -326,7 +358,19 @@ impl Proxy {
     /// deleted. Sessions still to be routed are not affected: hold them off
     /// in the [`Router`] meanwhile.
     pub fn close_sessions_on(&self, branch: &str, message: String) {
-        let _ = self.drains.send((branch.to_string(), message));
+        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
+        let drain = Drain {
+            seq: self.drain_seq.fetch_add(1, Ordering::SeqCst) + 1,
+            message,
+        };
+        match drains.get(branch) {
+            Some(tx) => {
+                tx.send_replace(drain);
+            }
+            None => {
+                drains.insert(branch.to_string(), watch::channel(drain).0);
+            }
+        }
     }
 
     /// Accepts connections on `listener` forever; see [`Proxy::serve_all`].

@@ -189,9 +189,15 @@ impl Pool {
 /// (AuthenticationOk first, a BackendKeyData, ReadyForQuery `I`, nothing after): a server
 /// that asks for a password, refuses or says anything else gets the session its 57P01
 /// instead. The server's pid comes from the greeting.
-pub async fn open_trusted(addr: &UpstreamAddr, startup: &[u8]) -> Option<Parked> {
+pub async fn open_trusted(
+    addr: &UpstreamAddr,
+    startup: &[u8],
+    connect_limit: std::time::Duration,
+) -> Option<Parked> {
     let fut = async {
-        let mut server = crate::stream::connect_upstream(addr).await.ok()?;
+        let mut server = crate::stream::connect_upstream(addr, connect_limit)
+            .await
+            .ok()?;
         server.write_all(startup).await.ok()?;
         let mut buf = Vec::with_capacity(512);
         loop {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::auth::{authenticate, identify, AuthFailure, ClientPeer, PeerIdentity};
 use crate::cancel::forward_cancel;
@@ -209,9 +209,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     }
     let client_info = ClientInfo { peer, identity };
     let pinned = plan.pinned.clone();
-    // Subscribed before routing, so a drain of the branch this session is
-    // about to land on cannot slip between routing and the relay loop.
-    let mut drains = proxy.drains.subscribe();
+    // Read before routing: a drain of the branch this session lands on, made after this,
+    // concerns it even when it comes between routing and the relay loop.
+    let mut drains_since = proxy.drain_seq();
     let mut route = match proxy
         .router
         .route_client(pinned.as_deref(), &client_info)
@@ -234,7 +234,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             status.clone(),
         ),
         None => {
-            let mut server = match connect_upstream(&route.addr).await {
+            let limit = proxy.config.upstream_connect_timeout;
+            let mut server = match connect_upstream(&route.addr, limit).await {
                 Ok(s) => s,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                     send_error(&mut client, &crate::listen::too_many_connections()).await;
@@ -298,12 +299,21 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
         }
     }
     let mut draining = false;
-    let mut drains_open = true;
+    let mut drain = proxy.drains_of(&route.branch);
+    let mut drain_pending = true; // look at the branch's latest drain first
     let end = loop {
+        if std::mem::take(&mut drain_pending) && !draining {
+            let latest = drain.borrow_and_update().clone();
+            if latest.seq > drains_since {
+                draining = true;
+                relay.close_when_idle(latest.message);
+            }
+        }
         tokio::select! {
             biased;
             end = &mut relay => {
                 if matches!(end, RelayEnd::Switched(_)) && !draining && relay.is_fresh() {
+                    let since = proxy.drain_seq();
                     match move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet).await {
                         Moved::To(to) => {
                             tracing::debug!(
@@ -313,6 +323,10 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                             );
                             registration.set_branch(&to.branch);
                             route = to;
+                            // From now on the new branch's drains concern it.
+                            drain = proxy.drains_of(&route.branch);
+                            drains_since = since;
+                            drain_pending = true;
                             continue;
                         }
                         Moved::Stayed => continue,
@@ -321,14 +335,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                 }
                 break end
             }
-            drain = drains.recv(), if drains_open => match drain {
-                Ok((branch, message)) if branch == route.branch => {
-                    draining = true;
-                    relay.close_when_idle(message);
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => drains_open = false,
-            },
+            // The proxy keeps every branch's sender: this never ends with an error.
+            Ok(()) = drain.changed(), if !draining => drain_pending = true,
             changed = active.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
@@ -393,7 +401,10 @@ async fn move_fresh(
     };
     let conn = match proxy.pool.take(&to.addr, startup) {
         Some(parked) => Some(parked),
-        None => crate::pool::open_trusted(&to.addr, startup).await,
+        None => {
+            crate::pool::open_trusted(&to.addr, startup, proxy.config.upstream_connect_timeout)
+                .await
+        }
     };
     let Some(conn) = conn else {
         tracing::debug!(

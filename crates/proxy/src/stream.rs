@@ -5,6 +5,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -34,12 +35,17 @@ pub enum UpstreamStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// Connects to `addr`, with `TCP_NODELAY` for TCP.
-pub async fn connect_upstream(addr: &UpstreamAddr) -> io::Result<UpstreamStream> {
+/// Connects to `addr`, with `TCP_NODELAY` for TCP. The connect, and for TLS the handshake
+/// (SSLRequest included), may each take up to `limit`; past it the error (`TimedOut`) says
+/// which step did not finish.
+pub async fn connect_upstream(addr: &UpstreamAddr, limit: Duration) -> io::Result<UpstreamStream> {
     match addr {
-        UpstreamAddr::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+        UpstreamAddr::Unix(path) => Ok(UpstreamStream::Unix(
+            within(limit, "the Unix socket connect", UnixStream::connect(path)).await?,
+        )),
         UpstreamAddr::Tcp { host, port } => {
-            let s = TcpStream::connect((host.as_str(), *port)).await?;
+            let connect = TcpStream::connect((host.as_str(), *port));
+            let s = within(limit, "the TCP connect", connect).await?;
             s.set_nodelay(true)?;
             Ok(UpstreamStream::Tcp(s))
         }
@@ -50,29 +56,47 @@ pub async fn connect_upstream(addr: &UpstreamAddr) -> io::Result<UpstreamStream>
             tls,
         } => {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = TcpStream::connect((host.as_str(), *port)).await?;
+            let connect = TcpStream::connect((host.as_str(), *port));
+            let mut s = within(limit, "the TCP connect", connect).await?;
             s.set_nodelay(true)?;
-            let mut request = bytes::BytesMut::new();
-            postgres_protocol::message::frontend::ssl_request(&mut request);
-            s.write_all(&request).await?;
-            let mut answer = [0u8; 1];
-            s.read_exact(&mut answer).await?;
-            if answer[0] != b'S' {
-                return Err(io::Error::other(format!(
-                    "{host}:{port} does not accept TLS"
-                )));
-            }
-            let name =
-                rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| {
-                    io::Error::other(format!("invalid server name {server_name:?}: {e}"))
-                })?;
-            let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
-                .connect(name, s)
-                .await
-                .map_err(|e| io::Error::other(format!("TLS with {server_name}: {e}")))?;
-            Ok(UpstreamStream::Tls(Box::new(tls)))
+            let handshake = async {
+                let mut request = bytes::BytesMut::new();
+                postgres_protocol::message::frontend::ssl_request(&mut request);
+                s.write_all(&request).await?;
+                let mut answer = [0u8; 1];
+                s.read_exact(&mut answer).await?;
+                if answer[0] != b'S' {
+                    return Err(io::Error::other(format!(
+                        "{host}:{port} does not accept TLS"
+                    )));
+                }
+                let name =
+                    rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| {
+                        io::Error::other(format!("invalid server name {server_name:?}: {e}"))
+                    })?;
+                let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
+                    .connect(name, s)
+                    .await
+                    .map_err(|e| io::Error::other(format!("TLS with {server_name}: {e}")))?;
+                Ok(UpstreamStream::Tls(Box::new(tls)))
+            };
+            within(limit, "the TLS handshake", handshake).await
         }
     }
+}
+
+/// `step` bounded by `limit`: past it, a `TimedOut` error naming the step and the limit.
+async fn within<T>(
+    limit: Duration,
+    step: &str,
+    work: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{step} did not finish within {}s", limit.as_secs_f64()),
+        ))
+    })
 }
 
 fn closed() -> io::Error {

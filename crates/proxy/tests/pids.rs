@@ -326,50 +326,55 @@ async fn a_cancel_request_inside_tls_is_forwarded_and_closed_cleanly() {
     env.wait_drained().await;
 }
 
-/// A fake server whose BackendKeyData has a 4-byte body.
+/// Fake servers whose BackendKeyData body is not protocol 3.0's 8 bytes (none, short, long,
+/// a protocol 3.2 key of 256 bytes): each ends the session with 08P01, no key passed on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_backend_key_data_is_a_protocol_error() {
     let env = Env::start(config()).await;
-    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = fake.local_addr().unwrap().port();
-    env.router.branches.lock().unwrap().insert(
-        "fake".into(),
-        Ok(pgtwig_proxy::UpstreamAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port,
-        }),
-    );
-    let server = tokio::spawn(async move {
-        let (mut s, _) = fake.accept().await.unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-        s.read_exact(&mut body).await.unwrap();
-        let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
-        out.extend_from_slice(&[b'K', 0, 0, 0, 8, 0, 0, 0, 7]);
-        out.extend_from_slice(b"Z\0\0\0\x05I");
-        s.write_all(&out).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest).await;
-    });
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
-        .await
-        .unwrap();
-    s.write_all(&startup_packet("postgres@fake")).await.unwrap();
-    let msgs = read_messages(&mut s).await;
-    // The bad key is not passed on; the session ends with a FATAL error (what came before it
-    // in the same read, AuthenticationOk here, may be dropped with it).
-    assert!(msgs.iter().all(|m| m.0 != b'K'), "{msgs:?}");
-    let last = msgs
-        .last()
-        .unwrap_or_else(|| panic!("nothing from the proxy"));
-    assert_eq!(last.0, b'E', "{msgs:?}");
-    let e = error_fields(&last.1);
-    assert_eq!(e[&b'C'], "08P01");
-    assert!(e[&b'D'].contains("BackendKeyData"), "{e:?}");
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the proxy did not close the server connection")
-        .unwrap();
-    env.wait_drained().await;
+    for body_len in [0usize, 4, 7, 9, 12, 260] {
+        let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = fake.local_addr().unwrap().port();
+        env.router.branches.lock().unwrap().insert(
+            "fake".into(),
+            Ok(pgtwig_proxy::UpstreamAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            }),
+        );
+        let server = tokio::spawn(async move {
+            let (mut s, _) = fake.accept().await.unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            s.read_exact(&mut body).await.unwrap();
+            let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+            out.push(b'K');
+            out.extend_from_slice(&(body_len as u32 + 4).to_be_bytes());
+            out.extend((0..body_len).map(|i| i as u8 | 1));
+            out.extend_from_slice(b"Z\0\0\0\x05I");
+            s.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+            .await
+            .unwrap();
+        s.write_all(&startup_packet("postgres@fake")).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        // The bad key is not passed on; the session ends with a FATAL error (what came before
+        // it in the same read, AuthenticationOk here, may be dropped with it).
+        assert!(msgs.iter().all(|m| m.0 != b'K'), "{body_len}: {msgs:?}");
+        let last = msgs
+            .last()
+            .unwrap_or_else(|| panic!("{body_len}: nothing from the proxy"));
+        assert_eq!(last.0, b'E', "{body_len}: {msgs:?}");
+        let e = error_fields(&last.1);
+        assert_eq!(e[&b'C'], "08P01", "{body_len}");
+        assert!(e[&b'D'].contains("BackendKeyData"), "{body_len}: {e:?}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the proxy did not close the server connection")
+            .unwrap();
+        env.wait_drained().await;
+    }
 }

@@ -207,7 +207,8 @@ pub struct UnixPeer {
     pub uid: u32,
     /// Effective group id.
     pub gid: u32,
-    /// Process id (Linux `SO_PEERCRED`); `None` where the system does not say (`getpeereid`).
+    /// Process id (Linux `SO_PEERCRED`, macOS `LOCAL_PEERPID`); `None` where the system does
+    /// not say (the other BSDs' `getpeereid`).
     pub pid: Option<u32>,
 }
 
@@ -260,8 +261,39 @@ fn peer_credentials(fd: std::os::fd::RawFd) -> io::Result<UnixPeer> {
     Ok(UnixPeer {
         uid,
         gid,
-        pid: None,
+        pid: peer_pid(fd),
     })
+}
+
+/// The pid of a Unix-domain socket's peer (macOS `LOCAL_PEERPID`), for routing by work tree.
+#[cfg(target_vendor = "apple")]
+fn peer_pid(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut pid: libc::pid_t = 0;
+    let mut len = std::mem::size_of::<libc::pid_t>() as libc::socklen_t;
+    // SAFETY: `pid` is valid for `len` bytes of writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_LOCAL,
+            libc::LOCAL_PEERPID,
+            (&mut pid as *mut libc::pid_t).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0)
+        .then_some(pid)
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| p != 0)
+}
+
+/// The BSDs say who, not which process.
+#[cfg(all(
+    not(target_vendor = "apple"),
+    not(target_os = "linux"),
+    not(target_os = "android")
+))]
+fn peer_pid(_fd: std::os::fd::RawFd) -> Option<u32> {
+    None
 }
 
 #[cfg(not(any(
