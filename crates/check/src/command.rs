@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -40,12 +40,18 @@ pub struct Finished {
 /// it on), so the caller can clean up afterwards.
 pub fn run(argv: &[OsString], dir: &Path, env: &[(&str, String)]) -> Result<Finished, String> {
     let (program, args) = argv.split_first().ok_or("no command given after `--`")?;
+    // One pipe for both, as `2>&1` would: the last lines keep the order they were written in.
+    let (output, writer) =
+        std::io::pipe().map_err(|e| format!("making a pipe for the command's output: {e}"))?;
+    let writer_too = writer
+        .try_clone()
+        .map_err(|e| format!("making a pipe for the command's output: {e}"))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(writer)
+        .stderr(writer_too);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -65,23 +71,14 @@ pub fn run(argv: &[OsString], dir: &Path, env: &[(&str, String)]) -> Result<Fini
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", Path::new(program).display()))?;
         CHILD.store(child.id() as i32, Ordering::SeqCst);
+        // Our copies of the write end go, so the pipe ends when the command (and whatever
+        // it started that kept its output) is done.
+        drop(cmd);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let pumps: Vec<_> = [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|e| Box::new(e) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|stream| {
+        let pump = {
             let tail = tail.clone();
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
+                let mut reader = BufReader::new(output);
                 let mut line = Vec::new();
                 while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
                     let _ = std::io::stderr().write_all(&line);
@@ -93,15 +90,12 @@ pub fn run(argv: &[OsString], dir: &Path, env: &[(&str, String)]) -> Result<Fini
                     line.clear();
                 }
             })
-        })
-        .collect();
+        };
         let status = child
             .wait()
             .map_err(|e| format!("waiting for the command: {e}"))?;
         CHILD.store(0, Ordering::SeqCst);
-        for p in pumps {
-            let _ = p.join();
-        }
+        let _ = pump.join();
         let tail = tail.lock().unwrap().iter().cloned().collect();
         Ok(Finished {
             status,

@@ -51,7 +51,10 @@ impl LocalBackend {
                 Some(k) => self.lock_for_new(k)?,
                 None => self.lock()?,
             };
-            (self.get(parent)?, self.new_build_dir_unlocked(parent)?)
+            let parent_branch = self.get(parent)?;
+            // As for any clone; what the command then writes is watched by the build server.
+            self.check_space_for_clone(keep.unwrap_or(parent), &parent_branch)?;
+            (parent_branch, self.new_build_dir_unlocked(parent)?)
         };
         let build = unlocked.dir.clone();
         let log = build.join("server.log");
