@@ -58,6 +58,8 @@ enum Command {
     Anonymize(commands::anonymize::AnonymizeArgs),
     /// Schema difference between two branches (exit 1 when they differ).
     Diff(commands::diff::DiffArgs),
+    /// Run a migration command on a throwaway clone and report rewrites, locks and risky DDL (exit 1 on a failing rule).
+    Check(commands::check::CheckArgs),
     /// Approve the commands this repository's config runs (post_create); --list, --revoke.
     Trust(commands::trust::TrustArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
         Command::Uninstall => commands::git::uninstall(),
         Command::Trust(args) => commands::trust::run(args),
         Command::Diff(args) => commands::diff::run(args),
+        Command::Check(args) => commands::check::run(args),
         Command::Anonymize(args) => commands::anonymize::run(args),
         Command::Import(args) => commands::import::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),

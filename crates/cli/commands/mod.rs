@@ -1,5 +1,6 @@
 pub mod anonymize;
 pub mod branch;
+pub mod check;
 pub mod daemon;
 pub mod diff;
 pub mod disk;

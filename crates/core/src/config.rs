@@ -65,6 +65,9 @@ pub struct Config {
     /// Where the branches live when `backend = "neon"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neon: Option<NeonConfig>,
+    /// Thresholds and rule levels of `pgtwig check`.
+    #[serde(default, skip_serializing)]
+    pub check: crate::check::CheckConfig,
 }
 
 /// `[neon]` in `.pgtwig.toml`: the Neon project holding the branches.
@@ -282,7 +285,7 @@ impl Default for ProxyConfig {
 }
 
 /// Durations written the way people write them: "15m", "90s", "1h 30m", "0".
-mod duration_text {
+pub(crate) mod duration_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -356,6 +359,7 @@ impl Config {
             map: Vec::new(),
             anonymize: Default::default(),
             neon: None,
+            check: Default::default(),
         }
     }
 
@@ -384,6 +388,13 @@ impl Config {
                 Some(_) => {}
             }
         }
+        config
+            .check
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?;
         if let (Some(top), Some(neon)) = (
             &config.database,
             config.neon.as_ref().and_then(|n| n.database.as_ref()),

@@ -1,6 +1,7 @@
 //! pgtwig's project model, shared by every backend and by the CLI.
 //!
 //! - [`anonymize`]: `[anonymize]` masking rules and the SQL they become.
+//! - [`check`]: `[check]`, the rules and thresholds of `pgtwig check`.
 //! - [`config`]: `.pgtwig.toml`, the committed project configuration.
 //! - [`home`]: where state lives (`PGTWIG_HOME`, else the platform data dir), one folder per project.
 //! - [`names`]: database branch names, and how any git branch name maps to one.
@@ -13,6 +14,7 @@
 //! - [`failpoint`]: named pause points that tests use to kill a command mid-way.
 
 pub mod anonymize;
+pub mod check;
 pub mod config;
 pub mod failpoint;
 pub mod fsutil;

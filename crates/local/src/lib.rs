@@ -21,6 +21,7 @@
 //! - [`history`]: base snapshots and the WAL archive of a branch.
 //! - [`point_in_time`]: what `--at` accepts (times with zones, relative, LSNs).
 //! - [`recovery`]: branches as of a past point (`branch create --at`).
+//! - [`scratch`]: throwaway clones run with extra settings (`pgtwig check`).
 //! - [`lifetime`]: processes that die with the command that started them
 //!   (a build's server, import's pg_dump/pg_restore).
 //! - `build`: building a branch in `tmp/` (clone, publish) and cleaning
@@ -43,6 +44,7 @@ pub mod pgbin;
 pub mod point_in_time;
 pub mod prepared;
 pub mod recovery;
+pub mod scratch;
 pub mod server_user;
 pub mod space;
 pub mod wal_archive;
