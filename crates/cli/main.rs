@@ -7,6 +7,7 @@
 mod commands;
 mod daemon_link;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,44 @@ enum Command {
     Hook(commands::git::HookCommand),
 }
 
+/// Log lines on stderr: the daemon's (which `up --detach` sends to daemon.log) carry an
+/// RFC 3339 UTC timestamp, others only warn and need none; colour only on a terminal, so
+/// the log file holds no escape codes.
+fn init_logging(daemon: bool) {
+    use std::io::IsTerminal;
+    // The daemon reports what it does; other commands only warn.
+    let default_level = if daemon {
+        "info,tokio_postgres=warn"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGTWIG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let format = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    if daemon {
+        format.with_timer(Rfc3339Utc).init();
+    } else {
+        format.without_time().init();
+    }
+}
+
+/// `2026-12-02T01:40:00.123456Z`: RFC 3339, what log tools parse.
+struct Rfc3339Utc;
+
+impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Utc {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(
+            w,
+            "{}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Up(_)) {
@@ -78,21 +117,7 @@ fn main() -> ExitCode {
             nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
         }
     }
-    // The daemon reports what it does; other commands only warn.
-    let default_level = if matches!(cli.command, Command::Up(_)) {
-        "info,tokio_postgres=warn"
-    } else {
-        "warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGTWIG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .with_target(false)
-        .init();
+    init_logging(matches!(cli.command, Command::Up(_)));
     let result = match cli.command {
         Command::Init(args) => commands::init::run(args),
         Command::Branch(cmd) => commands::branch::run(cmd),

@@ -121,21 +121,37 @@ fn apply(
     let mut tx = client.transaction()?;
     // No user triggers or foreign-key checks fire for the masking updates.
     tx.batch_execute("SET LOCAL session_replication_role = replica")?;
-    for (schema, table, sql) in statements {
+    // A line per table and step: masking a large table takes a while, and silence
+    // reads as a hang.
+    let count = statements.len();
+    for (n, (schema, table, sql)) in statements.iter().enumerate() {
+        let started = std::time::Instant::now();
         tx.batch_execute(sql)
             .with_context(|| format!("masking {schema}.{table}"))?;
+        eprintln!(
+            "pgtwig: masked {schema}.{table} ({}/{count}, {})",
+            n + 1,
+            crate::output::duration(started.elapsed())
+        );
     }
     tx.commit()?;
     // Rewrite the tables (old row versions hold the originals), refresh and
     // rewrite statistics (their samples hold values too), then move WAL on
     // and checkpoint so the caller can drop every older WAL segment.
-    for (schema, table, _) in statements {
+    for (n, (schema, table, _)) in statements.iter().enumerate() {
+        let started = std::time::Instant::now();
         let t = format!("{}.{}", anonymize::ident(schema), anonymize::ident(table));
         // One statement per call: several in one call form an implicit
         // transaction block, where VACUUM cannot run.
         client.batch_execute(&format!("VACUUM FULL {t}"))?;
         client.batch_execute(&format!("ANALYZE {t}"))?;
+        eprintln!(
+            "pgtwig: rewrote {schema}.{table} without the old row versions ({}/{count}, {})",
+            n + 1,
+            crate::output::duration(started.elapsed())
+        );
     }
+    eprintln!("pgtwig: clearing statistics samples and old WAL");
     for sql in [
         "VACUUM FULL pg_catalog.pg_statistic",
         "VACUUM FULL pg_catalog.pg_statistic_ext_data",
