@@ -37,6 +37,10 @@ enum Command {
     Status(commands::daemon::StatusArgs),
     /// Print a DATABASE_URL through the proxy with the proxy password (for other users, containers).
     Url(commands::url::UrlArgs),
+    /// Print DATABASE_URL=… for this work tree (for .env files; --export for direnv and shells).
+    Env(commands::env::EnvArgs),
+    /// Run a command with DATABASE_URL set for this work tree: `pgtwig run -- CMD ARGS…`.
+    Run(commands::env::RunArgs),
     /// Branches for pull requests (CI): pr-NUMBER.
     #[command(subcommand)]
     Pr(commands::git::PrCommand),
@@ -126,6 +130,8 @@ fn main() -> ExitCode {
         Command::Use(args) => commands::daemon::use_branch(args),
         Command::Status(args) => commands::daemon::status(args),
         Command::Url(args) => commands::url::run(args),
+        Command::Env(args) => commands::env::env(args),
+        Command::Run(args) => commands::env::run(args),
         Command::Pr(cmd) => commands::git::pr(cmd),
         Command::Gc {
             dry_run,
