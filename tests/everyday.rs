@@ -138,5 +138,98 @@ fn a_mistyped_branch_name_gets_did_you_mean() {
         err.contains("pgtwig branch create release-2026") && !err.contains("did you mean"),
         "{err}"
     );
-    let _ = git;
+}
+
+/// The row of `branch list` whose tree cell ends with `name` (after the drawing).
+fn row<'a>(listing: &'a str, drawn: &str) -> &'a str {
+    listing
+        .lines()
+        .find(|l| l.starts_with(drawn))
+        .unwrap_or_else(|| panic!("no row starting {drawn:?} in\n{listing}"))
+}
+
+#[test]
+fn branch_list_draws_the_family_and_status_says_which_rule_and_override() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    git(&env, &["commit", "-q", "--allow-empty", "-m", "init"]);
+    env.ok(&["branch", "create", "anon"]);
+    env.ok(&["branch", "create", "dev-alice", "--from", "anon"]);
+    // The hook makes feature-login for the git branch.
+    git(&env, &["checkout", "-q", "-b", "feature/login"]);
+    let daemon = common::up(&env);
+    let mut session = common::held::Held::open(&daemon, &env.repo);
+    assert_eq!(session.query("select 1").as_deref(), Some("1"));
+
+    let listing = env.ok(&["branch", "list"]);
+    let header = listing.lines().next().unwrap();
+    for column in [
+        "BRANCH",
+        "GIT BRANCH",
+        "STATE",
+        "SESSIONS",
+        "KEPT",
+        "OWN",
+        "SHARED",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    let lines: Vec<&str> = listing.lines().skip(1).take(4).collect();
+    assert!(lines[0].starts_with("main (root) "), "{listing}");
+    assert!(lines[1].starts_with("├─ anon "), "{listing}");
+    assert!(lines[2].starts_with("│  └─ dev-alice "), "{listing}");
+    assert!(lines[3].starts_with("└─ feature-login "), "{listing}");
+    let login = row(&listing, "└─ feature-login ");
+    let cells: Vec<&str> = login.split_whitespace().collect();
+    assert_eq!(
+        &cells[2..6],
+        &["feature/login", "running", "1", "-"],
+        "git branch, state, sessions, kept: {login}"
+    );
+    let alice: Vec<&str> = row(&listing, "│  └─ dev-alice ")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&alice[3..6], &["-", "stopped", "0"], "{listing}");
+    // --json keeps every field, sessions included.
+    let login = env.branch_json("feature-login");
+    assert_eq!(login["sessions"], 1);
+    assert_eq!(login["git_branch"], "feature/login");
+    assert_eq!(env.branch_json("dev-alice")["parent"], "anon");
+    for field in [
+        "own_bytes",
+        "shared_bytes",
+        "protected",
+        "expires",
+        "running",
+    ] {
+        assert!(login.get(field).is_some(), "{field} missing: {login}");
+    }
+
+    // status: the git branch, the rule, no override.
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains(
+            "git branch \"feature/login\" → \"feature-login\" by rule 1 in .pgtwig.toml (git = \"*\""
+        ),
+        "{status}"
+    );
+    // `use` overrides the rule, and status says so.
+    env.ok(&["use", "dev-alice"]);
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("gives \"feature-login\", but `pgtwig use` set \"dev-alice\""),
+        "{status}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["checkout"]["git_branch"], "feature/login");
+    assert_eq!(json["checkout"]["branch"], "dev-alice");
+    assert_eq!(json["checkout"]["rule_branch"], "feature-login");
+    assert_eq!(json["checkout"]["overridden"], true);
+    // A checkout follows the rule again.
+    git(&env, &["checkout", "-q", "main"]);
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["checkout"]["branch"], "main");
+    assert_eq!(json["checkout"]["overridden"], false);
+    drop(session);
+    drop(daemon);
 }

@@ -8,6 +8,7 @@ mod commands;
 mod daemon_link;
 mod output;
 mod progress;
+mod tree;
 
 use std::process::ExitCode;
 

@@ -346,11 +346,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         Backend::Neon(n) => ("neon", format!("neon (project {})", n.backend.project_id())),
     };
     let database = project.database(None)?;
+    let checkout = super::status_checkout::of_current(&project, &backend);
     if args.json {
         let out = json!({
             "project": project.config.project,
             "backend": kind,
             "active": active.as_ref().ok(),
+            "checkout": checkout.as_ref().ok(),
             "database": database.name,
             "daemon": daemon,
             "running": running,
@@ -363,6 +365,18 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     match &active {
         Ok(a) => println!("Active branch: {a}"),
         Err(e) => println!("Active branch: unknown ({e})"),
+    }
+    match &checkout {
+        Ok(c) => println!(
+            "This work tree{}: \"{}\"; {}",
+            c.worktree
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default(),
+            c.branch,
+            c.summary
+        ),
+        Err(e) => println!("This work tree: unknown ({e:#})"),
     }
     match &daemon {
         Some(d) => {

@@ -1,5 +1,6 @@
 pub mod anonymize;
 pub mod branch;
+pub mod branch_list;
 pub mod daemon;
 pub mod diff;
 pub mod disk;
@@ -7,5 +8,6 @@ pub mod env;
 pub mod git;
 pub mod import;
 pub mod init;
+pub mod status_checkout;
 pub mod trust;
 pub mod url;
