@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use pgtwig_core::anonymize::pii::{self, Kind};
 use pgtwig_core::anonymize::{self, AnonymizeConfig};
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
@@ -163,19 +164,24 @@ fn apply(
     Ok(())
 }
 
-/// Columns of the database at `client` whose names look like personal data.
-fn pii_looking_columns(client: &mut postgres::Client) -> Result<Vec<(String, String, String)>> {
+/// Columns of the database at `client` whose names look like personal data, with the kind
+/// (see `pgtwig_core::anonymize::pii`).
+fn pii_looking_columns(
+    client: &mut postgres::Client,
+) -> Result<Vec<(String, String, String, Kind)>> {
     Ok(client
         .query(
             "select n.nspname::text, c.relname::text, a.attname::text from pg_attribute a \
              join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
              where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
-             and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') \
-             and a.attname ~* $1 order by 1, 2, 3",
-            &[&anonymize::PII_PATTERN],
+             and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') order by 1, 2, 3",
+            &[],
         )?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .filter_map(|r| {
+            let column: String = r.get(2);
+            pii::classify(&column).map(|kind| (r.get(0), r.get(1), column, kind))
+        })
         .collect())
 }
 
@@ -193,7 +199,7 @@ fn warn_unmasked_databases(backend: &LocalBackend, from: &BranchName, ruled: &st
         if !columns.is_empty() {
             let names: Vec<String> = columns
                 .iter()
-                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                .map(|(s, t, c, _)| format!("{s}.{t}.{c}"))
                 .collect();
             eprintln!(
                 "pgtwig: warning: database \"{database}\" of \"{from}\" has columns that look like personal data \
@@ -235,13 +241,20 @@ fn check(
         if *database == ruled.name {
             let unruled: Vec<String> = columns
                 .iter()
-                .filter(|(s, t, c)| {
+                .filter(|(s, t, c, _)| {
                     !rules
                         .columns
                         .keys()
                         .any(|k| k.schema == *s && k.table == *t && k.column == *c)
                 })
-                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                // A line to paste under [anonymize.columns], and what it seems to be.
+                .map(|(s, t, c, kind)| {
+                    format!(
+                        "\"{s}.{t}.{c}\" = {}    # {}",
+                        kind.suggested_rule(c),
+                        kind.describe()
+                    )
+                })
                 .collect();
             if unruled.is_empty() {
                 println!(
@@ -250,10 +263,11 @@ fn check(
             } else {
                 found = true;
                 println!(
-                    "{ruled} on \"{from}\": columns that look like personal data and have no rule in [anonymize.columns]:"
+                    "{ruled} on \"{from}\": columns that look like personal data and have no rule in [anonymize.columns] \
+                     (suggested rules; check each):"
                 );
                 for c in &unruled {
-                    println!("  \"{c}\"");
+                    println!("  {c}");
                 }
             }
         } else if columns.is_empty() {
@@ -265,8 +279,8 @@ fn check(
                  database \"{}\" only and would copy these as they are (drop what the branch does not need):",
                 ruled.name
             );
-            for (s, t, c) in &columns {
-                println!("  \"{s}.{t}.{c}\"");
+            for (s, t, c, kind) in &columns {
+                println!("  \"{s}.{t}.{c}\" ({})", kind.describe());
             }
         }
     }
