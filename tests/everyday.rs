@@ -44,6 +44,8 @@ fn env_and_run_reach_this_worktrees_branch() {
     assert_eq!(out.trim(), "dev");
     // The command's exit code is pgtwig's.
     env.ok_code(&["run", "--", "sh", "-c", "exit 7"], 7);
+    // Killed by a signal: 128 + its number, as a shell says.
+    env.ok_code(&["run", "--", "sh", "-c", "kill -TERM $$"], 143);
     // `env` without a proxy: the URL still (for .env files), and what to run.
     let out = env.run(&["env"]);
     assert!(

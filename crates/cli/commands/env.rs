@@ -78,9 +78,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     for (name, value) in libpq_variables(&url)? {
         command.env(name, value);
     }
-    let status = command
-        .status()
+    let mut child = command
+        .spawn()
         .with_context(|| format!("cannot run {:?}", args.command[0]))?;
+    // Ctrl-C is the command's to handle (the terminal sends it to both of us): we wait and
+    // pass on how it ended. Ignored only now, after exec, so the command does not inherit it.
+    // SAFETY: changing signal dispositions; no handler runs.
+    unsafe {
+        nix::libc::signal(nix::libc::SIGINT, nix::libc::SIG_IGN);
+        nix::libc::signal(nix::libc::SIGQUIT, nix::libc::SIG_IGN);
+    }
+    let status = child.wait().context("waiting for the command")?;
     Ok(exit_code_of(status))
 }
 
