@@ -235,3 +235,44 @@ fn branch_list_draws_the_family_and_status_says_which_rule_and_override() {
     drop(session);
     drop(daemon);
 }
+
+/// Two `up --detach` at once: one daemon runs, and the other command names it (pid, address,
+/// project) instead of printing the winner's log lines as its error.
+#[test]
+fn the_up_that_loses_the_race_names_the_winner() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    let ports = [common::free_port(), common::free_port()];
+    let children: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            env.cmd(&["up", "--detach", "--port", &p.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won: Vec<_> = outs.iter().filter(|o| o.status.success()).collect();
+    let lost: Vec<_> = outs.iter().filter(|o| !o.status.success()).collect();
+    assert_eq!((won.len(), lost.len()), (1, 1), "{outs:?}");
+    let winner = String::from_utf8_lossy(&won[0].stdout);
+    let pid = winner
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("winner said {winner}"));
+    let err = String::from_utf8_lossy(&lost[0].stderr);
+    assert!(
+        err.contains(&format!("pid {pid}"))
+            && err.contains("project \"shop\"")
+            && err.contains("127.0.0.1:")
+            && !err.contains(" INFO "),
+        "the loser said: {err}"
+    );
+    env.ok(&["down"]);
+}

@@ -108,7 +108,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
 /// Start `pgtwig up` again in its own session, logging to daemon.log, and
 /// return once it answers on its control socket.
 fn detach(paths: &DaemonPaths, args: &UpArgs, project: &str) -> Result<ExitCode> {
-    if let Some(other) = other_daemon(paths) {
+    if let Some(other) = other_daemon(paths, false) {
         bail!("a pgtwig daemon is already running for project \"{project}\": {other}; stop it with `pgtwig down`");
     }
     // 0600 and no link followed: the log may hold what clients sent.
@@ -141,7 +141,7 @@ fn detach(paths: &DaemonPaths, args: &UpArgs, project: &str) -> Result<ExitCode>
         if let Some(status) = child.try_wait()? {
             // Lost a race with another `up`: name the winner rather than show its log
             // lines (the log file is shared) as if they were our error.
-            if let Some(other) = other_daemon(paths) {
+            if let Some(other) = other_daemon(paths, true) {
                 bail!(
                     "another pgtwig daemon started first and is running for project \"{project}\": {other}; \
                      this one exited. Use it as it is, or `pgtwig down` and `pgtwig up` again",
@@ -177,11 +177,14 @@ fn detach(paths: &DaemonPaths, args: &UpArgs, project: &str) -> Result<ExitCode>
 }
 
 /// The daemon answering on this project's control socket, described: "pid 123, listening
-/// on 127.0.0.1:5432 and [::1]:5432, work tree /src/app". One that has just won a race may
-/// not answer yet: while the pid it wrote is alive it gets a few seconds. (No probe of the
-/// daemon lock here: holding it even briefly could make a starting daemon lose.)
-fn other_daemon(paths: &DaemonPaths) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+/// on 127.0.0.1:5432 and [::1]:5432, work tree /src/app". After a `lost_race` (our daemon
+/// exited), the winner may not answer yet, nor even have written its pid (it does right
+/// after taking the daemon lock): it gets 2 s for that, and while that pid is alive up to
+/// 5 s to answer; otherwise one question. (No probe of the daemon lock here: holding it even
+/// briefly could make a starting daemon lose.)
+fn other_daemon(paths: &DaemonPaths, lost_race: bool) -> Option<String> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
     loop {
         if let Ok(Response::Status(s)) =
             control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT)
@@ -201,7 +204,8 @@ fn other_daemon(paths: &DaemonPaths) -> Option<String> {
             .is_some_and(|pid| {
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
             });
-        if !recorded_alive || Instant::now() > deadline {
+        let may_be_starting = started.elapsed() < Duration::from_secs(2);
+        if !lost_race || !(recorded_alive || may_be_starting) || Instant::now() > deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
