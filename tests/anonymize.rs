@@ -118,7 +118,15 @@ fn anonymized_branch_keeps_no_original_value_anywhere() {
         f[0].starts_with("user_") && f[0].ends_with("@example.com"),
         "{row}"
     );
-    assert!(f[1].contains(' ') && f[2].starts_with("+1 555 "), "{row}");
+    // `name` on full_name: a full name. No country set: a national-looking number.
+    assert!(f[1].contains(' '), "{row}");
+    assert_eq!(
+        env.psql(
+            "anon",
+            "select count(*) from users where phone !~ '^0[2-9][0-9]{2} [2-9][0-9]{6}$'"
+        ),
+        "0"
+    );
     assert_eq!((f[3], f[4], f[5]), ("t", "XX", "4111************"), "{row}");
     assert_eq!(
         env.psql("anon", "select ship_to from orders where id = 3"),
@@ -209,5 +217,143 @@ fn a_rule_naming_a_missing_column_leaves_nothing_behind() {
     assert!(
         err.contains("unknown masking rule \"scramble\"") && err.contains("line 3"),
         "{err}"
+    );
+}
+
+/// Column-aware fakes: each name part in its column, phones in their country's E.164 shape,
+/// user names; deterministic (equal inputs, equal fakes) and never the original.
+#[test]
+fn fakes_follow_the_column_kind() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        r#"project = "shop"
+[anonymize]
+country = "DE"
+[anonymize.columns]
+"public.people.first_name" = "name"
+"public.people.surname" = "name"
+"public.people.full_name" = "name"
+"public.people.given" = "first_name"
+"public.people.family" = "last_name"
+"public.people.mobile" = "phone"
+"public.people.uk_mobile" = { phone = "GB" }
+"public.people.us_phone" = { phone = "US" }
+"public.people.username" = "username"
+"#,
+    )
+    .unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    env.psql(
+        "main",
+        "create table people(id int primary key, first_name text, surname text, full_name text, given text, \
+           family text, mobile text, uk_mobile text, us_phone text, username text); \
+         insert into people select g, 'Orig' || g % 50, 'Origsur' || g % 50, 'Orig Full ' || g, 'Og' || g, 'Of' || g, \
+           '+49 171 ' || g, '07700 ' || g, '555-' || g, 'login' || g % 50 from generate_series(1, 200) g",
+    );
+    let out = env.run(&["anonymize", "--into", "anon"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("masked public.people (1/1"),
+        "progress per table: {out:?}"
+    );
+    env.ok(&["branch", "start", "anon"]);
+    let bad = |condition: &str| {
+        // NULL counts as bad: a fake must be there.
+        env.psql(
+            "anon",
+            &format!("select count(*) from people where not coalesce({condition}, false)"),
+        )
+    };
+    // One word for a part, two for a full name; never the original.
+    for (column, words) in [
+        ("first_name", 1),
+        ("surname", 1),
+        ("given", 1),
+        ("family", 1),
+        ("full_name", 2),
+    ] {
+        assert_eq!(
+            bad(&format!(
+                "array_length(regexp_split_to_array({column}, ' '), 1) = {words} and {column} !~ '^O(rig|g|f)'"
+            )),
+            "0",
+            "{column}"
+        );
+    }
+    // E.164 for the country (DE mobile, GB mobile, NANP), digits only after the plus.
+    assert_eq!(bad("mobile ~ '^\\+4917[0-9]{9}$'"), "0");
+    assert_eq!(bad("uk_mobile ~ '^\\+447[2-9][0-9]{8}$'"), "0");
+    assert_eq!(bad("us_phone ~ '^\\+1[2-9][0-9]{2}[2-9][0-9]{6}$'"), "0");
+    assert_eq!(bad("username ~ '^user_[0-9a-f]{12}$'"), "0");
+    // Deterministic: equal originals (id 1 and 51 share them), equal fakes; different, mostly different.
+    assert_eq!(
+        env.psql(
+            "anon",
+            "select a.first_name = b.first_name and a.surname = b.surname and a.username = b.username \
+             from people a, people b where a.id = 1 and b.id = 51"
+        ),
+        "t"
+    );
+    assert_eq!(
+        env.psql(
+            "anon",
+            "select count(distinct username) = 50 and count(distinct mobile) = 200 from people"
+        ),
+        "t"
+    );
+}
+
+/// `--check` knows names, user names, addresses, postcodes, IPs, birth dates, IBANs and card
+/// numbers, in full and abbreviated, and suggests a rule for each.
+#[test]
+fn check_recognises_the_common_kinds_of_personal_data() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    env.init();
+    env.ok(&["branch", "start", "main"]);
+    let columns = [
+        "username",
+        "first_name",
+        "lname",
+        "name",
+        "address_line1",
+        "addr2",
+        "postcode",
+        "zip",
+        "ip_address",
+        "dob",
+        "iban",
+        "card_number",
+    ];
+    env.psql(
+        "main",
+        &format!(
+            "create table customers(id int, created_at timestamptz, product_name text, first_seen date, {})",
+            columns.map(|c| format!("{c} text")).join(", ")
+        ),
+    );
+    let out = env.run(&["anonymize", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for c in columns {
+        assert!(
+            text.contains(&format!("\"public.customers.{c}\" = ")),
+            "{c} missing:\n{text}"
+        );
+    }
+    for c in ["id", "created_at", "product_name", "first_seen"] {
+        assert!(
+            !text.contains(&format!("customers.{c}\"")),
+            "{c} flagged:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("\"public.customers.first_name\" = \"first_name\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"public.customers.card_number\" = { keep_first = 4 }"),
+        "{text}"
     );
 }

@@ -321,6 +321,9 @@ fn neon_errors_say_what_to_do_and_never_show_the_key() {
     env.init();
     let err = env.fails(&["use", "nope"]);
     assert!(err.contains("\"nope\" does not exist"), "{err}");
+    // A typo of an existing one: the nearest name.
+    let err = env.fails(&["use", "mian"]);
+    assert!(err.contains("did you mean \"main\""), "{err}");
     let err = env.fails(&["branch", "stop", "main"]);
     assert!(err.contains("Neon suspends"), "{err}");
     let err = env.fails(&["import", "--from", "postgres://x@127.0.0.1:1/x"]);

@@ -7,6 +7,8 @@
 mod commands;
 mod daemon_link;
 mod output;
+mod progress;
+mod tree;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,10 @@ enum Command {
     Status(commands::daemon::StatusArgs),
     /// Print a DATABASE_URL through the proxy with the proxy password (for other users, containers).
     Url(commands::url::UrlArgs),
+    /// Print DATABASE_URL=… for this work tree (for .env files; --export for direnv and shells).
+    Env(commands::env::EnvArgs),
+    /// Run a command with DATABASE_URL set for this work tree: `pgtwig run -- CMD ARGS…`.
+    Run(commands::env::RunArgs),
     /// Branches for pull requests (CI): pr-NUMBER.
     #[command(subcommand)]
     Pr(commands::git::PrCommand),
@@ -69,6 +75,44 @@ enum Command {
     Hook(commands::git::HookCommand),
 }
 
+/// Log lines on stderr: the daemon's (which `up --detach` sends to daemon.log) carry an
+/// RFC 3339 UTC timestamp, others only warn and need none; colour only on a terminal, so
+/// the log file holds no escape codes.
+fn init_logging(daemon: bool) {
+    use std::io::IsTerminal;
+    // The daemon reports what it does; other commands only warn.
+    let default_level = if daemon {
+        "info,tokio_postgres=warn"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGTWIG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let format = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    if daemon {
+        format.with_timer(Rfc3339Utc).init();
+    } else {
+        format.without_time().init();
+    }
+}
+
+/// `2026-12-02T01:40:00.123456Z`: RFC 3339, what log tools parse.
+struct Rfc3339Utc;
+
+impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Utc {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(
+            w,
+            "{}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Up(_)) {
@@ -80,21 +124,7 @@ fn main() -> ExitCode {
             nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
         }
     }
-    // The daemon reports what it does; other commands only warn.
-    let default_level = if matches!(cli.command, Command::Up(_)) {
-        "info,tokio_postgres=warn"
-    } else {
-        "warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGTWIG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .with_target(false)
-        .init();
+    init_logging(matches!(cli.command, Command::Up(_)));
     let result = match cli.command {
         Command::Init(args) => commands::init::run(args),
         Command::Branch(cmd) => commands::branch::run(cmd),
@@ -103,6 +133,8 @@ fn main() -> ExitCode {
         Command::Use(args) => commands::daemon::use_branch(args),
         Command::Status(args) => commands::daemon::status(args),
         Command::Url(args) => commands::url::run(args),
+        Command::Env(args) => commands::env::env(args),
+        Command::Run(args) => commands::env::run(args),
         Command::Pr(cmd) => commands::git::pr(cmd),
         Command::Gc {
             dry_run,

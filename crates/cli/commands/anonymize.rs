@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use pgtwig_core::anonymize::pii::{self, Kind};
 use pgtwig_core::anonymize::{self, AnonymizeConfig};
 use pgtwig_core::BranchName;
 use pgtwig_local::LocalBackend;
@@ -122,21 +123,37 @@ fn apply(
     let mut tx = client.transaction()?;
     // No user triggers or foreign-key checks fire for the masking updates.
     tx.batch_execute("SET LOCAL session_replication_role = replica")?;
-    for (schema, table, sql) in statements {
+    // A line per table and step: masking a large table takes a while, and silence
+    // reads as a hang.
+    let count = statements.len();
+    for (n, (schema, table, sql)) in statements.iter().enumerate() {
+        let started = std::time::Instant::now();
         tx.batch_execute(sql)
             .with_context(|| format!("masking {schema}.{table}"))?;
+        eprintln!(
+            "pgtwig: masked {schema}.{table} ({}/{count}, {})",
+            n + 1,
+            crate::output::duration(started.elapsed())
+        );
     }
     tx.commit()?;
     // Rewrite the tables (old row versions hold the originals), refresh and
     // rewrite statistics (their samples hold values too), then move WAL on
     // and checkpoint so the caller can drop every older WAL segment.
-    for (schema, table, _) in statements {
+    for (n, (schema, table, _)) in statements.iter().enumerate() {
+        let started = std::time::Instant::now();
         let t = format!("{}.{}", anonymize::ident(schema), anonymize::ident(table));
         // One statement per call: several in one call form an implicit
         // transaction block, where VACUUM cannot run.
         client.batch_execute(&format!("VACUUM FULL {t}"))?;
         client.batch_execute(&format!("ANALYZE {t}"))?;
+        eprintln!(
+            "pgtwig: rewrote {schema}.{table} without the old row versions ({}/{count}, {})",
+            n + 1,
+            crate::output::duration(started.elapsed())
+        );
     }
+    eprintln!("pgtwig: clearing statistics samples and old WAL");
     for sql in [
         "VACUUM FULL pg_catalog.pg_statistic",
         "VACUUM FULL pg_catalog.pg_statistic_ext_data",
@@ -148,19 +165,24 @@ fn apply(
     Ok(())
 }
 
-/// Columns of the database at `client` whose names look like personal data.
-fn pii_looking_columns(client: &mut postgres::Client) -> Result<Vec<(String, String, String)>> {
+/// Columns of the database at `client` whose names look like personal data, with the kind
+/// (see `pgtwig_core::anonymize::pii`).
+fn pii_looking_columns(
+    client: &mut postgres::Client,
+) -> Result<Vec<(String, String, String, Kind)>> {
     Ok(client
         .query(
             "select n.nspname::text, c.relname::text, a.attname::text from pg_attribute a \
              join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
              where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
-             and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') \
-             and a.attname ~* $1 order by 1, 2, 3",
-            &[&anonymize::PII_PATTERN],
+             and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast') order by 1, 2, 3",
+            &[],
         )?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .filter_map(|r| {
+            let column: String = r.get(2);
+            pii::classify(&column).map(|kind| (r.get(0), r.get(1), column, kind))
+        })
         .collect())
 }
 
@@ -178,7 +200,7 @@ fn warn_unmasked_databases(backend: &LocalBackend, from: &BranchName, ruled: &st
         if !columns.is_empty() {
             let names: Vec<String> = columns
                 .iter()
-                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                .map(|(s, t, c, _)| format!("{s}.{t}.{c}"))
                 .collect();
             eprintln!(
                 "pgtwig: warning: database \"{database}\" of \"{from}\" has columns that look like personal data \
@@ -220,13 +242,20 @@ fn check(
         if *database == ruled.name {
             let unruled: Vec<String> = columns
                 .iter()
-                .filter(|(s, t, c)| {
+                .filter(|(s, t, c, _)| {
                     !rules
                         .columns
                         .keys()
                         .any(|k| k.schema == *s && k.table == *t && k.column == *c)
                 })
-                .map(|(s, t, c)| format!("{s}.{t}.{c}"))
+                // A line to paste under [anonymize.columns], and what it seems to be.
+                .map(|(s, t, c, kind)| {
+                    format!(
+                        "\"{s}.{t}.{c}\" = {}    # {}",
+                        kind.suggested_rule(c),
+                        kind.describe()
+                    )
+                })
                 .collect();
             if unruled.is_empty() {
                 println!(
@@ -235,10 +264,11 @@ fn check(
             } else {
                 found = true;
                 println!(
-                    "{ruled} on \"{from}\": columns that look like personal data and have no rule in [anonymize.columns]:"
+                    "{ruled} on \"{from}\": columns that look like personal data and have no rule in [anonymize.columns] \
+                     (suggested rules; check each):"
                 );
                 for c in &unruled {
-                    println!("  \"{c}\"");
+                    println!("  {c}");
                 }
             }
         } else if columns.is_empty() {
@@ -250,8 +280,8 @@ fn check(
                  database \"{}\" only and would copy these as they are (drop what the branch does not need):",
                 ruled.name
             );
-            for (s, t, c) in &columns {
-                println!("  \"{s}.{t}.{c}\"");
+            for (s, t, c, kind) in &columns {
+                println!("  \"{s}.{t}.{c}\" ({})", kind.describe());
             }
         }
     }

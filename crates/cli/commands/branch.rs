@@ -9,7 +9,6 @@ use pgtwig_core::BranchName;
 use pgtwig_daemon::DaemonPaths;
 use pgtwig_local::point_in_time::{format_utc, Target};
 use pgtwig_local::recovery::AtReport;
-use pgtwig_local::space::BranchUsage as UsageOf;
 use pgtwig_local::{CloneMethod, CreateReport, LocalBackend};
 use pgtwig_neon::PointInTime;
 use serde_json::json;
@@ -36,7 +35,8 @@ pub enum BranchCommand {
         #[arg(long, value_name = "TIME|LSN")]
         at: Option<String>,
     },
-    /// List branches: parent, creation time, running, own and shared bytes, history, how it was cloned.
+    /// List branches as their parent tree: git branch, running, sessions, protected/TTL, own and
+    /// shared bytes, history (--json: every field).
     List {
         #[arg(long)]
         json: bool,
@@ -111,7 +111,7 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
             }
             project.ensure_app_database(whole, &name, &mut output::Terminal::stdout())?;
         }
-        BranchCommand::List { json } => return list(backend, project, json),
+        BranchCommand::List { json } => return super::branch_list::list(backend, project, json),
         BranchCommand::Delete { name, force } => {
             delete_guarded(
                 project,
@@ -356,29 +356,37 @@ fn list_neon(neon: &Neon, project: &Project, as_json: bool) -> Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
     let mut rows = vec![vec![
-        "NAME".to_string(),
-        "PARENT".into(),
-        "CREATED".into(),
+        "BRANCH".to_string(),
+        "GIT BRANCH".into(),
         "COMPUTE".into(),
-        "EXPIRES".into(),
+        "KEPT".into(),
+        "CREATED".into(),
     ]];
-    for b in &branches {
-        let name = if b.branch.name == project.config.root_branch.as_str() {
-            format!("{} (root)", b.branch.name)
-        } else {
-            b.branch.name.clone()
-        };
-        let parent = match (&b.branch.parent_id, &b.parent_name) {
-            (None, _) => "-".to_string(),
-            (Some(_), Some(p)) => p.clone(),
-            (Some(id), None) => format!("{id} (deleted)"),
+    let family: Vec<(String, Option<String>)> = branches
+        .iter()
+        .map(|b| (b.branch.name.clone(), b.parent_name.clone()))
+        .collect();
+    for (i, drawn) in crate::tree::layout(&family, project.config.root_branch.as_str()) {
+        let b = &branches[i];
+        let mut name = format!("{drawn}{}", b.branch.name);
+        if b.branch.name == project.config.root_branch.as_str() {
+            name.push_str(" (root)");
+        }
+        if let (Some(id), None) = (&b.branch.parent_id, &b.parent_name) {
+            name.push_str(&format!(" (from {id} (deleted))"));
+        }
+        let kept = match (b.protected, &b.branch.expires_at) {
+            (true, Some(e)) => format!("protected, until {e}"),
+            (true, None) => "protected".into(),
+            (false, Some(e)) => format!("until {e}"),
+            (false, None) => "-".into(),
         };
         rows.push(vec![
             name,
-            parent,
-            b.branch.created_at.clone().unwrap_or_default(),
+            b.git_branch.clone().unwrap_or_else(|| "-".into()),
             b.compute_state().to_string(),
-            b.branch.expires_at.clone().unwrap_or_else(|| "-".into()),
+            kept,
+            b.branch.created_at.clone().unwrap_or_default(),
         ]);
     }
     output::table(&rows);
@@ -525,121 +533,4 @@ fn print_built(
         );
     }
     Ok(())
-}
-
-fn list(backend: &LocalBackend, project: &Project, as_json: bool) -> Result<ExitCode> {
-    let branches = backend.list()?;
-    let mut problems: Vec<String> = branches.iter().filter_map(|b| b.problem.clone()).collect();
-    // Own bytes from the extent map: apparent sizes say nothing on copy-on-write.
-    let usages: Vec<Option<UsageOf>> = branches
-        .iter()
-        .map(|b| match backend.usage(&b.name) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                problems.push(format!("measuring branch \"{}\": {e}", b.name));
-                None
-            }
-        })
-        .collect();
-    if as_json {
-        let items: Vec<_> = branches
-            .iter()
-            .zip(&usages)
-            .map(|(b, u)| {
-                let m = b.meta.as_ref();
-                json!({
-                    "name": b.name,
-                    "parent": m.and_then(|m| m.parent.clone()),
-                    "parent_exists": m.and_then(|m| m.parent.as_ref()).map(|p| backend.exists(p)),
-                    "root": b.name == project.config.root_branch,
-                    "created": m.map(|m| m.created.clone()),
-                    "running": b.running,
-                    "size_bytes": b.size,
-                    "own_bytes": u.map(|u| u.own),
-                    "shared_bytes": u.map(|u| u.shared),
-                    "history_bytes": u.map(|u| u.history),
-                    "own_bytes_method": u.map(|u| u.method),
-                    "clone_method": m.map(|m| m.clone_method),
-                    "pg_major": m.map(|m| m.pg_major),
-                    "git_branch": m.and_then(|m| m.git_branch.clone()),
-                    "expires": m.and_then(|m| m.expires.clone()),
-                    "protected": m.map(|m| m.protected),
-                    "problem": b.problem,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
-    } else {
-        let mut rows = vec![vec![
-            "NAME".to_string(),
-            "PARENT".into(),
-            "CREATED".into(),
-            "STATE".into(),
-            "OWN".into(),
-            "SHARED".into(),
-            "HISTORY".into(),
-            "CLONE".into(),
-        ]];
-        let estimated = usages
-            .iter()
-            .flatten()
-            .any(|u| u.method == pgtwig_local::fiemap::Method::AllocatedBlocks);
-        for (b, u) in branches.iter().zip(&usages) {
-            let name = if b.name == project.config.root_branch {
-                format!("{} (root)", b.name)
-            } else {
-                b.name.to_string()
-            };
-            let (parent, created, method) = match &b.meta {
-                Some(m) => (
-                    match &m.parent {
-                        Some(p) if backend.exists(p) => p.to_string(),
-                        Some(p) => format!("{p} (deleted)"),
-                        None => "-".into(),
-                    },
-                    m.created.clone(),
-                    m.clone_method.describe().to_string(),
-                ),
-                None => ("?".into(), "?".into(), "metadata unreadable".into()),
-            };
-            rows.push(vec![
-                name,
-                parent,
-                created,
-                if b.running { "running" } else { "stopped" }.into(),
-                u.map(|u| output::size(u.own)).unwrap_or_else(|| "?".into()),
-                u.map(|u| output::size(u.shared))
-                    .unwrap_or_else(|| "?".into()),
-                u.map(|u| output::size(u.history))
-                    .unwrap_or_else(|| "?".into()),
-                method,
-            ]);
-        }
-        output::table(&rows);
-        if estimated {
-            println!(
-                "(this file system does not say which blocks are shared: OWN counts every allocated block)"
-            );
-        }
-        if let Ok(free) = backend.free_space() {
-            let kept = match backend.margin(free.total) {
-                Ok(Some(m)) => format!("; builds keep {} free", output::size(m.bytes)),
-                _ => String::new(),
-            };
-            println!(
-                "{} free of {} on the file system of {}{kept}",
-                output::size(free.available),
-                output::size(free.total),
-                backend.home().dir().display()
-            );
-        }
-    }
-    for p in &problems {
-        eprintln!("error: {p}");
-    }
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

@@ -54,7 +54,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         }
     }
     if args.detach {
-        return detach(&paths, &args);
+        return detach(&paths, &args, project.config.project.as_str());
     }
     // The daemon follows the work tree it is started in (git worktrees of
     // one repository share a project).
@@ -107,11 +107,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
 
 /// Start `pgtwig up` again in its own session, logging to daemon.log, and
 /// return once it answers on its control socket.
-fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
-    if let Ok(Response::Ok { pid }) =
-        control::request(&paths.control, &Request::Ping, CONTROL_TIMEOUT)
-    {
-        bail!("a pgtwig daemon is already running for this project (pid {pid}); stop it with `pgtwig down`");
+fn detach(paths: &DaemonPaths, args: &UpArgs, project: &str) -> Result<ExitCode> {
+    if let Some(other) = other_daemon(paths, false) {
+        bail!("a pgtwig daemon is already running for project \"{project}\": {other}; stop it with `pgtwig down`");
     }
     // 0600 and no link followed: the log may hold what clients sent.
     let log =
@@ -141,6 +139,14 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
+            // Lost a race with another `up`: name the winner rather than show its log
+            // lines (the log file is shared) as if they were our error.
+            if let Some(other) = other_daemon(paths, true) {
+                bail!(
+                    "another pgtwig daemon started first and is running for project \"{project}\": {other}; \
+                     this one exited. Use it as it is, or `pgtwig down` and `pgtwig up` again",
+                );
+            }
             let text = pgtwig_core::private::read_to_string(&paths.log).unwrap_or_default();
             let tail = text.get(log_start as usize..).unwrap_or("").trim();
             bail!("the daemon exited ({status}):\n{tail}");
@@ -167,6 +173,42 @@ fn detach(paths: &DaemonPaths, args: &UpArgs) -> Result<ExitCode> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The daemon answering on this project's control socket, described: "pid 123, listening
+/// on 127.0.0.1:5432 and [::1]:5432, work tree /src/app". After a `lost_race` (our daemon
+/// exited), the winner may not answer yet, nor even have written its pid (it does right
+/// after taking the daemon lock): it gets 2 s for that, and while that pid is alive up to
+/// 5 s to answer; otherwise one question. (No probe of the daemon lock here: holding it even
+/// briefly could make a starting daemon lose.)
+fn other_daemon(paths: &DaemonPaths, lost_race: bool) -> Option<String> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    loop {
+        if let Ok(Response::Status(s)) =
+            control::request(&paths.control, &Request::Status, CONTROL_TIMEOUT)
+        {
+            return Some(format!(
+                "pid {}, listening on {}{}",
+                s.pid,
+                s.addresses.join(" and "),
+                s.main_worktree
+                    .map(|w| format!(", work tree {w}"))
+                    .unwrap_or_default()
+            ));
+        }
+        let recorded_alive = std::fs::read_to_string(&paths.pid)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            });
+        let may_be_starting = started.elapsed() < Duration::from_secs(2);
+        if !lost_race || !(recorded_alive || may_be_starting) || Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -308,11 +350,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         Backend::Neon(n) => ("neon", format!("neon (project {})", n.backend.project_id())),
     };
     let database = project.database(None)?;
+    let checkout = super::status_checkout::of_current(&project, &backend);
     if args.json {
         let out = json!({
             "project": project.config.project,
             "backend": kind,
             "active": active.as_ref().ok(),
+            "checkout": checkout.as_ref().ok(),
             "database": database.name,
             "daemon": daemon,
             "running": running,
@@ -325,6 +369,18 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     match &active {
         Ok(a) => println!("Active branch: {a}"),
         Err(e) => println!("Active branch: unknown ({e})"),
+    }
+    match &checkout {
+        Ok(c) => println!(
+            "This work tree{}: \"{}\"; {}",
+            c.worktree
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default(),
+            c.branch,
+            c.summary
+        ),
+        Err(e) => println!("This work tree: unknown ({e:#})"),
     }
     match &daemon {
         Some(d) => {

@@ -10,14 +10,14 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use pgtwig_core::BranchName;
 
 use crate::output;
+use crate::progress::Bar;
 use pgtwig_project::Project;
 
 #[derive(Args)]
@@ -149,18 +149,6 @@ fn run_tool(
     }
 }
 
-fn bar(len: u64, prefix: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len.max(1));
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix.to_string());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
-}
-
 pub fn run(args: ImportArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.backend(false)?;
@@ -210,10 +198,12 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         cmd.arg(format!("--exclude-table-data={p}"));
     }
     cmd.arg("--dbname").arg(&args.from);
-    let pb = bar(if args.schema_only { 1 } else { tables as u64 }, "dump");
+    // One step per table whose data is dumped (partitioned parents have none: the
+    // estimate may be high; `Bar` never lets it be passed).
+    let mut pb = Bar::new(if args.schema_only { 1 } else { tables as u64 }, "dump");
     let result = run_tool(cmd, "import.dumping", |line| {
         if line.contains("dumping contents of table") {
-            pb.inc(1);
+            pb.step();
             let size = pgtwig_core::fsutil::dir_size(&dump).unwrap_or(0);
             pb.set_message(output::size(size));
         }
@@ -237,7 +227,7 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
         .unwrap_or(1);
 
     // 2. Restore into a fresh cluster that replaces the branch only when complete.
-    let pb = bar(items as u64, "restore");
+    let mut pb = Bar::new(items as u64, "restore");
     pb.set_message(output::size(dump_size));
     // The source's database, whatever it is called, becomes the app's
     // (made empty by `replace_database`); the branch's others stay.
@@ -260,11 +250,11 @@ pub fn run(args: ImportArgs) -> Result<ExitCode> {
             .args(["--dbname", &target])
             .arg(&dump);
         run_tool(cmd, "import.restoring", |line| {
-            if line.contains("processing item")
-                || line.contains(": creating")
-                || line.contains("processing data")
-            {
-                pb.inc(1);
+            // One line per archive item: "creating …" for definitions, "processing data
+            // …" for table data. Not "processing item …" too: with --jobs that is a
+            // second line for the same item (the old count reached 27/17).
+            if line.contains(": creating") || line.contains("processing data") {
+                pb.step();
             }
         })?;
         pgtwig_core::failpoint::hit("import.before_publish");

@@ -128,12 +128,11 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
     }
     write_state_and_hook(&project)?;
     println!("State lives in {}", project.home.dir().display());
+    // Commands that work as printed: the branch may be stopped, and no proxy runs yet.
+    println!("Connect: `pgtwig run -- psql` (starts the branch if it is stopped)");
     println!(
-        "Connect straight to it: psql \"{}\"",
-        backend.url(root, database)?
-    );
-    println!(
-        "The app's DATABASE_URL, once `pgtwig up` runs: postgres://postgres@{}/{database}",
+        "The app's DATABASE_URL, once `pgtwig up --detach` runs: postgres://postgres@{}/{database} \
+         (`pgtwig env` prints it for .env files)",
         project.config.proxy.listen
     );
     if backend.server_user().switch {

@@ -1,11 +1,14 @@
 pub mod anonymize;
 pub mod branch;
+pub mod branch_list;
 pub mod check;
 pub mod daemon;
 pub mod diff;
 pub mod disk;
+pub mod env;
 pub mod git;
 pub mod import;
 pub mod init;
+pub mod status_checkout;
 pub mod trust;
 pub mod url;

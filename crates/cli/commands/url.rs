@@ -29,33 +29,64 @@ pub struct UrlArgs {
 pub fn run(args: UrlArgs) -> Result<ExitCode> {
     let project = Project::discover()?;
     let backend = project.backend(false)?;
+    let pin = args.branch.as_deref().map(BranchName::parse).transpose()?;
+    let (url, database) = proxy_url(
+        &project,
+        &backend,
+        pin.as_ref(),
+        args.database.as_deref(),
+        args.host.as_deref(),
+    )?;
+    // stderr: stdout is the URL, for `$(pgtwig url)`.
+    eprintln!("pgtwig: {database}");
+    println!("{url}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a daemon answers for this project, and the port it really uses (`pgtwig up
+/// --port` overrides the config).
+pub fn running_proxy_port(project: &Project, backend: &Backend) -> Result<Option<u16>> {
+    Ok(
+        match control::request(
+            &backend.daemon_paths()?.control,
+            &Request::Status,
+            Duration::from_secs(5),
+        ) {
+            Ok(Response::Status(s)) => Some(
+                pgtwig_core::ListenAddr::parse(&s.listen)
+                    .map(|l| l.port)
+                    .unwrap_or(project.config.proxy.listen.port),
+            ),
+            _ => None,
+        },
+    )
+}
+
+/// The DATABASE_URL through the proxy that any client can use (it carries the proxy
+/// password), following the client's work tree's branch unless `pin`ned; and the database
+/// it names.
+pub fn proxy_url(
+    project: &Project,
+    backend: &Backend,
+    pin: Option<&BranchName>,
+    database: Option<&str>,
+    host: Option<&str>,
+) -> Result<(String, pgtwig_project::Database)> {
     let listen = &project.config.proxy.listen;
-    // The port the daemon really uses (`pgtwig up --port` overrides the config).
-    let port = match control::request(
-        &backend.daemon_paths()?.control,
-        &Request::Status,
-        Duration::from_secs(5),
-    ) {
-        Ok(Response::Status(s)) => pgtwig_core::ListenAddr::parse(&s.listen)
-            .map(|l| l.port)
-            .unwrap_or(listen.port),
-        _ => listen.port,
-    };
-    let host = args.host.clone().unwrap_or_else(|| {
+    let port = running_proxy_port(project, backend)?.unwrap_or(listen.port);
+    let host = host.map(str::to_string).unwrap_or_else(|| {
         if matches!(listen.host.as_str(), "0.0.0.0" | "::") {
             "localhost".into()
         } else {
             listen.url_host()
         }
     });
-    let database = project.database(args.database.as_deref())?;
-    // stderr: stdout is the URL, for `$(pgtwig url)`.
-    eprintln!("pgtwig: {database}");
-    let dbname = match &args.branch {
-        Some(b) => format!("{}@{}", database.name, BranchName::parse(b)?),
+    let database = project.database(database)?;
+    let dbname = match pin {
+        Some(b) => format!("{}@{b}", database.name),
         None => database.name.clone(),
     };
-    let url = match &backend {
+    let url = match backend {
         Backend::Local(_) => {
             let password = pgtwig_core::proxy_password::load_or_create(&project.home)
                 .map_err(anyhow::Error::msg)?;
@@ -66,8 +97,8 @@ pub fn run(args: UrlArgs) -> Result<ExitCode> {
         }
         Backend::Neon(_) => {
             // Neon checks logins itself: its role and password pass through the proxy.
-            let branch = match &args.branch {
-                Some(b) => BranchName::parse(b)?,
+            let branch = match pin {
+                Some(b) => b.clone(),
                 None => {
                     pgtwig_core::state::ProjectState::load(&project.home.state_path())
                         .map_err(anyhow::Error::msg)?
@@ -83,8 +114,7 @@ pub fn run(args: UrlArgs) -> Result<ExitCode> {
             format!("postgres://{credentials}@{host}:{port}/{}", encode(&dbname))
         }
     };
-    println!("{url}");
-    Ok(ExitCode::SUCCESS)
+    Ok((url, database))
 }
 
 /// Percent-encodes a URL path segment (RFC 3986 unreserved characters stay).

@@ -189,6 +189,71 @@ pub fn unique_for_git(
     }
 }
 
+/// The existing branch a mistyped `name` most likely meant: the closest by edit distance
+/// (Levenshtein, counting an adjacent swap as one edit) within a third of the name's length
+/// (at least 1, at most 3), or one that differs only in `-`/`_`/`.`. Ties go to the first
+/// in `known`.
+pub fn did_you_mean<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let squash = |s: &str| -> String { s.chars().filter(|c| c.is_ascii_alphanumeric()).collect() };
+    let limit = (name.chars().count() / 3).clamp(1, 3);
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in known {
+        if candidate == name {
+            continue;
+        }
+        let distance = if squash(candidate) == squash(name) {
+            0
+        } else {
+            edit_distance(name, candidate)
+        };
+        if distance <= limit && best.is_none_or(|(d, _)| distance < d) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// Optimal-string-alignment distance: insertions, deletions, substitutions and swaps of two
+/// neighbours, the typos people make in names.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+/// What to do about a branch name that names nothing: the near miss when there is one (a
+/// typo should not be answered with "create it"), else the list and how to create it.
+pub fn not_found_advice(name: &str, known: &[String]) -> String {
+    if let Some(meant) = did_you_mean(name, known.iter().map(String::as_str)) {
+        return format!("; did you mean \"{meant}\"? (`pgtwig branch list` shows them all)");
+    }
+    let listed = if known.is_empty() {
+        String::new()
+    } else {
+        format!(" (branches: {})", known.join(", "))
+    };
+    format!("{listed}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`")
+}
+
 /// Six hex digits of SHA-256: stable across versions and platforms.
 pub fn short_hash(s: &str) -> String {
     let digest = Sha256::digest(s.as_bytes());
@@ -198,6 +263,37 @@ pub fn short_hash(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn did_you_mean_finds_the_typo_not_a_stranger() {
+        let known = ["main", "feature-add-col", "dev-alice", "anon"];
+        assert_eq!(
+            did_you_mean("feature-ad-col", known),
+            Some("feature-add-col")
+        );
+        assert_eq!(
+            did_you_mean("feature-add-cl", known),
+            Some("feature-add-col")
+        );
+        assert_eq!(did_you_mean("dev-ailce", known), Some("dev-alice"));
+        assert_eq!(did_you_mean("dev_alice", known), Some("dev-alice"));
+        assert_eq!(did_you_mean("mian", known), Some("main"));
+        assert_eq!(did_you_mean("release-2", known), None);
+        assert_eq!(did_you_mean("x", known), None);
+        assert_eq!(
+            did_you_mean("main", known),
+            None,
+            "an exact match is no suggestion"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_a_swap_as_one() {
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("abc", "acb"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
 
     #[test]
     fn valid_names_pass() {

@@ -213,6 +213,26 @@ pub fn resolve(
     })
 }
 
+/// The rule [`resolve`] uses for `git_branch`, and its number (1-based) among the rules of
+/// its file, for saying which one matched; None when none does (with no rules at all the
+/// built-in `git = "*"` applies: `Some((0, None))`).
+pub fn matching_rule<'a>(
+    rules: &'a [MapRule],
+    git_branch: &str,
+) -> Option<(usize, Option<&'a MapRule>)> {
+    if rules.is_empty() {
+        return Some((0, None));
+    }
+    let rule = rules.iter().find(|r| r.git.matcher.is_match(git_branch))?;
+    let number = rules
+        .iter()
+        .filter(|r| r.source == rule.source)
+        .position(|r| std::ptr::eq(r, rule))
+        .expect("the rule is among the rules")
+        + 1;
+    Some((number, Some(rule)))
+}
+
 /// Where a work tree goes when its active branch `gone` is deleted: the parent the
 /// `[[map]]` rule for its checked-out git branch gives (`git_branch`; `None` when HEAD is
 /// detached), else the root — and the root too when that parent is `gone` itself or does
@@ -255,6 +275,30 @@ mod tests {
 
     fn root() -> BranchName {
         BranchName::parse("main").unwrap()
+    }
+
+    #[test]
+    fn the_matching_rule_is_numbered_within_its_file() {
+        let mut r = rules(
+            r#"
+            [[map]]
+            git = "mine/*"
+            branch = "{branch}"
+            [[map]]
+            git = "main"
+            branch = "main"
+            [[map]]
+            git = "*"
+            branch = "dev-{user}"
+            "#,
+        );
+        r[0].source = RuleSource::Local;
+        let (n, rule) = matching_rule(&r, "feature/x").unwrap();
+        assert_eq!((n, rule.unwrap().git.as_str()), (2, "*"));
+        let (n, rule) = matching_rule(&r, "mine/y").unwrap();
+        assert_eq!((n, rule.unwrap().source), (1, RuleSource::Local));
+        assert_eq!(matching_rule(&[], "anything"), Some((0, None)));
+        assert_eq!(matching_rule(&r[..2], "feature/x"), None);
     }
 
     #[test]

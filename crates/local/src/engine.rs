@@ -99,8 +99,7 @@ pub struct CreateReport {
 pub enum Error {
     #[error("{message}")]
     NotInitialized { dir: PathBuf, message: String },
-    #[error("branch \"{name}\" does not exist{}; see `pgtwig branch list`, or create it with `pgtwig branch create {name}`",
-        if .known.is_empty() { String::new() } else { format!(" (branches: {})", .known.join(", ")) })]
+    #[error("branch \"{name}\" does not exist{}", pgtwig_core::names::not_found_advice(name.as_str(), known))]
     NotFound {
         name: BranchName,
         known: Vec<String>,

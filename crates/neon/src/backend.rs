@@ -174,10 +174,18 @@ impl NeonBackend {
     }
 
     pub fn get(&self, name: &str) -> Result<Branch, NeonError> {
-        self.find(name)?.ok_or_else(|| NeonError::NoBranch {
-            name: name.into(),
-            project: self.project.clone(),
-        })
+        match self.find(name)? {
+            Some(b) => Ok(b),
+            None => Err(NeonError::NoBranch {
+                name: name.into(),
+                project: self.project.clone(),
+                known: self
+                    .client
+                    .list_branches(&self.project)
+                    .map(|all| all.into_iter().map(|b| b.name).collect())
+                    .unwrap_or_default(),
+            }),
+        }
     }
 
     pub fn exists(&self, name: &str) -> Result<bool, NeonError> {
@@ -226,6 +234,7 @@ impl NeonBackend {
             return Err(NeonError::NoBranch {
                 name: parent.into(),
                 project: self.project.clone(),
+                known: all.iter().map(|b| b.name.clone()).collect(),
             });
         };
         if git_branch.is_some() || protected {
@@ -311,6 +320,7 @@ impl NeonBackend {
             .ok_or_else(|| NeonError::NoBranch {
                 name: name.into(),
                 project: self.project.clone(),
+                known: Vec::new(),
             })
     }
 

@@ -76,8 +76,17 @@ pub enum NeonError {
     },
     #[error("Neon operations did not finish within {0:?}")]
     Timeout(Duration),
-    #[error("database branch \"{name}\" does not exist in Neon project {project}; `pgtwig branch list` shows the branches")]
-    NoBranch { name: String, project: String },
+    #[error("database branch \"{name}\" does not exist in Neon project {project}{}",
+        match pgtwig_core::names::did_you_mean(name, .known.iter().map(String::as_str)) {
+            Some(meant) => format!("; did you mean \"{meant}\"? (`pgtwig branch list` shows them all)"),
+            None => "; `pgtwig branch list` shows the branches".to_string(),
+        })]
+    NoBranch {
+        name: String,
+        project: String,
+        /// The project's branch names, for a "did you mean" (empty when not listed).
+        known: Vec<String>,
+    },
     #[error("database branch \"{name}\" already exists in Neon project {project}")]
     Exists { name: String, project: String },
     /// pgtwig refuses the operation; the message says why and what to do.

@@ -4,8 +4,12 @@
 //! ```toml
 //! [anonymize]
 //! refuse_root_children = true        # branches may not derive from the root (PII) directly
+//! country = "DE"                     # phone fakes in this country's E.164 shape
 //! [anonymize.columns]
-//! "public.users.email" = "email"     # email | name | phone | hash | null
+//! "public.users.email" = "email"     # email | name | first_name | last_name | full_name |
+//!                                    # username | phone | hash | null
+//! "public.users.first_name" = "name" # `name` follows the column: a first name here
+//! "public.users.mobile" = { phone = "GB" }
 //! "public.users.country" = { constant = "XX" }
 //! "public.users.card" = { keep_first = 4 }
 //! "public.users.salary" = { sql = "round(salary, -3)" }
@@ -16,15 +20,26 @@
 //! tables still match) and distinct inputs stay distinct for `email`,
 //! `phone` and `hash` (unique columns stay unique).
 
+pub mod fakes;
+pub mod pii;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 
+use fakes::NamePart;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaskRule {
     Email,
+    /// The part of a name the column holds (see [`NamePart::of_column`]).
     Name,
-    Phone,
+    /// One part whatever the column is called.
+    NamePart(NamePart),
+    Username,
+    /// A phone number; in the E.164 shape of this country (ISO 3166-1 alpha-2) when one is
+    /// set here or in `[anonymize] country`.
+    Phone(Option<String>),
     Hash,
     Null,
     Constant(String),
@@ -32,8 +47,9 @@ pub enum MaskRule {
     Sql(String),
 }
 
-const RULES_HELP: &str = "use one of \"email\", \"name\", \"phone\", \"hash\", \"null\", \
-     { constant = \"…\" }, { keep_first = N } or { sql = \"…\" }";
+const RULES_HELP: &str = "use one of \"email\", \"name\", \"first_name\", \"last_name\", \"full_name\", \
+     \"username\", \"phone\", \"hash\", \"null\", { phone = \"GB\" }, { constant = \"…\" }, { keep_first = N } \
+     or { sql = \"…\" }";
 
 impl<'de> Deserialize<'de> for MaskRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -43,7 +59,11 @@ impl<'de> Deserialize<'de> for MaskRule {
             toml::Value::String(s) => match s.as_str() {
                 "email" => Ok(MaskRule::Email),
                 "name" => Ok(MaskRule::Name),
-                "phone" => Ok(MaskRule::Phone),
+                "first_name" => Ok(MaskRule::NamePart(NamePart::First)),
+                "last_name" => Ok(MaskRule::NamePart(NamePart::Last)),
+                "full_name" => Ok(MaskRule::NamePart(NamePart::Full)),
+                "username" => Ok(MaskRule::Username),
+                "phone" => Ok(MaskRule::Phone(None)),
                 "hash" => Ok(MaskRule::Hash),
                 "null" => Ok(MaskRule::Null),
                 other => Err(D::Error::custom(format!(
@@ -58,6 +78,10 @@ impl<'de> Deserialize<'de> for MaskRule {
                         Ok(MaskRule::KeepFirst(*n as u32))
                     }
                     ("sql", toml::Value::String(e)) => Ok(MaskRule::Sql(e.clone())),
+                    ("phone", toml::Value::String(c)) => {
+                        check_country(c).map_err(D::Error::custom)?;
+                        Ok(MaskRule::Phone(Some(c.clone())))
+                    }
                     _ => Err(D::Error::custom(format!(
                         "unknown masking rule {v}; {RULES_HELP}"
                     ))),
@@ -95,6 +119,25 @@ impl<'de> Deserialize<'de> for ColumnRef {
     }
 }
 
+/// A country with a phone shape, or an error listing them.
+fn check_country(country: &str) -> Result<(), String> {
+    if fakes::has_phone_shape(country) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no phone number shape for country \"{country}\"; use one of {} (ISO 3166-1 codes), or \
+             leave it out for a national-looking number",
+            fakes::phone_countries().join(", ")
+        ))
+    }
+}
+
+fn country_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let c = String::deserialize(d)?;
+    check_country(&c).map_err(serde::de::Error::custom)?;
+    Ok(Some(c))
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnonymizeConfig {
@@ -102,6 +145,10 @@ pub struct AnonymizeConfig {
     /// derive them from the anonymized branch instead.
     #[serde(default)]
     pub refuse_root_children: bool,
+    /// The country whose E.164 shape `phone` fakes take (a rule's own `{ phone = "…" }`
+    /// wins); none: a national-looking number.
+    #[serde(default, deserialize_with = "country_field")]
+    pub country: Option<String>,
     #[serde(default)]
     pub columns: BTreeMap<ColumnRef, MaskRule>,
 }
@@ -116,24 +163,20 @@ pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-const FIRST: &str = "'Alex','Sam','Robin','Jordan','Taylor','Morgan','Casey','Jamie','Riley','Avery','Quinn','Drew','Kai','Noa','Eli','Mika'";
-const LAST: &str = "'Smith','Garcia','Müller','Rossi','Novak','Kim','Silva','Dubois','Jensen','Kowalski','Haddad','Sato','Okafor','Larsen','Moreau','Costa'";
-
-/// The SQL expression replacing column `c` under `rule`; `salt` keys the
-/// hashes so fakes cannot be reversed by hashing guesses without it.
-pub fn expression(rule: &MaskRule, column: &str, salt: &str) -> String {
+/// The SQL expression replacing column `c` under `rule`; `salt` keys the hashes so fakes
+/// cannot be reversed by hashing guesses without it; `country` is `[anonymize] country`.
+pub fn expression(rule: &MaskRule, column: &str, salt: &str, country: Option<&str>) -> String {
     let c = ident(column);
     let keyed = format!("md5({} || {c}::text)", literal(salt));
     let when = |e: String| format!("CASE WHEN {c} IS NULL THEN NULL ELSE {e} END");
     match rule {
-        MaskRule::Email => when(format!("'user_' || substr({keyed}, 1, 20) || '@example.com'")),
-        MaskRule::Name => when(format!(
-            "(ARRAY[{FIRST}])[1 + get_byte(decode({keyed}, 'hex'), 0) % 16] || ' ' || \
-             (ARRAY[{LAST}])[1 + get_byte(decode({keyed}, 'hex'), 1) % 16]"
+        MaskRule::Email => when(format!(
+            "'user_' || substr({keyed}, 1, 20) || '@example.com'"
         )),
-        MaskRule::Phone => when(format!(
-            "'+1 555 ' || lpad((('x' || substr({keyed}, 1, 15))::bit(60)::bigint % 10000000000000)::text, 13, '0')"
-        )),
+        MaskRule::Name => when(fakes::name(NamePart::of_column(column), &keyed)),
+        MaskRule::NamePart(part) => when(fakes::name(*part, &keyed)),
+        MaskRule::Username => when(fakes::username(&keyed)),
+        MaskRule::Phone(own) => when(fakes::phone(own.as_deref().or(country), &keyed)),
         MaskRule::Hash => when(format!(
             "encode(sha256(convert_to({} || {c}::text, 'UTF8')), 'hex')",
             literal(salt)
@@ -157,7 +200,7 @@ pub fn update_statements(config: &AnonymizeConfig, salt: &str) -> Vec<(String, S
             .push(format!(
                 "{} = {}",
                 ident(&col.column),
-                expression(rule, &col.column, salt)
+                expression(rule, &col.column, salt, config.country.as_deref())
             ));
     }
     by_table
@@ -173,9 +216,6 @@ pub fn update_statements(config: &AnonymizeConfig, salt: &str) -> Vec<(String, S
         })
         .collect()
 }
-
-/// Column names that look like personal data (for `anonymize --check`).
-pub const PII_PATTERN: &str = "(e_?mail|phone|mobile|ssn|social_security|address|street|zip|postal|birth|dob|passport|iban|card|first_?name|last_?name|full_?name|surname)";
 
 #[cfg(test)]
 mod tests {
