@@ -3,6 +3,7 @@ pub mod branch;
 pub mod daemon;
 pub mod diff;
 pub mod disk;
+pub mod docs;
 pub mod git;
 pub mod import;
 pub mod init;
