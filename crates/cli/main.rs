@@ -62,6 +62,8 @@ enum Command {
     Trust(commands::trust::TrustArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
     Uninstall,
+    /// Check this machine and project: server binaries, copy-on-write, disk, port, hook, daemon.
+    Doctor(commands::doctor::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(commands::docs::CompletionsArgs),
     /// Print pgtwig's man page (--dir: write one per subcommand).
@@ -118,6 +120,7 @@ fn main() -> ExitCode {
         Command::Anonymize(args) => commands::anonymize::run(args),
         Command::Import(args) => commands::import::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),
+        Command::Doctor(args) => commands::doctor::run(args),
         Command::Completions(args) => commands::docs::completions(args, Cli::command()),
         Command::Man(args) => commands::docs::man(args, Cli::command()),
     };

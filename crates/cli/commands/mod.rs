@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod diff;
 pub mod disk;
 pub mod docs;
+pub mod doctor;
 pub mod git;
 pub mod import;
 pub mod init;
