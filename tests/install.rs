@@ -171,6 +171,18 @@ fn the_wheel_installs_both_binaries_and_runs_the_quick_start_without_cargo() {
         );
     }
 
+    // And what it puts under share/: the man pages (pipx links them into ~/.local/share/man)
+    // and the completion scripts.
+    for page in ["share/man/man1/pgtwig.1", "share/man/man1/pgtwig-doctor.1"] {
+        assert!(
+            venv.join(page).is_file(),
+            "the wheel did not install {page}"
+        );
+    }
+    assert!(venv
+        .join("share/bash-completion/completions/pgtwig")
+        .is_file());
+
     let path = path_without_cargo(&bin);
     let which = |tool: &str| {
         Command::new("sh")

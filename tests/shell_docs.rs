@@ -66,7 +66,7 @@ fn bash_completion_loads_and_completes_subcommands() {
 fn zsh_and_fish_scripts_name_the_subcommands() {
     for shell in ["zsh", "fish"] {
         let script = pgtwig(&["completions", shell]);
-        for word in ["branch", "completions"] {
+        for word in ["branch", "doctor", "completions"] {
             assert!(script.contains(word), "{shell} script lacks {word}");
         }
         // Where the shell is installed, it must accept the script.
@@ -135,4 +135,53 @@ fn man_pages_render_with_man() {
             eprintln!("SKIPPED rendering: no man(1) ({e})");
         }
     }
+}
+
+/// Every file under `dir`, relative to it, with its bytes.
+fn tree(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The wheel installs packaging/wheel-data's man pages and completions: they must be what
+/// this pgtwig prints (packaging/generate-docs writes them).
+#[test]
+fn the_wheels_man_pages_and_completions_are_current() {
+    let fresh = tempfile::tempdir().unwrap();
+    let share = fresh.path();
+    pgtwig(&["man", "--dir", share.join("man/man1").to_str().unwrap()]);
+    for (shell, path) in [
+        ("bash", "bash-completion/completions/pgtwig"),
+        ("zsh", "zsh/site-functions/_pgtwig"),
+        ("fish", "fish/vendor_completions.d/pgtwig.fish"),
+    ] {
+        let file = share.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, pgtwig(&["completions", shell])).unwrap();
+    }
+    let committed =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/wheel-data/data/share");
+    let (want, have) = (tree(share), tree(&committed));
+    let stale: std::collections::BTreeSet<&String> = want
+        .keys()
+        .chain(have.keys())
+        .filter(|k| want.get(*k) != have.get(*k))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "packaging/wheel-data is behind the commands ({stale:?} differ): run packaging/generate-docs and commit \
+         what it writes"
+    );
 }
