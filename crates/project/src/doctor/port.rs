@@ -3,6 +3,7 @@
 //! of `/proc/<pid>/fd` (as `ss -p` does), or this project's daemon by its status.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use pgtwig_core::ListenAddr;
 use serde_json::json;
@@ -107,6 +108,23 @@ fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
     }
 }
 
+/// Whether `addr` is free. On Linux from the kernel's socket table, without binding it: a
+/// bind, however brief, could make a `pgtwig up` starting that moment fail. Elsewhere by
+/// binding it.
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    if cfg!(target_os = "linux") && Path::new("/proc/net/tcp").exists() {
+        if addr.is_ipv6() && !Path::new("/proc/net/tcp6").exists() {
+            return Err(Error::from(ErrorKind::AddrNotAvailable));
+        }
+        return match holder(addr.port(), Some(addr.ip())) {
+            Some(_) => Err(Error::from(ErrorKind::AddrInUse)),
+            None => Ok(()),
+        };
+    }
+    pgtwig_proxy::bind_tcp(addr).map(drop)
+}
+
 /// One address of the proxy's `listen`.
 fn address(addr: SocketAddr, daemon: &DaemonSeen) -> (Status, String, serde_json::Value) {
     let ours = match daemon {
@@ -115,8 +133,8 @@ fn address(addr: SocketAddr, daemon: &DaemonSeen) -> (Status, String, serde_json
         }
         _ => None,
     };
-    match pgtwig_proxy::bind_tcp(addr) {
-        Ok(_) => (
+    match probe(addr) {
+        Ok(()) => (
             Status::Ok,
             format!("{addr} is free"),
             json!({ "address": addr.to_string(), "free": true }),
