@@ -175,8 +175,11 @@ fn port_holders_hook_and_daemon_are_named() {
         child: daemon,
         port,
     };
-    common::wait_for(30, "the daemon to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    // Ready when its control socket answers (it listens on TCP a moment before).
+    common::wait_for(30, "the daemon to answer `status`", || {
+        let out = env.run(&["status", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|s| s["daemon"].is_object())
     });
     let (code, report) = doctor(&env);
     assert_eq!(code, 0, "{report:#}");
