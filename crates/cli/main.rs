@@ -12,7 +12,7 @@ mod tree;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "pgtwig", version, about = "A database branch for every git branch", long_about = None)]
@@ -70,6 +70,12 @@ enum Command {
     Trust(commands::trust::TrustArgs),
     /// Remove pgtwig's git hook (restoring the hook that was there before).
     Uninstall,
+    /// Check this machine and project: server binaries, copy-on-write, disk, port, hook, daemon.
+    Doctor(commands::doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(commands::docs::CompletionsArgs),
+    /// Print pgtwig's man page (--dir: write one per subcommand).
+    Man(commands::docs::ManArgs),
     /// Entry points for git hooks (installed by `pgtwig init`).
     #[command(subcommand, hide = true)]
     Hook(commands::git::HookCommand),
@@ -149,6 +155,9 @@ fn main() -> ExitCode {
         Command::Anonymize(args) => commands::anonymize::run(args),
         Command::Import(args) => commands::import::run(args),
         Command::Hook(cmd) => commands::git::hook(cmd),
+        Command::Doctor(args) => commands::doctor::run(args),
+        Command::Completions(args) => commands::docs::completions(args, Cli::command()),
+        Command::Man(args) => commands::docs::man(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

@@ -108,6 +108,8 @@ pub fn run(args: InitArgs) -> Result<ExitCode> {
         Backend::Local(b) => b,
         Backend::Neon(n) => return init_neon(&project, &n),
     };
+    // Before the first branch: whether it will be a clone or a full copy, and what to do.
+    crate::commands::doctor::print_for_init(&project, &backend);
     let root = &project.config.root_branch;
     let database = project.config.database();
     if backend.exists(root) {

@@ -5,6 +5,8 @@ pub mod check;
 pub mod daemon;
 pub mod diff;
 pub mod disk;
+pub mod docs;
+pub mod doctor;
 pub mod env;
 pub mod git;
 pub mod import;

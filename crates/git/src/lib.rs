@@ -217,6 +217,55 @@ pub fn install_hook(wt: &Worktree, pgtwig: &Path) -> Result<HookChange, GitError
     })
 }
 
+/// What is in the work tree's `post-checkout` hook, for `pgtwig doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookState {
+    /// Where the hook is (or would be): `core.hooksPath` or the common git dir's `hooks/`.
+    pub path: PathBuf,
+    pub kind: HookKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookKind {
+    /// No `post-checkout` hook.
+    Missing,
+    /// A hook that is not pgtwig's: checkouts do not switch database branches.
+    Foreign,
+    /// pgtwig's hook, calling `program` (the pgtwig that installed it); `chained` is the hook
+    /// that was there before and still runs first; `executable` is false when a file mode
+    /// change made git skip it.
+    Ours {
+        program: Option<PathBuf>,
+        chained: Option<PathBuf>,
+        executable: bool,
+    },
+}
+
+/// The work tree's `post-checkout` hook: missing, someone else's, or pgtwig's (and what it
+/// calls and chains).
+pub fn hook_state(wt: &Worktree) -> Result<HookState, GitError> {
+    let dir = wt.hooks_dir()?;
+    let path = dir.join("post-checkout");
+    let kind = match fs::read_to_string(&path) {
+        Err(_) if fs::symlink_metadata(&path).is_err() => HookKind::Missing,
+        Ok(text) if text.contains(MARKER) => {
+            use std::os::unix::fs::PermissionsExt;
+            let program = text.lines().find_map(|l| {
+                let quoted = l.strip_prefix("pgtwig='")?.strip_suffix('\'')?;
+                Some(PathBuf::from(quoted.replace("'\\''", "'")))
+            });
+            let chained = dir.join(CHAINED);
+            HookKind::Ours {
+                program,
+                chained: fs::symlink_metadata(&chained).is_ok().then_some(chained),
+                executable: fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0),
+            }
+        }
+        _ => HookKind::Foreign,
+    };
+    Ok(HookState { path, kind })
+}
+
 /// Remove pgtwig's hook and put back the one it chained, if any.
 pub fn uninstall_hook(wt: &Worktree) -> Result<HookChange, GitError> {
     let dir = wt.hooks_dir()?;
@@ -247,6 +296,28 @@ fn write_executable(path: &Path, text: &str) -> Result<(), GitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_state_names_the_program_and_the_chained_hook() {
+        let d = tempfile::tempdir().unwrap();
+        Repository::init(d.path()).unwrap();
+        let wt = Worktree::discover(d.path()).unwrap();
+        assert_eq!(hook_state(&wt).unwrap().kind, HookKind::Missing);
+        let hooks = wt.hooks_dir().unwrap();
+        fs::create_dir_all(&hooks).unwrap();
+        fs::write(hooks.join("post-checkout"), "#!/bin/sh\necho mine\n").unwrap();
+        assert_eq!(hook_state(&wt).unwrap().kind, HookKind::Foreign);
+        let exe = Path::new("/opt/it's/pgtwig");
+        install_hook(&wt, exe).unwrap();
+        assert_eq!(
+            hook_state(&wt).unwrap().kind,
+            HookKind::Ours {
+                program: Some(exe.to_path_buf()),
+                chained: Some(hooks.join(CHAINED)),
+                executable: true,
+            }
+        );
+    }
 
     #[test]
     fn install_chains_and_uninstall_restores() {

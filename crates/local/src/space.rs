@@ -203,6 +203,32 @@ fn archived_wal_from(branch_dir: &Path, first: &str) -> u64 {
         .sum()
 }
 
+/// The margin setting in force — `PGTWIG_FREE_SPACE_MARGIN`, else `configured`
+/// (`free_space_margin` in `.pgtwig.toml`; `None`: the default) — and where it comes from.
+fn margin_setting(
+    configured: Option<FreeSpaceMargin>,
+) -> Result<(Option<FreeSpaceMargin>, String)> {
+    Ok(match std::env::var(MARGIN_ENV) {
+        // Set and empty is unset, as for PGTWIG_HOME.
+        Ok(text) if !text.trim().is_empty() => (
+            Some(
+                text.parse::<FreeSpaceMargin>()
+                    .map_err(|e| Error::Other(format!("{MARGIN_ENV}={text}: {e}")))?,
+            ),
+            MARGIN_ENV.to_string(),
+        ),
+        _ => (configured, "free_space_margin in .pgtwig.toml".into()),
+    })
+}
+
+/// The margin a project whose `.pgtwig.toml` says `configured` keeps on a file system of
+/// `total` bytes (`None` when the check is off), without opening its state (`pgtwig doctor`
+/// before `init`).
+pub fn margin_in_force(configured: Option<FreeSpaceMargin>, total: u64) -> Result<Option<Margin>> {
+    let (setting, source) = margin_setting(configured)?;
+    Ok(resolve_margin(setting, source, total))
+}
+
 impl LocalBackend {
     /// The margin to keep free (`free_space_margin` in `.pgtwig.toml`); `None`: the default.
     pub fn set_free_space_margin(&mut self, margin: Option<FreeSpaceMargin>) {
@@ -223,20 +249,7 @@ impl LocalBackend {
     /// The margin setting in force (environment first, then `.pgtwig.toml`; `None`: the
     /// default) and where it comes from.
     fn margin_setting(&self) -> Result<(Option<FreeSpaceMargin>, String)> {
-        Ok(match std::env::var(MARGIN_ENV) {
-            // Set and empty is unset, as for PGTWIG_HOME.
-            Ok(text) if !text.trim().is_empty() => (
-                Some(
-                    text.parse::<FreeSpaceMargin>()
-                        .map_err(|e| Error::Other(format!("{MARGIN_ENV}={text}: {e}")))?,
-                ),
-                MARGIN_ENV.to_string(),
-            ),
-            _ => (
-                self.free_space_margin,
-                "free_space_margin in .pgtwig.toml".into(),
-            ),
-        })
+        margin_setting(self.free_space_margin)
     }
 
     /// The margin in force on a file system of `total` bytes; `None` when checks are off.

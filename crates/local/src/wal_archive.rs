@@ -73,7 +73,16 @@ pub fn locate_archiver() -> Result<PathBuf, String> {
     let dir = exe.parent().unwrap_or(Path::new("/"));
     // A test binary of this workspace runs from target/<profile>/deps/.
     let test_binary = dir.file_name().is_some_and(|n| n == "deps");
-    let candidates = [Some(dir), dir.parent().filter(|_| test_binary)];
+    // pipx and `uv tool` put a symlink to the environment's pgtwig on PATH, and macOS's
+    // current_exe names the symlink: the archiver is beside the file it points to.
+    let resolved = std::fs::canonicalize(&exe)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let candidates = [
+        Some(dir),
+        dir.parent().filter(|_| test_binary),
+        resolved.as_deref(),
+    ];
     let found = candidates
         .into_iter()
         .flatten()
@@ -82,8 +91,8 @@ pub fn locate_archiver() -> Result<PathBuf, String> {
     found.ok_or_else(|| {
         format!(
             "{ARCHIVER}, the program that archives WAL for `branch create --at`, is not beside {}; it is \
-             built and installed with pgtwig (`cargo build` and `cargo install --locked --path .` make both; \
-             `cargo run` builds only pgtwig), or set {ARCHIVER_ENV} to it",
+             built and installed with pgtwig (its wheel, `pipx install .`, `cargo build` and \
+             `cargo install --locked --path .` carry both; `cargo run` builds only pgtwig), or set {ARCHIVER_ENV} to it",
             exe.display()
         )
     })

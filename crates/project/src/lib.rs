@@ -6,6 +6,7 @@
 //!   `[[map]]` rules give, making it (and running the approved `post_create` commands), and
 //!   recording it as that work tree's active branch. The git hook (through the CLI) and the
 //!   daemon's HEAD watcher both call it; the daemon never re-runs the CLI binary.
+//! - [`doctor`]: what this machine and project need (`pgtwig doctor`, and `init`'s checks).
 //! - [`gc`]: which branches `pgtwig gc` may collect and why.
 //! - [`in_use`]: deleting or resetting a branch some work tree is on (`--force`, fallbacks).
 //! - [`approval`]: whether commands that came with the repository were approved
@@ -17,6 +18,7 @@
 pub mod approval;
 pub mod backend;
 pub mod checkout;
+pub mod doctor;
 pub mod gc;
 pub mod in_use;
 
