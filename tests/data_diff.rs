@@ -289,3 +289,69 @@ fn schema_diff_as_markdown_for_a_pull_request_comment() {
         "{md}"
     );
 }
+
+/// On Neon (the stand-in: real PostgreSQL computes) there are no files to
+/// look at: every row is compared, and the output says why. A table the
+/// role cannot read in full (row-level security forced on its owner; Neon's
+/// owner role reads everything else) is an error naming it, not a silent gap.
+#[test]
+fn data_diff_on_neon_compares_every_row_and_names_unreadable_tables() {
+    let env = TestEnv::new(Fs::Plain).unwrap();
+    let cloud =
+        pgtwig_neon_standin::StandIn::with_computes(&env.repo.parent().unwrap().join("neon"));
+    std::fs::write(
+        env.repo.join(".pgtwig.toml"),
+        format!(
+            "project = \"shop\"\nbackend = \"neon\"\nroot_branch = \"main\"\n\
+             [neon]\nproject_id = \"{}\"\napi_url = \"{}\"\nconnect = \"{}\"\nca_file = \"{}\"\n",
+            cloud.project_id(),
+            cloud.api_base(),
+            cloud.proxy_addr(),
+            cloud.ca_pem_path().display(),
+        ),
+    )
+    .unwrap();
+    let with_key = |args: &[&str]| {
+        env.cmd(args)
+            .env("NEON_API_KEY", cloud.api_key())
+            .output()
+            .unwrap()
+    };
+    assert!(with_key(&["trust"]).status.success());
+    let direct = |branch: &str, sql: &str| common::psql(&cloud.direct_url(branch, "neondb"), sql);
+    direct(
+        "main",
+        "create table t(id int primary key, v text); insert into t select i, 'v' || i from generate_series(1, 100) i;
+         create table secret(id int); insert into secret values (1);
+         alter table secret enable row level security, force row level security;",
+    );
+    assert!(with_key(&["branch", "create", "pr"]).status.success());
+    direct("pr", "update t set v = 'changed' where id = 7");
+
+    let out = with_key(&["diff", "--data", "main", "pr", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read every row of public.secret in branch \"main\" (no SELECT privilege, or row-level security hides rows from this role)"),
+        "{err}"
+    );
+
+    let out = with_key(&["diff", "--data", "main", "pr", "--json", "--table", "t"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(diff["method"], "full", "{diff:#}");
+    assert!(
+        diff["why_full"].as_str().unwrap().contains("Neon"),
+        "{diff:#}"
+    );
+    assert_eq!(counts(&diff)["public.t"], (0, 0, 1));
+    assert_eq!(
+        table(&diff, "public.t")["samples"][0]["columns"]["v"]["to"],
+        "changed"
+    );
+}

@@ -13,6 +13,7 @@ pub struct Table {
     pub persistence: String,
     /// The main fork under the data directory (`pg_relation_filepath`).
     pub relpath: Option<String>,
+    /// SELECT allowed and no row-level security policy hiding rows from this role.
     pub readable: bool,
     /// Primary key columns in key order; empty when it has none.
     pub primary_key: Vec<String>,
@@ -40,7 +41,10 @@ pub fn quote_ident(name: &str) -> String {
 
 const TABLES_SQL: &str = "
 SELECT n.nspname::text, c.relname::text, c.relpersistence::text, pg_relation_filepath(c.oid),
-       has_table_privilege(c.oid, 'SELECT'),
+       has_table_privilege(c.oid, 'SELECT')
+         AND NOT (c.relrowsecurity
+                  AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+                  AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user)),
        coalesce((SELECT array_agg(a.attname::text ORDER BY k.ord)
                    FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
                   WHERE i.indrelid = c.oid AND i.indisprimary

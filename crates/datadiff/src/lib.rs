@@ -114,7 +114,7 @@ pub enum Error {
         b: String,
         known: Vec<String>,
     },
-    #[error("cannot read {} in branch \"{branch}\" (no SELECT privilege for this role); grant it, or compare other tables with --table", .tables.join(", "))]
+    #[error("cannot read every row of {} in branch \"{branch}\" (no SELECT privilege, or row-level security hides rows from this role); grant SELECT (and BYPASSRLS), or compare other tables with --table", .tables.join(", "))]
     Unreadable { branch: String, tables: Vec<String> },
     #[error("{what} in branch \"{branch}\": {source}")]
     Query {
