@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 REFLINK_DIR=${1:-${PGTWIG_TEST_REFLINK_DIR:-/mnt/pgtwig-xfs}}
 SCALE=${SCALE:-300}
 REPS=${REPS:-3}
+# The clone writes next to nothing; the default margin (1 GiB) plus its WAL
+# estimate does not fit beside a 4.5 GiB parent on an 8 GiB device.
+export PGTWIG_FREE_SPACE_MARGIN=${PGTWIG_FREE_SPACE_MARGIN:-256MiB}
 
 cargo build --release --quiet
 PGTWIG=$PWD/target/release/pgtwig
@@ -33,9 +36,9 @@ cleanup() {
 trap cleanup EXIT
 repo=$home/repo
 mkdir -p "$repo" && git -C "$repo" init -q
-pg() { (cd "$repo" && PGTWIG_HOME=$home/state "$PGTWIG" "$@"); }
-pg init >/dev/null
-pg branch start main >/dev/null
+pg() { (cd "$repo" && PGTWIG_HOME=$home/state "$PGTWIG" "$@") 2> >(grep -v "^pgtwig: database" >&2); }
+pg init >/dev/null 2>&1
+pg branch start main >/dev/null 2>&1
 url=$(pg branch url main)
 psql "$url" -qc "create database app"
 app() { local u; u=$(pg branch url "$1"); echo "${u/\/postgres\?/\/app?}"; }
