@@ -213,6 +213,30 @@ pub fn diff(mut a: Side<'_>, mut b: Side<'_>, options: &Options) -> Result<DataD
         }
     };
     if dirs.is_some() {
+        // Block numbers are computed for PostgreSQL's default page and segment sizes.
+        for (tx, branch) in [(&mut ta, &label_a), (&mut tb, &label_b)] {
+            let sizes = tx
+                .query_one(
+                    "SELECT current_setting('block_size')::int8, \
+                            current_setting('segment_size', true)",
+                    &[],
+                )
+                .map_err(|source| Error::Query {
+                    what: "reading block_size".into(),
+                    branch: branch.clone(),
+                    source,
+                })?;
+            let (block, segment): (i64, Option<String>) = (sizes.get(0), sizes.get(1));
+            if block as u64 != blocks::BLOCK_SIZE || segment.as_deref() != Some("1GB") {
+                why_full = Some(format!(
+                    "\"{branch}\" was built with block_size {block}, segment_size {}",
+                    segment.unwrap_or_default()
+                ));
+                dirs = None;
+            }
+        }
+    }
+    if dirs.is_some() {
         // Dirty buffers written and fsynced: the extent maps show every change
         // made before the snapshots (later ones are invisible to them anyway).
         for (tx, branch) in [(&mut ta, &label_a), (&mut tb, &label_b)] {
