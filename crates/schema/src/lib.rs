@@ -210,6 +210,34 @@ impl SchemaDiff {
     }
 }
 
+impl SchemaDiff {
+    /// GitHub-flavoured markdown for a pull request comment: a summary line
+    /// and the unified rendering in a `diff` block (red/green on GitHub).
+    pub fn markdown(&self, a_label: &str, b_label: &str, database: &str) -> String {
+        let tick = |s: &str| s.replace('`', "'");
+        let mut out = format!(
+            "### Schema diff: `{}` → `{}` (database `{}`)\n\n",
+            tick(a_label),
+            tick(b_label),
+            tick(database)
+        );
+        if self.is_empty() {
+            out.push_str("No schema differences.\n");
+            return out;
+        }
+        out.push_str(&format!(
+            "{} added, {} removed, {} changed.\n\n```diff\n",
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len()
+        ));
+        // A fence inside a definition (a function body) must not end the block.
+        out.push_str(&self.unified(a_label, b_label).replace("```", "` ` `"));
+        out.push_str("```\n");
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +283,15 @@ mod tests {
             "{text}"
         );
         assert!(SchemaDiff::between(&a, &a).is_empty());
+        let md = d.markdown("main", "feature", "app");
+        assert!(md.starts_with("### Schema diff: `main` → `feature` (database `app`)\n\n1 added, 1 removed, 1 changed.\n\n```diff\n--- main\n"), "{md}");
+        assert!(
+            md.ends_with("+ index public.i: CREATE INDEX i ON t (x)\n```\n")
+                || md.contains("+ column public.t.x: bigint\n"),
+            "{md}"
+        );
+        assert!(SchemaDiff::between(&a, &a)
+            .markdown("a", "b", "app")
+            .contains("No schema differences."));
     }
 }

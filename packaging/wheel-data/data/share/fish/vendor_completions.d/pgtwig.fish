@@ -139,7 +139,13 @@ complete -c pgtwig -n "__fish_pgtwig_using_subcommand anonymize" -l database -d 
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand anonymize" -l check -d 'Only list columns that look like personal data and have no rule (exit 1 if any)'
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand anonymize" -s h -l help -d 'Print help'
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l database -d 'Database to compare in both branches (default: the app\'s, `database` in .pgtwig.toml)' -r
+complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l format -d '`markdown`: GitHub-flavoured, for a pull request comment' -r -f -a "text\t''
+markdown\t''"
+complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l table -d 'With --data: only this table (`schema.name`, or `name` in any schema)' -r
+complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l limit -d 'With --data: sample rows shown per table' -r
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l json -d 'Print the difference as JSON (added, removed, changed)'
+complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l data -d 'Compare the rows of every table (added, removed, changed by primary key) instead of the schema'
+complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -l full -d 'With --data: read and compare every row, even blocks both branches still share'
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand diff" -s h -l help -d 'Print help'
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand check" -l branch -d 'The branch to clone (default: this work tree\'s active branch). It is never written' -r
 complete -c pgtwig -n "__fish_pgtwig_using_subcommand check" -l keep -d 'Keep the clone afterwards as this branch' -r
