@@ -321,6 +321,13 @@ fn init_names_the_apps_database() {
     let env = TestEnv::new(Fs::Plain).unwrap();
     let out = env.ok(&["init", "--database", "shop_dev"]);
     assert!(out.contains("with database \"shop_dev\""), "{out}");
+    // The developer's own overrides stay out of commits.
+    assert!(
+        out.contains("Added .pgtwig.local.toml to .gitignore"),
+        "{out}"
+    );
+    let ignore = std::fs::read_to_string(env.repo.join(".gitignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "/.pgtwig.local.toml"), "{ignore}");
     let config = std::fs::read_to_string(env.repo.join(".pgtwig.toml")).unwrap();
     assert!(config.contains("\ndatabase = \"shop_dev\"\n"), "{config}");
     env.ok(&["branch", "start", "main"]);

@@ -210,6 +210,14 @@ fn write_state_and_hook(project: &Project) -> Result<()> {
         .save(&state_path)
         .with_context(|| format!("cannot write {}", state_path.display()))?;
     }
+    let local = pgtwig_core::config::LOCAL_CONFIG_FILE;
+    match pgtwig_git::ensure_ignored(&project.root, local) {
+        Ok(true) => {
+            println!("Added {local} to .gitignore (your own overrides stay out of commits)")
+        }
+        Ok(false) => {}
+        Err(e) => eprintln!("warning: cannot add {local} to .gitignore: {e}; add it yourself"),
+    }
     let wt = pgtwig_git::Worktree::discover(&project.root)?;
     // Commands run without PGTWIG_HOME (another shell, an IDE, cron) find this state.
     wt.record_home(project.home.state_root())?;

@@ -4,6 +4,11 @@
 //! The hook respects `core.hooksPath`, never overwrites a hook it did not
 //! write (the existing one is kept beside it and called first, so husky or
 //! lefthook setups keep working), is idempotent, and uninstalls cleanly.
+//! [`ensure_ignored`] keeps the user's own `.pgtwig.local.toml` out of commits.
+
+mod ignore;
+
+pub use ignore::ensure_ignored;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
