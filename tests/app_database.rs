@@ -327,7 +327,10 @@ fn init_names_the_apps_database() {
         "{out}"
     );
     let ignore = std::fs::read_to_string(env.repo.join(".gitignore")).unwrap();
-    assert!(ignore.lines().any(|l| l == "/.pgtwig.local.toml"), "{ignore}");
+    assert!(
+        ignore.lines().any(|l| l == "/.pgtwig.local.toml"),
+        "{ignore}"
+    );
     let config = std::fs::read_to_string(env.repo.join(".pgtwig.toml")).unwrap();
     assert!(config.contains("\ndatabase = \"shop_dev\"\n"), "{config}");
     env.ok(&["branch", "start", "main"]);
