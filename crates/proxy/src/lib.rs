@@ -125,6 +125,7 @@ mod spin;
 mod startup;
 mod stream;
 mod tls;
+mod unix_conn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -294,7 +295,7 @@ pub struct Proxy {
     router: Arc<dyn Router>,
     active: watch::Receiver<String>,
     cancel: Arc<cancel::CancelMap>,
-    pool: pool::Pool,
+    pool: Arc<pool::Pool>,
     activity: Option<Arc<spin::Activity>>,
     sessions: Mutex<HashMap<u64, SessionRecord>>,
     next_id: AtomicU64,
@@ -323,7 +324,7 @@ impl Proxy {
     ) -> Self {
         config.tls = config.tls.map(tls::as_postgresql_does);
         Proxy {
-            pool: pool::Pool::new(config.pool_idle_timeout),
+            pool: Arc::new(pool::Pool::new(config.pool_idle_timeout)),
             activity: config.busy_poll.map(|_| Arc::default()),
             config,
             router,

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::auth::ClientPeer;
 use crate::error::{sqlstate, PgError};
 use crate::stream::ClientStream;
+use crate::unix_conn::UnixConn;
 use crate::Proxy;
 
 /// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): a
@@ -203,13 +204,13 @@ pub(crate) async fn accept_loop(
                 let local = tcp.local_addr()?;
                 Ok((ClientStream::Plain(tcp), ClientPeer::Tcp { local, remote }))
             }),
-            Listener::Unix(l) => l.accept().await.map(|(unix, _)| {
+            Listener::Unix(l) => l.accept().await.and_then(|(unix, _)| {
                 let cred = crate::peer::unix_peer(&unix).ok();
                 let peer = ClientPeer::Unix {
                     uid: cred.map(|c| c.uid),
                     pid: cred.and_then(|c| c.pid),
                 };
-                (ClientStream::Unix(unix), peer)
+                Ok((ClientStream::Unix(UnixConn::from_tokio(unix)?), peer))
             }),
         };
         match accepted {
@@ -233,7 +234,10 @@ pub(crate) async fn accept_loop(
                 tracing::warn!("out of file descriptors: refusing a client with 53300 ({e})");
                 let refused = match &listener {
                     Listener::Tcp(l) => l.accept().await.map(|(s, _)| ClientStream::Plain(s)),
-                    Listener::Unix(l) => l.accept().await.map(|(s, _)| ClientStream::Unix(s)),
+                    Listener::Unix(l) => l
+                        .accept()
+                        .await
+                        .and_then(|(s, _)| Ok(ClientStream::Unix(UnixConn::from_tokio(s)?))),
                 };
                 let reserve = reserve.clone();
                 tokio::spawn(async move {

@@ -8,7 +8,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
+
+use crate::unix_conn::UnixConn;
 use tokio_rustls::server::TlsStream;
 
 use crate::router::UpstreamAddr;
@@ -20,7 +22,7 @@ pub enum ClientStream {
     /// TLS terminated by the proxy.
     Tls(Box<TlsStream<TcpStream>>),
     /// The proxy's Unix socket (libpq never asks for TLS there).
-    Unix(UnixStream),
+    Unix(UnixConn),
     /// Placeholder while the stream is being upgraded to TLS.
     Closed,
 }
@@ -28,7 +30,7 @@ pub enum ClientStream {
 /// The upstream side of a session.
 pub enum UpstreamStream {
     /// Unix-domain socket.
-    Unix(UnixStream),
+    Unix(UnixConn),
     /// TCP.
     Tcp(TcpStream),
     /// TLS over TCP.
@@ -41,7 +43,7 @@ pub enum UpstreamStream {
 pub async fn connect_upstream(addr: &UpstreamAddr, limit: Duration) -> io::Result<UpstreamStream> {
     match addr {
         UpstreamAddr::Unix(path) => Ok(UpstreamStream::Unix(
-            within(limit, "the Unix socket connect", UnixStream::connect(path)).await?,
+            within(limit, "the Unix socket connect", UnixConn::connect(path)).await?,
         )),
         UpstreamAddr::Tcp { host, port } => {
             let connect = TcpStream::connect((host.as_str(), *port));

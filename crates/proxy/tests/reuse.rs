@@ -178,6 +178,51 @@ async fn reuse_can_be_turned_off() {
     assert_eq!(env.proxy.pooled_connections(), 0);
 }
 
+/// A test runner's flow (Django's, pytest-django's): create a database, use it, close, drop
+/// it. The closed session's server connection is parked, still connected to that database,
+/// and PostgreSQL refuses to drop a database with another session on it (55006): the proxy
+/// closes parked connections before a statement about a database reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_whose_sessions_were_parked_can_be_dropped() {
+    let env = Env::start(config()).await;
+    let (admin, admin_conn) = env.connect("postgres").await;
+    admin
+        .batch_execute("create database test_runner_db")
+        .await
+        .unwrap();
+    let (c, conn) = env.connect("test_runner_db").await;
+    c.batch_execute("create table t(x int); insert into t values (1)")
+        .await
+        .unwrap();
+    drop(c);
+    conn.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.proxy.pooled_connections() != 1 {
+        assert!(Instant::now() < deadline, "the connection was not parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admin session is not parked: it is in use.
+    admin
+        .batch_execute("drop database test_runner_db")
+        .await
+        .expect("DROP DATABASE of a database only parked connections were on");
+    assert_eq!(env.proxy.pooled_connections(), 0);
+    assert_eq!(
+        env.main
+            .psql("select count(*) from pg_database where datname = 'test_runner_db'"),
+        "0"
+    );
+    // The next session is a fresh connection and works.
+    let n: i64 = admin
+        .query_one("select count(*) from pg_stat_activity", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 1);
+    drop(admin);
+    admin_conn.await.unwrap().unwrap();
+}
+
 /// What `DISCARD ALL` cannot reset, so a reused session differs from a fresh one (PgBouncer
 /// has the same two gaps; README's "Connection reuse" lists them with the way out,
 /// `reuse_connections = false`). This test documents them: if it fails, PostgreSQL started

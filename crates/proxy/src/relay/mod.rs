@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 mod goodbye;
 
 use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
-use crate::pool::{Greeting, Parked, MAX_GREETING};
+use crate::pool::{Greeting, Parked, Pool, MAX_GREETING};
 use crate::router::UpstreamAddr;
 use crate::scan::{BackendEvents, BackendScanner, FrontendScanner, ProtocolError};
 use crate::stream::{ClientStream, UpstreamStream};
@@ -210,9 +210,17 @@ pub struct Relay {
     fe: FrontendScanner,
     st: SessionState,
     activity: Option<Arc<crate::spin::Activity>>,
+    /// Parked server connections, closed before a statement about a database reaches the
+    /// server (see [`Pool::release_before_database_ddl`]).
+    pool: Option<Arc<Pool>>,
 }
 
 impl Relay {
+    /// The pool whose parked connections this session's statements may need gone.
+    pub fn set_pool(&mut self, pool: Arc<Pool>) {
+        self.pool = Some(pool);
+    }
+
     /// Reports every wake-up of this session to `activity` (for busy-polling).
     pub fn set_activity(&mut self, activity: Option<Arc<crate::spin::Activity>>) {
         self.activity = activity;
@@ -252,6 +260,7 @@ impl Relay {
                 client_spoke: false,
             },
             activity: None,
+            pool: None,
         }
     }
 
@@ -430,6 +439,9 @@ impl Relay {
                 // the Terminate itself (if it came whole in this read).
                 Ok(pass) => {
                     let chunk = &d.buf[d.end..d.end + pass];
+                    if let Some(pool) = &self.pool {
+                        pool.release_before_database_ddl(&self.st.upstream, chunk);
+                    }
                     if self.fe.terminated
                         && self.st.reusable
                         && self.st.greeting.is_some()
