@@ -9,6 +9,10 @@
 //!   pool connects from one pid again and again), then the processes started since the last
 //!   search (pids grow until they wrap; a client that just started — psql, a test run — is
 //!   one of them), and only then every process; so a lookup usually reads one fd folder.
+//!   A client outside every work tree is then looked for among all the owner's processes,
+//!   once: the process found is remembered with the recent ones, so its next connections
+//!   (a benchmark, an app started elsewhere) cost one fd folder too, not a search of every
+//!   process (at `pgbench -C` that search was ~0.9 ms of the daemon's CPU per connection).
 //! - The work tree: walk up from `/proc/<pid>/cwd` to the first folder with `.git`; it counts
 //!   only if its git common dir is this project's repository.
 //!
@@ -22,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 #[cfg(target_os = "linux")]
-use crate::process::{all_pids, holds, last_pid, owned_by};
+use crate::process::{all_pids, fd_holding, holds, last_pid, owned_by};
 use crate::process::{cwd, start_time};
 
 /// Processes remembered as recent connectors, tried first.
@@ -39,6 +43,12 @@ pub struct WorktreeFinder {
     common_dir: PathBuf,
     cache: Mutex<HashMap<(u32, u64), Option<PathBuf>>>,
     recent: Mutex<VecDeque<u32>>,
+    /// Processes outside every work tree that held client sockets, tried after `recent`.
+    outsiders: Mutex<VecDeque<u32>>,
+    /// The descriptor each recent or outside process held its last client socket in.
+    last_fd: Mutex<HashMap<u32, u32>>,
+    /// `worktrees` folder modification time → whether it had entries.
+    linked: Mutex<Option<(std::time::SystemTime, bool)>>,
     /// The kernel's last allocated pid when processes were last searched: pids above it are
     /// processes (or threads) started since.
     searched_up_to: Mutex<Option<u32>>,
@@ -54,6 +64,9 @@ impl WorktreeFinder {
             common_dir: pgtwig_core::fsutil::canonical(common_dir),
             cache: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
+            outsiders: Mutex::new(VecDeque::new()),
+            last_fd: Mutex::new(HashMap::new()),
+            linked: Mutex::new(None),
             searched_up_to: Mutex::new(None),
         }
     }
@@ -113,57 +126,108 @@ impl WorktreeFinder {
             .iter()
             .copied()
             .collect();
-        let found = recent
+        let outsiders: Vec<u32> = self
+            .outsiders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .copied()
-            .find(|&pid| holds(pid, &link))
-            .or_else(|| {
-                // Only a process running in one of the repository's work trees can change
-                // where the client goes, so only those are searched (one readlink of its cwd
-                // each), newest first: a client that just connected is usually a process
-                // that just started (psql, a test run), or else one found before (`recent`).
-                let roots = self.worktree_roots();
-                let candidate = |pid: u32| {
-                    owned_by(pid, uid)
-                        && cwd(pid).is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
-                        && holds(pid, &link)
-                };
-                // Read before searching: a process started during the search is above it.
-                let last = last_pid();
-                let mut searched = self
-                    .searched_up_to
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let new_pids = match (*searched, last) {
-                    (Some(from), Some(to)) if from <= to && to - from <= MAX_NEW_PIDS_PROBED => {
-                        Some((from + 1..=to).rev())
-                    }
-                    _ => None,
-                };
-                let found = new_pids
-                    .and_then(|mut pids| pids.find(|&pid| !recent.contains(&pid) && candidate(pid)))
-                    .or_else(|| {
-                        let mut pids: Vec<u32> =
-                            all_pids().filter(|p| !recent.contains(p)).collect();
-                        pids.sort_unstable_by(|a, b| b.cmp(a));
-                        pids.into_iter().find(|&pid| candidate(pid))
-                    });
-                if last.is_some() {
-                    *searched = last;
+            .collect();
+        let last_fd: HashMap<u32, u32> = {
+            let known = self.last_fd.lock().unwrap_or_else(|e| e.into_inner());
+            recent
+                .iter()
+                .chain(&outsiders)
+                .filter_map(|pid| Some((*pid, *known.get(pid)?)))
+                .collect()
+        };
+        let held_by = |pid: u32| {
+            let fd = fd_holding(pid, &link, last_fd.get(&pid).copied())?;
+            let mut known = self.last_fd.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() >= 4 * RECENT_PIDS {
+                known.clear();
+            }
+            known.insert(pid, fd);
+            Some(pid)
+        };
+        if let Some(pid) = outsiders.iter().find_map(|&pid| held_by(pid)) {
+            // `of_pid` says it is outside (cached per process), or finds where it moved.
+            return Ok(pid);
+        }
+        let found = recent.iter().find_map(|&pid| held_by(pid)).or_else(|| {
+            // Only a process running in one of the repository's work trees can change
+            // where the client goes, so only those are searched (one readlink of its cwd
+            // each), newest first: a client that just connected is usually a process
+            // that just started (psql, a test run), or else one found before (`recent`).
+            let roots = self.worktree_roots();
+            let candidate = |pid: u32| {
+                owned_by(pid, uid)
+                    && cwd(pid).is_ok_and(|cwd| roots.iter().any(|r| cwd.starts_with(r)))
+                    && holds(pid, &link)
+            };
+            // Read before searching: a process started during the search is above it.
+            let last = last_pid();
+            let mut searched = self
+                .searched_up_to
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let new_pids = match (*searched, last) {
+                (Some(from), Some(to)) if from <= to && to - from <= MAX_NEW_PIDS_PROBED => {
+                    Some((from + 1..=to).rev())
                 }
-                found
-            });
-        let pid = found.ok_or_else(|| {
-            format!(
-                "no process of uid {uid} in a work tree of this project holds the client socket \
-                 (inode {inode})"
-            )
-        })?;
+                _ => None,
+            };
+            let found = new_pids
+                .and_then(|mut pids| pids.find(|&pid| !recent.contains(&pid) && candidate(pid)))
+                .or_else(|| {
+                    let mut pids: Vec<u32> = all_pids().filter(|p| !recent.contains(p)).collect();
+                    pids.sort_unstable_by(|a, b| b.cmp(a));
+                    pids.into_iter().find(|&pid| candidate(pid))
+                });
+            if last.is_some() {
+                *searched = last;
+            }
+            found
+        });
+        let pid = match found {
+            Some(pid) => pid,
+            None => {
+                let outsider = all_pids()
+                    .filter(|p| !recent.contains(p) && !outsiders.contains(p))
+                    .find(|&pid| owned_by(pid, uid) && holds(pid, &link))
+                    .ok_or_else(|| {
+                        format!("no process of uid {uid} holds the client socket (inode {inode})")
+                    })?;
+                let mut outsiders = self.outsiders.lock().unwrap_or_else(|e| e.into_inner());
+                outsiders.push_front(outsider);
+                outsiders.truncate(RECENT_PIDS);
+                return Ok(outsider);
+            }
+        };
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.retain(|&p| p != pid);
         recent.push_front(pid);
         recent.truncate(RECENT_PIDS);
         Ok(pid)
+    }
+
+    /// Whether the repository has linked work trees (`<common dir>/worktrees/*`, which git
+    /// keeps one folder each for). Without any, every client goes to the main work tree's
+    /// branch whichever process it is, so nothing needs looking up. One `stat` per call: the
+    /// answer is kept until the folder's modification time changes.
+    pub fn has_linked_worktrees(&self) -> bool {
+        let dir = self.common_dir.join("worktrees");
+        let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+        let mut known = self.linked.lock().unwrap_or_else(|e| e.into_inner());
+        match (*known, modified) {
+            (_, None) => false,
+            (Some((at, linked)), Some(now)) if at == now => linked,
+            (_, Some(now)) => {
+                let linked = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+                *known = Some((now, linked));
+                linked
+            }
+        }
     }
 
     /// The top folders of the repository's work trees: the main one (the common dir's parent,
@@ -246,7 +310,16 @@ mod tests {
         std::fs::create_dir(&repo).unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
         git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        let only_main = WorktreeFinder::new(&repo.join(".git"));
+        assert!(!only_main.has_linked_worktrees());
         git(&repo, &["worktree", "add", "-q", "../wt2", "-b", "feature"]);
+        assert!(
+            only_main.has_linked_worktrees(),
+            "seen as soon as git adds it"
+        );
+        git(&repo, &["worktree", "add", "-q", "../wt3", "-b", "other"]);
+        git(&repo, &["worktree", "remove", "../wt3"]);
+        assert!(only_main.has_linked_worktrees(), "wt2 is still there");
         std::fs::create_dir_all(repo.join("src/deep")).unwrap();
         let other = tmp.path().join("other");
         std::fs::create_dir(&other).unwrap();
@@ -308,14 +381,27 @@ mod tests {
             .map(|o| cwd.join(String::from_utf8_lossy(&o.stdout).trim()));
         if let Some(common) = ours {
             let finder = WorktreeFinder::new(&common);
+            finder.has_linked_worktrees(); // whatever the checkout has: no effect on the search
             assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
             // Second time from the recent list.
             assert_eq!(finder.pid_of_socket(me, inode).unwrap(), std::process::id());
             assert!(finder.pid_of_socket(me, u64::MAX).is_err());
         }
-        // A repository this process does not run in: not searched, not found.
+        // A repository this process does not run in: the holder is found by a search of
+        // every process of the user, remembered, and `of_pid` says it is outside.
         let finder = WorktreeFinder::new(Path::new("/nonexistent/.git"));
-        assert!(finder.pid_of_socket(me, inode).is_err());
+        let pid = finder.pid_of_socket(me, inode).unwrap();
+        assert_eq!(pid, std::process::id());
+        assert!(finder.outsiders.lock().unwrap().contains(&pid));
+        assert!(finder
+            .of_pid(pid)
+            .unwrap_err()
+            .contains("outside every work tree"));
+        assert_eq!(finder.pid_of_socket(me, inode).unwrap(), pid, "remembered");
+        assert!(
+            finder.pid_of_socket(me, u64::MAX).is_err(),
+            "held by nobody"
+        );
     }
 
     /// A client started after a search is found among the pids allocated since.

@@ -184,6 +184,7 @@ pub fn run(
         upstream_connect_timeout: Some(settings.connect_timeout)
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::MAX),
+        busy_poll: Some(settings.busy_poll).filter(|t| !t.is_zero()),
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the

@@ -16,9 +16,20 @@ mod linux {
         std::fs::read_link(format!("/proc/{pid}/cwd"))
     }
 
+    /// Room for `/proc/<pid>/stat` (52 numbers and a command name of at most 64 bytes).
+    const STAT_LEN: usize = 1024;
+
     /// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
     pub fn start_time(pid: u32) -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        use std::io::Read;
+        // One read into a buffer (a proc file is produced whole on the first read), not
+        // `read_to_string`'s size probe and doubling reads: this runs for every connection.
+        let mut buf = [0u8; STAT_LEN];
+        let n = std::fs::File::open(format!("/proc/{pid}/stat"))
+            .ok()?
+            .read(&mut buf)
+            .ok()?;
+        let stat = std::str::from_utf8(&buf[..n]).ok()?;
         // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
         let rest = stat.rsplit_once(')')?.1;
         rest.split_whitespace().nth(19)?.parse().ok()
@@ -48,11 +59,25 @@ mod linux {
     }
 
     pub fn holds(pid: u32, link: &str) -> bool {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return false;
-        };
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == link))
+        fd_holding(pid, link, None).is_some()
+    }
+
+    /// The descriptor of `pid` whose link reads `link` (`socket:[inode]`), trying `hint` (the
+    /// one found last time) first: a process that connects again and again usually gets the
+    /// same descriptor number back, and then this is one `readlink`, not a folder read and a
+    /// `readlink` per descriptor.
+    pub fn fd_holding(pid: u32, link: &str, hint: Option<u32>) -> Option<u32> {
+        let is_it = |path: &std::path::Path| std::fs::read_link(path).is_ok_and(|t| t == *link);
+        if let Some(fd) = hint {
+            if is_it(std::path::Path::new(&format!("/proc/{pid}/fd/{fd}"))) {
+                return Some(fd);
+            }
+        }
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.flatten().find_map(|entry| {
+            let fd: u32 = entry.file_name().to_str()?.parse().ok()?;
+            (Some(fd) != hint && is_it(&entry.path())).then_some(fd)
+        })
     }
 }
 

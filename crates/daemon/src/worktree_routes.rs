@@ -33,6 +33,10 @@ const MAX_LOGGED_REASONS: usize = 64;
 pub const PROVISION_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Where a client's sessions go and what they follow.
+/// `status`'s scope of a session while the repository has no linked work tree (no process
+/// is looked up then: see [`WorktreeFinder::has_linked_worktrees`]).
+const ONLY_WORK_TREE: &str = "main work tree's branch (the repository has no other work tree)";
+
 pub struct Resolved {
     /// The branch of the client's work tree, when it is not the main one's.
     pub follow: Option<watch::Receiver<String>>,
@@ -116,6 +120,14 @@ impl WorktreeRoutes {
                 unprovisioned: None,
             };
         };
+        if !finder.has_linked_worktrees() {
+            // One work tree: every client's sessions go to its branch, found or not.
+            return Resolved {
+                follow: None,
+                scope: Some(ONLY_WORK_TREE.to_string()),
+                unprovisioned: None,
+            };
+        }
         let found = match &client.identity {
             PeerIdentity::User { pid: Some(pid), .. } => finder.of_pid(*pid),
             PeerIdentity::User {

@@ -4,8 +4,8 @@
 //! ```text
 //! fixed_route --listen 127.0.0.1:6543 --upstream /tmp/sock/.s.PGSQL.5433 [--runtime current|multi] [--workers N] [--tls-dir DIR] [--busy-poll-us N]
 //! ```
-//! `--upstream` is a socket file path or `host:port`; `--busy-poll-us 0` turns busy-polling off
-//! (default: `ProxyConfig::default()`'s).
+//! `--upstream` is a socket file path or `host:port`; `--busy-poll-us N` turns busy-polling on
+//! for N µs (default: off, as in `ProxyConfig::default()`).
 
 use std::sync::Arc;
 

@@ -93,9 +93,10 @@
 //!
 //! # Performance
 //! One task per session drives both directions (no locks, one write per read, no
-//! per-message allocation). [`ProxyConfig::busy_poll`] keeps the runtime polling briefly
-//! after traffic instead of sleeping, which saves most wake-ups on a small VM, and stops
-//! while the machine's CPUs are saturated. Run `serve` on its own current-thread runtime.
+//! per-message allocation); Unix sockets wake it only for reading (`unix_conn.rs`).
+//! [`ProxyConfig::busy_poll`] (off by default) keeps the runtime polling briefly after
+//! traffic instead of sleeping, only where a trial shows that it makes clients faster. Run
+//! `serve` on its own current-thread runtime.
 //! Measured figures: `BENCH_NOTES.md` in this crate.
 //!
 //! # Backend pids and cancel requests
@@ -176,11 +177,12 @@ pub struct ProxyConfig {
     /// reuse off). See "Server connection reuse" in the crate docs.
     pub pool_idle_timeout: Option<Duration>,
     /// Keep polling for this long after any session activity before sleeping (default
-    /// 200 µs; `None` turns it off). An idle proxy still sleeps; an active one spends a
-    /// little CPU to skip most wake-ups, which on a small VM makes a single connection's
-    /// round trips faster than direct TCP (see `BENCH_NOTES.md`). On Linux spinning pauses
-    /// by itself while the CPUs are saturated (the spinning thread gets under 85 % of the
-    /// time it spins), where it would only take CPU from the servers.
+    /// `None`: never). An idle proxy still sleeps; an active one spends CPU to skip
+    /// wake-ups, which on a VM where waking an idle vCPU is slow makes a single
+    /// connection's round trips faster than direct TCP, and elsewhere only costs CPU (see
+    /// `BENCH_NOTES.md`). So spinning starts only after a trial on this machine showed it
+    /// makes clients faster, is tried again every 10 s, and pauses while the CPUs are
+    /// saturated (see `spin.rs`).
     pub busy_poll: Option<Duration>,
     /// Client authentication: `Some` admits only the owner without a password and makes
     /// everyone else pass SCRAM-SHA-256 (see "Who gets in" in the crate docs); `None` relays
@@ -198,7 +200,7 @@ impl Default for ProxyConfig {
             max_startup_packet: 10_000,
             upstream_connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Some(Duration::from_secs(30)),
-            busy_poll: Some(Duration::from_micros(200)),
+            busy_poll: None,
             client_auth: None,
         }
     }

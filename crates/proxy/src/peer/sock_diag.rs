@@ -21,7 +21,7 @@ const INET_DIAG_NOCOOKIE: u32 = !0;
 const ALL_TCP_STATES: u32 = !0;
 /// `TCP_TIME_WAIT` from `<net/tcp_states.h>`: a socket its process has closed.
 const TCP_TIME_WAIT: u8 = 6;
-/// The sequence number of the (only) request sent on each netlink socket.
+/// The sequence number of every request (each is answered before the next is sent).
 const REQUEST_SEQUENCE: u32 = 1;
 /// Room for one reply: an `inet_diag_msg` with the attributes the kernel always adds (a few
 /// hundred bytes); a netlink message never exceeds 8 KiB (`NLMSG_GOODSIZE` with 4 KiB pages).
@@ -96,14 +96,30 @@ const _: () = {
     assert!(size_of::<DiagRequest>() == 16 + 56);
 };
 
+thread_local! {
+    /// The netlink socket of this thread's last successful lookup, kept for the next one (a
+    /// lookup runs for every TCP connection; opening and closing a socket each time was a
+    /// tenth of its system calls). Every request's one reply is received before the next
+    /// request is sent, so nothing stale can wait on it; after any failure it is dropped.
+    static NETLINK_SOCKET: std::cell::RefCell<Option<OwnedFd>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Looks the client socket of `pair` up with one exact request.
 pub(super) fn lookup(pair: &ConnectionPair) -> io::Result<Lookup> {
-    let socket = open_netlink_socket()?;
+    let socket = match NETLINK_SOCKET.with(|s| s.borrow_mut().take()) {
+        Some(socket) => socket,
+        None => open_netlink_socket()?,
+    };
     let request = exact_request(pair);
-    send_request(&socket, &request)?;
     let mut buffer = [0u8; RECV_BUFFER_LEN];
-    let reply = receive_reply(&socket, &mut buffer)?;
-    parse_reply(reply, &request, pair)
+    let result = send_request(&socket, &request)
+        .and_then(|()| receive_reply(&socket, &mut buffer))
+        .and_then(|reply| parse_reply(reply, &request, pair));
+    if result.is_ok() {
+        NETLINK_SOCKET.with(|s| *s.borrow_mut() = Some(socket));
+    }
+    result
 }
 
 fn open_netlink_socket() -> io::Result<OwnedFd> {

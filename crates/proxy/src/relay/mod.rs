@@ -26,6 +26,16 @@ use crate::stream::{ClientStream, UpstreamStream};
 
 const S2C_BUF: usize = 32 * 1024;
 const C2S_BUF: usize = 16 * 1024;
+/// Relay buffers kept per thread for the next sessions, of each size (16 × 48 KiB at most).
+const MAX_SPARE_BUFFERS: usize = 16;
+
+thread_local! {
+    /// Buffers of ended sessions, by size: a connect-per-transaction client would otherwise
+    /// have 48 KiB allocated and zeroed for every connection. What a buffer held is never
+    /// sent again: only bytes read in the session that has it are written.
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<Box<[u8]>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 /// How long the proxy spends on goodbyes (final error message, Terminate) before dropping.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a switched session's FATAL waits for the client's next message (see
@@ -68,8 +78,13 @@ struct Dir {
 
 impl Dir {
     fn new(size: usize) -> Self {
+        let spare = SPARE_BUFFERS.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            let i = spare.iter().position(|b| b.len() == size)?;
+            Some(spare.swap_remove(i))
+        });
         Dir {
-            buf: vec![0; size].into_boxed_slice(),
+            buf: spare.unwrap_or_else(|| vec![0; size].into_boxed_slice()),
             written: 0,
             ready: 0,
             end: 0,
@@ -110,6 +125,19 @@ impl Dir {
             self.end -= self.written;
             self.written = 0;
         }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        // `try_with`: a thread being torn down has no spare list any more.
+        let _ = SPARE_BUFFERS.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < 2 * MAX_SPARE_BUFFERS {
+                spare.push(buf);
+            }
+        });
     }
 }
 
