@@ -2,12 +2,15 @@
 # Proxy overhead benchmark: pgbench side by side against one pgtwig branch:
 #   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy
 #   (crates/proxy/examples/fixed_route: TCP in, Unix socket to the server; current-thread
-#   runtime with and without busy-polling, and a 2-worker runtime), the minimal relay
-#   (crates/proxy/examples/minimal_relay: the cheapest user-space relay, a reference) and
+#   runtime as configured by default, and with opt-in busy-polling), the minimal relay
+#   (crates/proxy/examples/minimal_relay: the cheapest user-space relay, a reference), an
+#   io_uring relay (examples/uring_relay: one io_uring_enter per message, a reference) and
 #   PgBouncer (session pooling, same shape). Reports TPS, latency, the ratio to direct TCP and
 #   the relay process's CPU time per transaction.
 # Usage: bench/proxy.sh      (env: DURATION=10 seconds per run, ROUNDS=1 runs per cell, median
-#                            shown; SCALE=10; MODE="-S -c 8 -j 2" runs that pgbench mode only)
+#                            shown; SCALE=10; MODE="-S -c 8 -j 2" runs that pgbench mode only;
+#                            ORM_ROUNDS=3 runs of the ORM suite per target, 0 skips it;
+#                            HOLD=1 sets everything up and waits, for profiling by hand)
 # Needs PostgreSQL 15 binaries, pgbench, psql and pgbouncer. Runs the servers as `postgres`
 # when invoked as root.
 set -euo pipefail
@@ -29,9 +32,10 @@ while True:
 if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); else AS=(); fi
 
 echo "building pgtwig and fixed_route (release)..." >&2
-(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route --example minimal_relay)
+(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route --example minimal_relay --example uring_relay)
 PROXY_BIN=$TARGET_DIR/release/examples/fixed_route
 MINIMAL_BIN=$TARGET_DIR/release/examples/minimal_relay
+URING_BIN=$TARGET_DIR/release/examples/uring_relay
 PGTWIG=$TARGET_DIR/release/pgtwig
 
 WORK=$(mktemp -d /tmp/pgtwig-bench.XXXXXX)
@@ -76,20 +80,21 @@ PIDS+=($!)
 PROXY_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
 PIDS+=($!)
-PROXY_NB_PORT=$(free_port)
-"$PROXY_BIN" --listen "127.0.0.1:$PROXY_NB_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --busy-poll-us 0 2>"$WORK/proxy-nb.log" &
-PIDS+=($!)
-PROXY_MT_PORT=$(free_port)
-"$PROXY_BIN" --listen "127.0.0.1:$PROXY_MT_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime multi --workers 2 2>"$WORK/proxy-mt.log" &
+PROXY_BP_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_BP_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --busy-poll-us 200 2>"$WORK/proxy-bp.log" &
 PIDS+=($!)
 MINIMAL_PORT=$(free_port)
 "$MINIMAL_BIN" "127.0.0.1:$MINIMAL_PORT" "$SOCK/.s.PGSQL.$PGPORT" 2>"$WORK/minimal.log" &
+PIDS+=($!)
+URING_PORT=$(free_port)
+"$URING_BIN" "127.0.0.1:$URING_PORT" "$SOCK/.s.PGSQL.$PGPORT" 2>"$WORK/uring.log" &
 PIDS+=($!)
 
 BOUNCER_PORT=$(free_port)
 cat >"$WORK/pgbouncer.ini" <<INI
 [databases]
 postgres = host=$SOCK port=$PGPORT
+* = host=$SOCK port=$PGPORT
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
@@ -107,18 +112,24 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $DAEMON_PORT $PROXY_PORT $PROXY_NB_PORT $PROXY_MT_PORT $MINIMAL_PORT $BOUNCER_PORT; do
+for port in $DAEMON_PORT $PROXY_PORT $PROXY_BP_PORT $MINIMAL_PORT $URING_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
+
+if [ -n "${HOLD:-}" ]; then
+  # For profiling by hand: everything set up, nothing measured.
+  echo "HOLD: server $SOCK port $PGPORT (tcp too); pgtwig up $DAEMON_PORT; proxy $PROXY_PORT; busy-poll proxy $PROXY_BP_PORT; minimal $MINIMAL_PORT; io_uring $URING_PORT; pgbouncer $BOUNCER_PORT; PGTWIG_HOME=$PGTWIG_HOME; Ctrl-C ends"
+  sleep infinity
+fi
 
 TARGETS=(
   "direct unix|-h $SOCK -p $PGPORT"
   "direct tcp|-h 127.0.0.1 -p $PGPORT"
   "pgtwig up (daemon)|-h 127.0.0.1 -p $DAEMON_PORT"
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
-  "pgtwig-proxy (current, no busy-poll)|-h 127.0.0.1 -p $PROXY_NB_PORT"
-  "pgtwig-proxy (2 workers)|-h 127.0.0.1 -p $PROXY_MT_PORT"
+  "pgtwig-proxy (busy-poll 200 µs, opt-in)|-h 127.0.0.1 -p $PROXY_BP_PORT"
   "minimal relay (reference)|-h 127.0.0.1 -p $MINIMAL_PORT"
+  "io_uring relay (reference)|-h 127.0.0.1 -p $URING_PORT"
   "pgbouncer (session)|-h 127.0.0.1 -p $BOUNCER_PORT"
 )
 if [ -n "${MODE:-}" ]; then
@@ -158,6 +169,7 @@ run_one() { # mode conn -> "tps lat cpu_us_per_txn"
 }
 median() { sort -n | awk '{v[NR]=$0} END{print v[int((NR+1)/2)]}'; }
 
+echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg); PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $(pgbouncer --version | head -1)"
 printf '%-38s %-18s %10s %12s %9s %14s\n' target mode tps "lat avg ms" "vs tcp" "relay µs/txn"
 for mode in "${MODES[@]}"; do
   declare -A RES=()
@@ -182,6 +194,45 @@ for mode in "${MODES[@]}"; do
 done
 
 DAEMON_PID=$(cat "$WORK/home/bench/daemon.pid")
+
+# The cost a user feels: an ORM test suite (bench/orm-suite: Django's runner, 200 tests, each
+# in a transaction with ~30 small statements; it creates and drops its test database), whole
+# wall time, ORM_ROUNDS interleaved runs per target, median. ORM_ROUNDS=0 skips it.
+ORM_ROUNDS=${ORM_ROUNDS:-3}
+VENV=$ROOT/target/client-venv
+if [ "$ORM_ROUNDS" -gt 0 ]; then
+  if ! "$VENV/bin/python" -c "import django, psycopg" 2>/dev/null; then
+    echo "installing tests/clients/python/requirements.txt into $VENV..." >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/clients/python/requirements.txt"
+  fi
+  # Not PgBouncer: its parked server connection to the test database makes the runner's
+  # DROP DATABASE fail (55006, "being accessed by other users"), as PgBouncer users know.
+  ORM_TARGETS=(
+    "direct tcp|$PGPORT"
+    "pgtwig up (daemon)|$DAEMON_PORT"
+  )
+  declare -A ORM=()
+  for _ in $(seq "$ORM_ROUNDS"); do
+    for t in "${ORM_TARGETS[@]}"; do
+      t0=$(date +%s%N)
+      (cd "$ROOT/bench/orm-suite" && DATABASE_URL="postgres://postgres@127.0.0.1:${t#*|}/postgres" \
+        "$VENV/bin/python" manage.py test --noinput -v 0 >"$WORK/orm.log" 2>&1) ||
+        { cat "$WORK/orm.log" >&2; exit 1; }
+      t1=$(date +%s%N)
+      ORM[${t%%|*}]+="$(( (t1 - t0) / 1000000 ))"$'\n'
+    done
+  done
+  echo
+  base=$(printf '%s' "${ORM[direct tcp]}" | median)
+  for t in "${ORM_TARGETS[@]}"; do
+    name=${t%%|*}
+    ms=$(printf '%s' "${ORM[$name]}" | median)
+    printf 'ORM suite (Django, 200 tests) %-22s %7.2f s  %5.3fx direct tcp   runs (ms): %s\n' "$name" \
+      "$(awk -v m="$ms" 'BEGIN{print m/1000}')" "$(awk -v m="$ms" -v b="$base" 'BEGIN{print m/b}')" \
+      "$(printf '%s' "${ORM[$name]}" | tr '\n' ' ')"
+  done
+fi
 echo
 echo "pgtwig daemon RSS after the runs: $(ps -o rss= -p "$DAEMON_PID" | awk '{printf "%.1f MiB", $1/1024}')"
 
@@ -199,3 +250,7 @@ done
 echo "cold start through the daemon (stopped branch -> first query answered), ms: ${COLD[*]} (median $(printf '%s\n' "${COLD[@]}" | median))"
 sleep 1
 echo "pgtwig daemon RSS idle: $(ps -o rss= -p "$DAEMON_PID" | awk '{printf "%.1f MiB", $1/1024}')"
+# Wake-ups of the idle daemon: context switches of all its threads over 10 s.
+switches() { cat /proc/"$DAEMON_PID"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}'; }
+ticks0=$(cpu_ticks "$DAEMON_PID"); s0=$(switches); sleep 10; s1=$(switches); ticks1=$(cpu_ticks "$DAEMON_PID")
+echo "pgtwig daemon idle for 10 s: $(awk -v a="$s0" -v b="$s1" 'BEGIN{printf "%.1f", (b-a)/10}') wake-ups/s, $((ticks1 - ticks0)) CPU ticks"
