@@ -152,17 +152,7 @@ fn run_local(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<E
                 .clone()
                 .expect("a reset branch has a parent");
             print_built("Reset", &report, &parent, started, backend)?;
-            if let Some(k) = keep_old {
-                println!("Its previous state is kept as branch \"{k}\"");
-            }
-            if post_create {
-                pgtwig_project::checkout::rerun_post_create(
-                    project,
-                    whole,
-                    &name,
-                    &mut output::Terminal::stdout(),
-                )?;
-            }
+            after_reset(project, whole, &name, keep_old.as_ref(), post_create)?;
         }
         BranchCommand::Start { name } => {
             let started = Instant::now();
@@ -265,17 +255,7 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
                 b.parent_name.as_deref().unwrap_or("its parent"),
                 output::duration(started.elapsed())
             );
-            if let Some(k) = keep_old {
-                println!("Its previous state is kept as branch \"{k}\"");
-            }
-            if post_create {
-                pgtwig_project::checkout::rerun_post_create(
-                    project,
-                    whole,
-                    &name,
-                    &mut output::Terminal::stdout(),
-                )?;
-            }
+            after_reset(project, whole, &name, keep_old.as_ref(), post_create)?;
         }
         BranchCommand::Start { name } => {
             let started = Instant::now();
@@ -304,6 +284,29 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
 }
 
 /// `--at` for Neon: a time (sent as RFC 3339 UTC) or an LSN.
+/// What both backends' `branch reset` do once the branch is reset: name the kept previous
+/// state, and with `--post-create` run the rule's approved commands again.
+fn after_reset(
+    project: &Project,
+    whole: &Backend,
+    name: &BranchName,
+    keep_old: Option<&BranchName>,
+    post_create: bool,
+) -> Result<()> {
+    if let Some(k) = keep_old {
+        println!("Its previous state is kept as branch \"{k}\"");
+    }
+    if post_create {
+        pgtwig_project::checkout::rerun_post_create(
+            project,
+            whole,
+            name,
+            &mut output::Terminal::stdout(),
+        )?;
+    }
+    Ok(())
+}
+
 fn neon_point_in_time(text: &str) -> Result<(PointInTime, Target)> {
     let target = Target::parse(text).map_err(anyhow::Error::msg)?;
     let at = match &target {
