@@ -32,7 +32,7 @@ while True:
 if [ "$(id -u)" = 0 ]; then AS=(runuser -u postgres --); else AS=(); fi
 
 echo "building pgtwig and fixed_route (release)..." >&2
-(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig && cargo build -q --release -p pgtwig-proxy --example fixed_route --example minimal_relay --example uring_relay)
+(cd "$ROOT" && cargo build -q --release -p pgtwig --bin pgtwig --bin pgtwig-archive-wal && cargo build -q --release -p pgtwig-proxy --example fixed_route --example minimal_relay --example uring_relay)
 PROXY_BIN=$TARGET_DIR/release/examples/fixed_route
 MINIMAL_BIN=$TARGET_DIR/release/examples/minimal_relay
 URING_BIN=$TARGET_DIR/release/examples/uring_relay
@@ -148,8 +148,9 @@ listener_pid() { ss -ltnpH "sport = :$1" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
 
-# Each (mode, target) pair runs ROUNDS times, targets interleaved within a round so that
-# background load hits them alike; the table shows the median round. Besides TPS and latency,
+# Each (mode, target) pair runs ROUNDS times, targets interleaved within a round (and the
+# order rotated between rounds) so that background load hits them alike; the table shows the
+# median round. Besides TPS and latency,
 # the relay's own CPU time per transaction: far steadier than TPS between runs, it says what
 # the relay costs the machine.
 run_one() { # mode conn -> "tps lat cpu_us_per_txn"
@@ -173,8 +174,11 @@ echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cp
 printf '%-38s %-18s %10s %12s %9s %14s\n' target mode tps "lat avg ms" "vs tcp" "relay µs/txn"
 for mode in "${MODES[@]}"; do
   declare -A RES=()
-  for _ in $(seq "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    # Each round starts one target later: no target always runs first, or right after
+    # another (single runs drift by tens of percent on a shared VM).
+    for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
+      t=${TARGETS[$(((i + r) % ${#TARGETS[@]}))]}
       name=${t%%|*}
       RES[$name]+="$(run_one "$mode" "${t#*|}")"$'\n'
     done
@@ -213,8 +217,9 @@ if [ "$ORM_ROUNDS" -gt 0 ]; then
     "pgtwig up (daemon)|$DAEMON_PORT"
   )
   declare -A ORM=()
-  for _ in $(seq "$ORM_ROUNDS"); do
-    for t in "${ORM_TARGETS[@]}"; do
+  for r in $(seq 0 $((ORM_ROUNDS - 1))); do
+    for i in 0 1; do
+      t=${ORM_TARGETS[$(((i + r) % 2))]}
       t0=$(date +%s%N)
       (cd "$ROOT/bench/orm-suite" && DATABASE_URL="postgres://postgres@127.0.0.1:${t#*|}/postgres" \
         "$VENV/bin/python" manage.py test --noinput -v 0 >"$WORK/orm.log" 2>&1) ||
@@ -250,7 +255,9 @@ done
 echo "cold start through the daemon (stopped branch -> first query answered), ms: ${COLD[*]} (median $(printf '%s\n' "${COLD[@]}" | median))"
 sleep 1
 echo "pgtwig daemon RSS idle: $(ps -o rss= -p "$DAEMON_PID" | awk '{printf "%.1f MiB", $1/1024}')"
-# Wake-ups of the idle daemon: context switches of all its threads over 10 s.
-switches() { cat /proc/"$DAEMON_PID"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}'; }
+# Wake-ups of the idle daemon: context switches over 10 s of each of its threads that lived
+# through them (idle blocking-pool threads exit meanwhile).
+switches() { for t in /proc/"$DAEMON_PID"/task/*; do echo "${t##*/} $(awk '/ctxt_switches/ {n += $2} END {print n}' "$t/status" 2>/dev/null)"; done; }
 ticks0=$(cpu_ticks "$DAEMON_PID"); s0=$(switches); sleep 10; s1=$(switches); ticks1=$(cpu_ticks "$DAEMON_PID")
-echo "pgtwig daemon idle for 10 s: $(awk -v a="$s0" -v b="$s1" 'BEGIN{printf "%.1f", (b-a)/10}') wake-ups/s, $((ticks1 - ticks0)) CPU ticks"
+woke=$(join <(echo "$s0" | sort) <(echo "$s1" | sort) | awk '$2 != "" && $3 != "" {n += $3 - $2} END {printf "%.1f", n / 10}')
+echo "pgtwig daemon idle for 10 s: $woke wake-ups/s, $((ticks1 - ticks0)) CPU ticks"

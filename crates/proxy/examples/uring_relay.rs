@@ -122,7 +122,9 @@ fn main() -> std::io::Result<()> {
                 continue;
             }
             let (key, is_send) = (data >> 1, data & 1 == 1);
-            let Some(p) = pipes.get_mut(&key) else { continue };
+            let Some(p) = pipes.get_mut(&key) else {
+                continue;
+            };
             if res <= 0 {
                 // End of stream or error: close the session (both directions).
                 let (from, to, peer) = (p.from, p.to, p.peer);
