@@ -123,6 +123,19 @@ pub fn tcp_peer_owner_netlink(
     }
 }
 
+/// Descriptors the lookups keep open between calls (the netlink socket, reused): 0 or 1. For
+/// tests that count a process's descriptors.
+#[cfg(target_os = "linux")]
+pub fn kept_descriptors() -> usize {
+    sock_diag::kept_descriptors()
+}
+
+/// Descriptors the lookups keep open between calls: none on this system.
+#[cfg(not(target_os = "linux"))]
+pub fn kept_descriptors() -> usize {
+    0
+}
+
 /// [`tcp_peer_owner`] through `/proc/net/tcp` and `/proc/net/tcp6` only (a scan of every TCP
 /// socket in the network namespace).
 #[cfg(target_os = "linux")]

@@ -96,18 +96,28 @@ const _: () = {
     assert!(size_of::<DiagRequest>() == 16 + 56);
 };
 
-thread_local! {
-    /// The netlink socket of this thread's last successful lookup, kept for the next one (a
-    /// lookup runs for every TCP connection; opening and closing a socket each time was a
-    /// tenth of its system calls). Every request's one reply is received before the next
-    /// request is sent, so nothing stale can wait on it; after any failure it is dropped.
-    static NETLINK_SOCKET: std::cell::RefCell<Option<OwnedFd>> =
-        const { std::cell::RefCell::new(None) };
+/// The netlink socket of the last successful lookup, kept for the next one (a lookup runs for
+/// every TCP connection; opening and closing a socket each time was a tenth of its system
+/// calls). A lookup takes it out while it runs (concurrent ones open their own), and every
+/// request's one reply is received before the socket is put back, so nothing stale waits on
+/// it; after any failure it is dropped. One descriptor at most, process-wide.
+static NETLINK_SOCKET: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// How many descriptors the lookup keeps open between calls (0 or 1).
+pub(super) fn kept_descriptors() -> usize {
+    NETLINK_SOCKET
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some() as usize
 }
 
 /// Looks the client socket of `pair` up with one exact request.
 pub(super) fn lookup(pair: &ConnectionPair) -> io::Result<Lookup> {
-    let socket = match NETLINK_SOCKET.with(|s| s.borrow_mut().take()) {
+    let kept = NETLINK_SOCKET
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let socket = match kept {
         Some(socket) => socket,
         None => open_netlink_socket()?,
     };
@@ -117,7 +127,11 @@ pub(super) fn lookup(pair: &ConnectionPair) -> io::Result<Lookup> {
         .and_then(|()| receive_reply(&socket, &mut buffer))
         .and_then(|reply| parse_reply(reply, &request, pair));
     if result.is_ok() {
-        NETLINK_SOCKET.with(|s| *s.borrow_mut() = Some(socket));
+        let mut kept = NETLINK_SOCKET.lock().unwrap_or_else(|e| e.into_inner());
+        // Another lookup's socket may be back first: one is enough (this one closes).
+        if kept.is_none() {
+            *kept = Some(socket);
+        }
     }
     result
 }

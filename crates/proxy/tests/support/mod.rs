@@ -372,8 +372,10 @@ impl Env {
         loop {
             let now = fd_count();
             // A parked, reusable server connection holds its socket: whether a clean
-            // client exit left one depends on how its Terminate arrived.
-            if now <= baseline_fds + self.proxy.pooled_connections() {
+            // client exit left one depends on how its Terminate arrived. The peer lookup
+            // keeps its netlink socket for the next connection.
+            let kept = self.proxy.pooled_connections() + pgtwig_proxy::peer::kept_descriptors();
+            if now <= baseline_fds + kept {
                 break;
             }
             if Instant::now() > deadline {
