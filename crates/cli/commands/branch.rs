@@ -283,7 +283,6 @@ fn run_neon(cmd: BranchCommand, project: &Project, whole: &Backend) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--at` for Neon: a time (sent as RFC 3339 UTC) or an LSN.
 /// What both backends' `branch reset` do once the branch is reset: name the kept previous
 /// state, and with `--post-create` run the rule's approved commands again.
 fn after_reset(
@@ -307,6 +306,7 @@ fn after_reset(
     Ok(())
 }
 
+/// `--at` for Neon: a time (sent as RFC 3339 UTC) or an LSN.
 fn neon_point_in_time(text: &str) -> Result<(PointInTime, Target)> {
     let target = Target::parse(text).map_err(anyhow::Error::msg)?;
     let at = match &target {

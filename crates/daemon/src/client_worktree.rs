@@ -133,16 +133,15 @@ impl WorktreeFinder {
             .iter()
             .copied()
             .collect();
-        let last_fd: HashMap<u32, u32> = {
-            let known = self.last_fd.lock().unwrap_or_else(|e| e.into_inner());
-            recent
-                .iter()
-                .chain(&outsiders)
-                .filter_map(|pid| Some((*pid, *known.get(pid)?)))
-                .collect()
-        };
+        // `pid` if it holds the socket, its descriptor noted for the next lookup.
         let held_by = |pid: u32| {
-            let fd = fd_holding(pid, &link, last_fd.get(&pid).copied())?;
+            let hint = self
+                .last_fd
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&pid)
+                .copied();
+            let fd = fd_holding(pid, &link, hint)?;
             let mut known = self.last_fd.lock().unwrap_or_else(|e| e.into_inner());
             if known.len() >= 4 * RECENT_PIDS {
                 known.clear();
@@ -194,7 +193,7 @@ impl WorktreeFinder {
             None => {
                 let outsider = all_pids()
                     .filter(|p| !recent.contains(p) && !outsiders.contains(p))
-                    .find(|&pid| owned_by(pid, uid) && holds(pid, &link))
+                    .find(|&pid| owned_by(pid, uid) && held_by(pid).is_some())
                     .ok_or_else(|| {
                         format!("no process of uid {uid} holds the client socket (inode {inode})")
                     })?;

@@ -32,11 +32,11 @@ const MAX_LOGGED_REASONS: usize = 64;
 /// lock (as wake-on-connect does): a client is never held behind a long build.
 pub const PROVISION_LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// Where a client's sessions go and what they follow.
 /// `status`'s scope of a session while the repository has no linked work tree (no process
 /// is looked up then: see [`WorktreeFinder::has_linked_worktrees`]).
 const ONLY_WORK_TREE: &str = "main work tree's branch (the repository has no other work tree)";
 
+/// Where a client's sessions go and what they follow.
 pub struct Resolved {
     /// The branch of the client's work tree, when it is not the main one's.
     pub follow: Option<watch::Receiver<String>>,

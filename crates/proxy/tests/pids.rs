@@ -71,18 +71,6 @@ fn notifications(msgs: &[(u8, Vec<u8>)]) -> Vec<(i32, String)> {
         .collect()
 }
 
-async fn wait_pooled(env: &Env, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.proxy.pooled_connections() != n {
-        assert!(
-            Instant::now() < deadline,
-            "{} pooled connections, expected {n}",
-            env.proxy.pooled_connections()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_key_data_carries_the_real_pid_fresh_and_reused_with_and_without_tls() {
     let (env, dir) = tls_env().await;
@@ -102,7 +90,7 @@ async fn backend_key_data_carries_the_real_pid_fresh_and_reused_with_and_without
             assert_eq!(notifications(&msgs), [(pid, "mine".to_string())], "{what}");
             terminate(&mut s).await;
             seen.push((pid, secret));
-            wait_pooled(&env, 1).await;
+            env.wait_pooled(1).await;
         }
         assert_eq!(
             seen[0].0, seen[1].0,
@@ -236,7 +224,7 @@ async fn tokio_postgres_cancel_fresh_and_reused_with_and_without_tls() {
             assert_eq!(simple_value(&client, "select 1").await, "1", "{what}");
             drop(client);
             conn.await.unwrap().unwrap();
-            wait_pooled(&env, 1).await;
+            env.wait_pooled(1).await;
         }
         assert_eq!(
             pids[0], pids[1],
@@ -277,7 +265,7 @@ async fn psql_ctrl_c_fresh_and_reused_with_and_without_tls() {
                 stderr.contains("canceling statement due to user request"),
                 "{sslmode}, {round}: {stderr}"
             );
-            wait_pooled(&env, 1).await;
+            env.wait_pooled(1).await;
         }
         assert_eq!(
             pids[0], pids[1],

@@ -24,11 +24,7 @@ async fn trust_connections_are_reused_after_a_reset() {
     .unwrap();
     drop(c);
     conn.await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.proxy.pooled_connections() != 1 {
-        assert!(Instant::now() < deadline, "connection was not parked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_pooled(1).await;
     env.wait_drained().await;
 
     let (c, conn) = env.connect("postgres").await;
@@ -94,11 +90,7 @@ async fn trust_connections_are_reused_after_a_reset() {
     assert_ne!(other, pid);
     drop(c);
     conn.await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.proxy.pooled_connections() != 2 {
-        assert!(Instant::now() < deadline, "connections were not parked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_pooled(2).await;
     // The daemon releases them before stopping a branch server; they really close.
     assert_eq!(env.proxy.release_pooled(&env.feature.addr()), 0);
     assert_eq!(env.proxy.release_pooled(&env.main.addr()), 2);
@@ -196,11 +188,7 @@ async fn a_database_whose_sessions_were_parked_can_be_dropped() {
         .unwrap();
     drop(c);
     conn.await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.proxy.pooled_connections() != 1 {
-        assert!(Instant::now() < deadline, "the connection was not parked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_pooled(1).await;
     // The admin session is not parked: it is in use.
     admin
         .batch_execute("drop database test_runner_db")
@@ -247,11 +235,7 @@ async fn reuse_leaks_placeholder_settings_and_loaded_libraries() {
         .unwrap();
     drop(c);
     conn.await.unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.proxy.pooled_connections() != 1 {
-        assert!(Instant::now() < deadline, "connection was not parked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_pooled(1).await;
 
     let (c, _conn) = env.connect("postgres").await;
     let reused: i32 = c

@@ -36,6 +36,7 @@ thread_local! {
     static SPARE_BUFFERS: std::cell::RefCell<Vec<Box<[u8]>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
+
 /// How long the proxy spends on goodbyes (final error message, Terminate) before dropping.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a switched session's FATAL waits for the client's next message (see

@@ -402,6 +402,19 @@ impl Env {
         }
     }
 
+    /// Waits (5 s at most) until the proxy keeps `n` server connections for reuse.
+    pub async fn wait_pooled(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.proxy.pooled_connections() != n {
+            assert!(
+                Instant::now() < deadline,
+                "{} pooled connections, expected {n}",
+                self.proxy.pooled_connections()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until the proxy has no sessions and the router no leases.
     pub async fn wait_drained(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
