@@ -7,7 +7,6 @@
 pub mod pgtls;
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,15 +21,20 @@ use tokio::sync::watch;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// (uid, gid) to run server binaries as, when we are root.
+/// (uid, gid) to run server binaries as, when we are root. Looked up once: tests start
+/// clusters from several threads, and `getpwnam`'s static buffer is not thread-safe (CI once
+/// chowned a socket directory to a uid read mid-overwrite, and PostgreSQL could not lock it).
 fn server_user() -> Option<(u32, u32)> {
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let name = CString::new("postgres").unwrap();
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    assert!(!pw.is_null(), "running as root needs a `postgres` user");
-    unsafe { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+    static SERVER_USER: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *SERVER_USER.get_or_init(|| {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let user = nix::unistd::User::from_name("postgres")
+            .expect("look up the `postgres` user")
+            .expect("running as root needs a `postgres` user");
+        Some((user.uid.as_raw(), user.gid.as_raw()))
+    })
 }
 
 fn as_server_user(cmd: &mut Command) -> &mut Command {
