@@ -2,7 +2,7 @@
 # Proxy overhead benchmark: pgbench side by side against one pgtwig branch:
 #   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy
 #   (crates/proxy/examples/fixed_route: TCP in, Unix socket to the server; current-thread
-#   runtime as configured by default, and with opt-in busy-polling), the minimal relay
+#   runtime as configured by default, and with io_uring off, epoll only), the minimal relay
 #   (crates/proxy/examples/minimal_relay: the cheapest user-space relay, a reference), an
 #   io_uring relay (examples/uring_relay: one io_uring_enter per message, a reference) and
 #   PgBouncer (session pooling, same shape). Reports TPS, latency, the ratio to direct TCP and
@@ -80,8 +80,8 @@ PIDS+=($!)
 PROXY_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
 PIDS+=($!)
-PROXY_BP_PORT=$(free_port)
-"$PROXY_BIN" --listen "127.0.0.1:$PROXY_BP_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --busy-poll-us 200 2>"$WORK/proxy-bp.log" &
+PROXY_EPOLL_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_EPOLL_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --io-uring off 2>"$WORK/proxy-epoll.log" &
 PIDS+=($!)
 MINIMAL_PORT=$(free_port)
 "$MINIMAL_BIN" "127.0.0.1:$MINIMAL_PORT" "$SOCK/.s.PGSQL.$PGPORT" 2>"$WORK/minimal.log" &
@@ -112,13 +112,13 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $DAEMON_PORT $PROXY_PORT $PROXY_BP_PORT $MINIMAL_PORT $URING_PORT $BOUNCER_PORT; do
+for port in $DAEMON_PORT $PROXY_PORT $PROXY_EPOLL_PORT $MINIMAL_PORT $URING_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
 
 if [ -n "${HOLD:-}" ]; then
   # For profiling by hand: everything set up, nothing measured.
-  echo "HOLD: server $SOCK port $PGPORT (tcp too); pgtwig up $DAEMON_PORT; proxy $PROXY_PORT; busy-poll proxy $PROXY_BP_PORT; minimal $MINIMAL_PORT; io_uring $URING_PORT; pgbouncer $BOUNCER_PORT; PGTWIG_HOME=$PGTWIG_HOME; Ctrl-C ends"
+  echo "HOLD: server $SOCK port $PGPORT (tcp too); pgtwig up $DAEMON_PORT; proxy $PROXY_PORT; epoll-only proxy $PROXY_EPOLL_PORT; minimal $MINIMAL_PORT; io_uring $URING_PORT; pgbouncer $BOUNCER_PORT; PGTWIG_HOME=$PGTWIG_HOME; Ctrl-C ends"
   sleep infinity
 fi
 
@@ -127,7 +127,7 @@ TARGETS=(
   "direct tcp|-h 127.0.0.1 -p $PGPORT"
   "pgtwig up (daemon)|-h 127.0.0.1 -p $DAEMON_PORT"
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
-  "pgtwig-proxy (busy-poll 200 µs, opt-in)|-h 127.0.0.1 -p $PROXY_BP_PORT"
+  "pgtwig-proxy (io_uring off: epoll only)|-h 127.0.0.1 -p $PROXY_EPOLL_PORT"
   "minimal relay (reference)|-h 127.0.0.1 -p $MINIMAL_PORT"
   "io_uring relay (reference)|-h 127.0.0.1 -p $URING_PORT"
   "pgbouncer (session)|-h 127.0.0.1 -p $BOUNCER_PORT"
@@ -171,7 +171,7 @@ run_one() { # mode conn -> "tps lat cpu_us_per_txn"
 median() { sort -n | awk '{v[NR]=$0} END{print v[int((NR+1)/2)]}'; }
 
 echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg); PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $(pgbouncer --version | head -1)"
-printf '%-38s %-18s %10s %12s %9s %14s\n' target mode tps "lat avg ms" "vs tcp" "relay µs/txn"
+printf '%-38s %-18s %10s %12s %9s %14s  %s\n' target mode tps "lat avg ms" "vs tcp" "relay µs/txn" "each round: vs tcp, µs/txn"
 for mode in "${MODES[@]}"; do
   declare -A RES=()
   for r in $(seq 0 $((ROUNDS - 1))); do
@@ -192,7 +192,11 @@ for mode in "${MODES[@]}"; do
     cpu=$(printf '%s' "${RES[$name]}" | awk '{print $3}' | median)
     ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.2f", a/b}')
     [ "$name" = "direct unix" ] && ratio="($ratio)"
-    printf '%-38s %-18s %10.0f %12s %9s %14s\n' "$name" "$mode" "$tps" "$lat" "$ratio" "$cpu"
+    # Every round against that round's direct TCP, in round order: the rows compared within
+    # one round met the same background load.
+    rounds=$(paste -d' ' <(printf '%s' "${RES[$name]}") <(printf '%s' "${RES[direct tcp]}") |
+      awk '{printf "%s%.2f %s", (NR > 1 ? " | " : ""), $1 / $4, $3}')
+    printf '%-38s %-18s %10.0f %12s %9s %14s  %s\n' "$name" "$mode" "$tps" "$lat" "$ratio" "$cpu" "$rounds"
   done
   unset RES
 done

@@ -185,6 +185,7 @@ pub fn run(
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::MAX),
         busy_poll: Some(settings.busy_poll).filter(|t| !t.is_zero()),
+        io_uring: settings.io_uring,
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the

@@ -2,10 +2,11 @@
 //! Used by `bench/proxy.sh`.
 //!
 //! ```text
-//! fixed_route --listen 127.0.0.1:6543 --upstream /tmp/sock/.s.PGSQL.5433 [--runtime current|multi] [--workers N] [--tls-dir DIR] [--busy-poll-us N]
+//! fixed_route --listen 127.0.0.1:6543 --upstream /tmp/sock/.s.PGSQL.5433 [--runtime current|multi] [--workers N] [--tls-dir DIR] [--busy-poll-us N] [--io-uring on|off]
 //! ```
 //! `--upstream` is a socket file path or `host:port`; `--busy-poll-us N` turns busy-polling on
-//! for N µs (default: off, as in `ProxyConfig::default()`).
+//! for N µs (default: off, as in `ProxyConfig::default()`); `--io-uring off` keeps every
+//! session on epoll (default: on, as in `ProxyConfig::default()`).
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let mut workers = 2usize;
     let mut tls_dir = None;
     let mut spin_us: Option<u64> = None;
+    let mut io_uring = ProxyConfig::default().io_uring;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -47,6 +49,13 @@ fn main() -> anyhow::Result<()> {
             "--workers" => workers = val()?.parse()?,
             "--tls-dir" => tls_dir = Some(val()?),
             "--busy-poll-us" => spin_us = Some(val()?.parse()?),
+            "--io-uring" => {
+                io_uring = match val()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => anyhow::bail!("--io-uring must be on or off, not {other}"),
+                }
+            }
             _ => anyhow::bail!("unknown argument {a}"),
         }
     }
@@ -81,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                     Some(0) => None,
                     Some(us) => Some(std::time::Duration::from_micros(us)),
                 },
+                io_uring,
                 ..ProxyConfig::default()
             },
             Arc::new(Fixed(addr)),

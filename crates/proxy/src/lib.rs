@@ -22,6 +22,9 @@
 //!    unless the client sends them so.
 //! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
 //!    `ReadyForQuery` status and to swap `BackendKeyData`'s secret for a proxy-made one.
+//!    A session without TLS that has answered a few queries is lent to the process's
+//!    io_uring thread ([`ProxyConfig::io_uring`], `relay/ring.rs`): the same scanners, one
+//!    system call per message. It comes back to its task for switches, drains and its end.
 //!
 //! # TLS: `sslmode` and PostgreSQL 17's `sslnegotiation=direct`
 //! Both ways of starting TLS are served, with the same certificate, timeout and size limits:
@@ -140,6 +143,7 @@ pub use auth::PeerIdentity;
 pub use auth::{ClientAuth, ClientPeer};
 pub use error::{sqlstate, PgError};
 pub use listen::{bind_tcp, bind_unix, Listener, LISTEN_BACKLOG};
+pub use relay::{ring_counts, ring_kept_descriptors};
 pub use router::{ClientInfo, Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 pub use scram::ScramSecret;
 pub use session::switch_message;
@@ -184,6 +188,10 @@ pub struct ProxyConfig {
     /// makes clients faster, is tried again every 10 s, and pauses while the CPUs are
     /// saturated (see `spin.rs`).
     pub busy_poll: Option<Duration>,
+    /// Relay settled plain sessions on io_uring (default `true`; Linux, where
+    /// `io_uring_setup` works): one system call per message instead of three. Sessions over
+    /// TLS, and everything but relaying, stay on the runtime (see `relay/ring.rs`).
+    pub io_uring: bool,
     /// Client authentication: `Some` admits only the owner without a password and makes
     /// everyone else pass SCRAM-SHA-256 (see "Who gets in" in the crate docs); `None` relays
     /// the upstream's own authentication (upstreams that check passwords themselves, such as
@@ -201,6 +209,7 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Some(Duration::from_secs(30)),
             busy_poll: None,
+            io_uring: true,
             client_auth: None,
         }
     }
@@ -216,6 +225,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("upstream_connect_timeout", &self.upstream_connect_timeout)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("busy_poll", &self.busy_poll)
+            .field("io_uring", &self.io_uring)
             .field(
                 "client_auth",
                 &self.client_auth.as_ref().map(|a| a.owner_uid),

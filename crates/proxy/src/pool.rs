@@ -85,7 +85,7 @@ fn close(p: Parked) {
     let _ = match &p.server {
         UpstreamStream::Unix(s) => s.try_write(&x),
         UpstreamStream::Tcp(s) => s.try_write(&x),
-        UpstreamStream::Tls(_) => Ok(0), // dropped without a Terminate
+        UpstreamStream::Tls(_) | UpstreamStream::Closed => Ok(0), // dropped without a Terminate
     };
 }
 
@@ -296,7 +296,7 @@ fn is_quiet(s: &UpstreamStream) -> bool {
         UpstreamStream::Unix(s) => s.try_read(&mut b),
         UpstreamStream::Tcp(s) => s.try_read(&mut b),
         // Cannot peek under TLS: never reused.
-        UpstreamStream::Tls(_) => return false,
+        UpstreamStream::Tls(_) | UpstreamStream::Closed => return false,
     };
     matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

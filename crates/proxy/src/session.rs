@@ -286,6 +286,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     let registration = proxy.register_session(record);
     relay.set_activity(proxy.activity.clone());
     relay.set_pool(proxy.pool.clone());
+    relay.set_ring(proxy.config.io_uring);
 
     let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
     // The branch this session's scope (e.g. its work tree) routes to now.

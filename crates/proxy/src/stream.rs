@@ -35,6 +35,8 @@ pub enum UpstreamStream {
     Tcp(TcpStream),
     /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Placeholder while the relay's state is lent to the ring thread.
+    Closed,
 }
 
 /// Connects to `addr`, with `TCP_NODELAY` for TCP. The connect, and for TLS the handshake
@@ -102,7 +104,7 @@ async fn within<T>(
 }
 
 fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "client stream closed")
+    io::Error::new(io::ErrorKind::NotConnected, "stream closed")
 }
 
 macro_rules! delegate {
@@ -161,6 +163,7 @@ impl AsyncRead for UpstreamStream {
             UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamStream::Closed => Poll::Ready(Err(closed())),
         }
     }
 }
@@ -175,6 +178,7 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamStream::Closed => Poll::Ready(Err(closed())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -182,6 +186,7 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamStream::Closed => Poll::Ready(Ok(())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -189,6 +194,7 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamStream::Closed => Poll::Ready(Ok(())),
         }
     }
 }

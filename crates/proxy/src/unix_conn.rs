@@ -37,7 +37,11 @@ pub struct UnixConn {
 impl UnixConn {
     /// Takes over a connected tokio stream (re-registering it for reading only).
     pub fn from_tokio(stream: tokio::net::UnixStream) -> io::Result<Self> {
-        let std = stream.into_std()?;
+        Self::from_std(stream.into_std()?)
+    }
+
+    /// Takes over a connected std stream (made non-blocking, registered for reading only).
+    pub fn from_std(std: std::os::unix::net::UnixStream) -> io::Result<Self> {
         std.set_nonblocking(true)?;
         Ok(UnixConn {
             // SAFETY: the AsyncFd owns the stream, so its descriptor stays open and the
@@ -45,6 +49,12 @@ impl UnixConn {
             read: unsafe { AsyncFd::register_with_interest(std, Interest::READABLE)? },
             write_wait: None,
         })
+    }
+
+    /// Gives the stream up, no longer registered with the event loop (still non-blocking).
+    pub fn into_std(self) -> std::os::unix::net::UnixStream {
+        drop(self.write_wait);
+        self.read.into_inner()
     }
 
     /// Connects to the socket at `path`.

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Relay, RelayEnd, GOODBYE_TIMEOUT, SWITCH_FATAL_GRACE, TERMINATE};
+use super::{Inner, RelayEnd, GOODBYE_TIMEOUT, SWITCH_FATAL_GRACE, TERMINATE};
 use crate::error::{sqlstate, PgError};
 use crate::pool::Parked;
 
-impl Relay {
+impl Inner {
     /// Says goodbye according to how the relay ended: passes on what is left, sends the
     /// client a FATAL error where one is due and the server a Terminate where the client
     /// did not, then closes both. Bounded by a short timeout.
@@ -19,7 +19,7 @@ impl Relay {
     /// is reset with `DISCARD ALL` and returned for parking instead.
     pub async fn finish(mut self, end: &RelayEnd) -> Option<Parked> {
         if self.reusable_after(end) && crate::pool::reset(&mut self.server).await {
-            let Relay { server, st, .. } = self;
+            let Inner { server, st, .. } = self;
             return Some(Parked {
                 server,
                 greeting: st.greeting.clone()?,

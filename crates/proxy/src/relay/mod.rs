@@ -5,8 +5,12 @@
 //! writes what it read in one write. Server→client bytes go through [`BackendScanner`] (see
 //! `scan.rs`) to track `ReadyForQuery` status and swap `BackendKeyData`'s secret for a proxy-made one;
 //! client→server bytes go through [`FrontendScanner`], which only observes.
+//!
+//! The state and both streams are [`Inner`]; the task holds a [`Relay`] (`lending.rs`),
+//! which lends `Inner` to the io_uring thread (`ring.rs`) once the session has settled and
+//! has no TLS, and takes it back for anything but relaying. Both paths call the same
+//! [`Inner::took_from_server`] / [`Inner::took_from_client`] on every read.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -17,6 +21,29 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod goodbye;
+mod lending;
+#[cfg(target_os = "linux")]
+mod ring;
+
+pub use lending::Relay;
+
+/// Descriptors the relay's ring thread keeps open for the life of the process once it has
+/// started (see `ring.rs`), for leak checks.
+pub fn ring_kept_descriptors() -> usize {
+    #[cfg(target_os = "linux")]
+    return ring::kept_descriptors();
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Sessions whose data path was lent to the ring thread so far in this process, and how many
+/// of them came back; `(0, 0)` where io_uring is not used.
+pub fn ring_counts() -> (u64, u64) {
+    #[cfg(target_os = "linux")]
+    return ring::counts();
+    #[cfg(not(target_os = "linux"))]
+    (0, 0)
+}
 
 use crate::cancel::{CancelMap, CancelTarget, ProxyKey};
 use crate::pool::{Greeting, Parked, Pool, MAX_GREETING};
@@ -28,6 +55,9 @@ const S2C_BUF: usize = 32 * 1024;
 const C2S_BUF: usize = 16 * 1024;
 /// Relay buffers kept per thread for the next sessions, of each size (16 × 48 KiB at most).
 const MAX_SPARE_BUFFERS: usize = 16;
+/// ReadyForQuery messages a session must have seen before its data path moves to the ring
+/// thread: a client that connects for one query (greeting, answer) never pays for the move.
+const OFFLOAD_AFTER_READY: u32 = 3;
 
 thread_local! {
     /// Buffers of ended sessions, by size: a connect-per-transaction client would otherwise
@@ -167,6 +197,9 @@ struct SessionState {
     reusable: bool,
     /// The client has sent something since the relay started.
     client_spoke: bool,
+    /// ReadyForQuery messages seen (saturating): a session past a few stays, and is worth
+    /// lending to the ring thread (see [`OFFLOAD_AFTER_READY`]).
+    ready_seen: u32,
 }
 
 struct Events<'a> {
@@ -177,6 +210,7 @@ struct Events<'a> {
 impl BackendEvents for Events<'_> {
     fn ready_for_query(&mut self, status: u8) -> bool {
         self.fe.ready_seen();
+        self.st.ready_seen = self.st.ready_seen.saturating_add(1);
         if status != self.st.status {
             self.st.status = status;
             self.st.shared_status.store(status, Ordering::Relaxed);
@@ -229,8 +263,9 @@ impl SessionState {
     }
 }
 
-/// A running session: a future that relays until one side ends.
-pub struct Relay {
+/// A session's relay state and its two streams, on the tokio task (streams registered
+/// there) or lent to the ring thread (streams as bare descriptors, see `ring.rs`).
+pub(crate) struct Inner {
     client: ClientStream,
     server: UpstreamStream,
     s2c: Dir,
@@ -244,7 +279,7 @@ pub struct Relay {
     pool: Option<Arc<Pool>>,
 }
 
-impl Relay {
+impl Inner {
     /// The pool whose parked connections this session's statements may need gone.
     pub fn set_pool(&mut self, pool: Arc<Pool>) {
         self.pool = Some(pool);
@@ -266,7 +301,7 @@ impl Relay {
         shared_status: SharedStatus,
         reusable: bool,
     ) -> Self {
-        Relay {
+        Inner {
             client,
             server,
             s2c: Dir::new(S2C_BUF),
@@ -287,6 +322,7 @@ impl Relay {
                 x_withheld: false,
                 reusable,
                 client_spoke: false,
+                ready_seen: 0,
             },
             activity: None,
             pool: None,
@@ -302,7 +338,7 @@ impl Relay {
         cancel: Arc<CancelMap>,
         shared_status: SharedStatus,
     ) -> Self {
-        let mut relay = Relay::new(client, parked.server, upstream, cancel, shared_status, true);
+        let mut relay = Inner::new(client, parked.server, upstream, cancel, shared_status, true);
         relay.st.capturing = None;
         let g = &parked.greeting.bytes;
         let d = &mut relay.s2c;
@@ -394,8 +430,8 @@ impl Relay {
     }
 
     fn poll_s2c(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
-        let d = &mut self.s2c;
         loop {
+            let d = &mut self.s2c;
             if let Err(e) = ready!(d.poll_drain(cx, &mut self.client)) {
                 return Poll::Ready(RelayEnd::ClientError(e));
             }
@@ -411,41 +447,51 @@ impl Relay {
                 return Poll::Ready(RelayEnd::ServerError(e));
             }
             let n = rb.filled().len();
-            if n == 0 {
-                d.eof = true;
-                continue;
+            if let Err(end) = self.took_from_server(n) {
+                return Poll::Ready(end);
             }
-            d.end += n;
-            let mut ev = Events {
-                st: &mut self.st,
-                fe: &mut self.fe,
-            };
-            match self.be.scan(&mut d.buf[d.ready..d.end], &mut ev) {
-                Ok(s) => {
-                    if let Some(g) = self.st.capturing.as_mut() {
-                        // Keep the greeting, up to (not including) the first ReadyForQuery.
-                        let upto = s.first_ready_end.map_or(s.safe, |e| e - 6);
-                        g.extend_from_slice(&d.buf[d.ready..d.ready + upto]);
-                        if s.first_ready_end.is_some() || g.len() > MAX_GREETING {
-                            let g = self.st.capturing.take().unwrap_or_default();
-                            self.st.greeting = Greeting::trusted(g).map(Arc::new);
-                        }
-                    }
-                    d.ready += s.safe;
-                    if s.stop {
-                        // Nothing after the final ReadyForQuery goes to the client.
-                        d.end = d.ready;
-                    }
-                }
-                Err(e) => return Poll::Ready(RelayEnd::ServerProtocol(e)),
-            }
-            d.need_flush = true;
         }
     }
 
+    /// Takes in `n` bytes just read from the server to `s2c.buf[s2c.end..]` (0: end of
+    /// stream): scans them and makes what may go to the client ready.
+    fn took_from_server(&mut self, n: usize) -> Result<(), RelayEnd> {
+        let d = &mut self.s2c;
+        if n == 0 {
+            d.eof = true;
+            return Ok(());
+        }
+        d.end += n;
+        let mut ev = Events {
+            st: &mut self.st,
+            fe: &mut self.fe,
+        };
+        match self.be.scan(&mut d.buf[d.ready..d.end], &mut ev) {
+            Ok(s) => {
+                if let Some(g) = self.st.capturing.as_mut() {
+                    // Keep the greeting, up to (not including) the first ReadyForQuery.
+                    let upto = s.first_ready_end.map_or(s.safe, |e| e - 6);
+                    g.extend_from_slice(&d.buf[d.ready..d.ready + upto]);
+                    if s.first_ready_end.is_some() || g.len() > MAX_GREETING {
+                        let g = self.st.capturing.take().unwrap_or_default();
+                        self.st.greeting = Greeting::trusted(g).map(Arc::new);
+                    }
+                }
+                d.ready += s.safe;
+                if s.stop {
+                    // Nothing after the final ReadyForQuery goes to the client.
+                    d.end = d.ready;
+                }
+            }
+            Err(e) => return Err(RelayEnd::ServerProtocol(e)),
+        }
+        d.need_flush = true;
+        Ok(())
+    }
+
     fn poll_c2s(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
-        let d = &mut self.c2s;
         loop {
+            let d = &mut self.c2s;
             if let Err(e) = ready!(d.poll_drain(cx, &mut self.server)) {
                 return Poll::Ready(RelayEnd::ServerError(e));
             }
@@ -458,35 +504,74 @@ impl Relay {
                 return Poll::Ready(RelayEnd::ClientError(e));
             }
             let n = rb.filled().len();
-            if n == 0 {
-                d.eof = true;
-                continue;
+            if let Err(end) = self.took_from_client(n) {
+                return Poll::Ready(end);
             }
-            self.st.client_spoke = true;
-            match self.fe.observe(&d.buf[d.end..d.end + n]) {
-                // Bytes after a Terminate are dropped. A reusable connection does not get
-                // the Terminate itself (if it came whole in this read).
-                Ok(pass) => {
-                    let chunk = &d.buf[d.end..d.end + pass];
-                    if let Some(pool) = &self.pool {
-                        pool.release_before_database_ddl(&self.st.upstream, chunk);
-                    }
-                    if self.fe.terminated
-                        && self.st.reusable
-                        && self.st.greeting.is_some()
-                        && chunk.ends_with(&TERMINATE)
-                    {
-                        d.end += pass - TERMINATE.len();
-                        self.st.x_withheld = true;
-                    } else {
-                        d.end += pass;
-                    }
-                }
-                Err(e) => return Poll::Ready(RelayEnd::ClientProtocol(e)),
-            }
-            d.ready = d.end;
-            d.need_flush = true;
         }
+    }
+
+    /// Takes in `n` bytes just read from the client to `c2s.buf[c2s.end..]` (0: end of
+    /// stream): checks their framing and makes what may go to the server ready.
+    fn took_from_client(&mut self, n: usize) -> Result<(), RelayEnd> {
+        let d = &mut self.c2s;
+        if n == 0 {
+            d.eof = true;
+            return Ok(());
+        }
+        self.st.client_spoke = true;
+        match self.fe.observe(&d.buf[d.end..d.end + n]) {
+            // Bytes after a Terminate are dropped. A reusable connection does not get
+            // the Terminate itself (if it came whole in this read).
+            Ok(pass) => {
+                let chunk = &d.buf[d.end..d.end + pass];
+                if let Some(pool) = &self.pool {
+                    pool.release_before_database_ddl(&self.st.upstream, chunk);
+                }
+                if self.fe.terminated
+                    && self.st.reusable
+                    && self.st.greeting.is_some()
+                    && chunk.ends_with(&TERMINATE)
+                {
+                    d.end += pass - TERMINATE.len();
+                    self.st.x_withheld = true;
+                } else {
+                    d.end += pass;
+                }
+            }
+            Err(e) => return Err(RelayEnd::ClientProtocol(e)),
+        }
+        d.ready = d.end;
+        d.need_flush = true;
+        Ok(())
+    }
+
+    /// True when the session may be lent to the ring thread: both streams plain, nothing
+    /// waiting to be written, no close pending, and past [`OFFLOAD_AFTER_READY`] ready
+    /// messages (a connect-per-query client would only pay for the move).
+    fn may_go_to_ring(&self) -> bool {
+        self.st.ready_seen >= OFFLOAD_AFTER_READY
+            && self.st.close_at_idle.is_none()
+            && self.st.stopped_msg.is_none()
+            && self.s2c.written == self.s2c.end
+            && self.c2s.written == self.c2s.end
+            && !self.s2c.eof
+            && !self.c2s.eof
+            && !self.fe.terminated
+            && matches!(self.client, ClientStream::Plain(_) | ClientStream::Unix(_))
+            && matches!(
+                self.server,
+                UpstreamStream::Unix(_) | UpstreamStream::Tcp(_)
+            )
+    }
+
+    fn poll_local(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        if let Some(a) = &self.activity {
+            a.touch();
+        }
+        if let Poll::Ready(end) = self.poll_s2c(cx) {
+            return Poll::Ready(end);
+        }
+        self.poll_c2s(cx)
     }
 }
 
@@ -498,20 +583,5 @@ impl Drop for Keys {
         for key in self.0.drain(..) {
             self.1.remove(key);
         }
-    }
-}
-
-impl Future for Relay {
-    type Output = RelayEnd;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
-        let this = self.get_mut();
-        if let Some(a) = &this.activity {
-            a.touch();
-        }
-        if let Poll::Ready(end) = this.poll_s2c(cx) {
-            return Poll::Ready(end);
-        }
-        this.poll_c2s(cx)
     }
 }

@@ -377,8 +377,11 @@ impl Env {
             let now = fd_count();
             // A parked, reusable server connection holds its socket: whether a clean
             // client exit left one depends on how its Terminate arrived. The peer lookup
-            // keeps its netlink socket for the next connection.
-            let kept = self.proxy.pooled_connections() + pgtwig_proxy::peer::kept_descriptors();
+            // keeps its netlink socket for the next connection, the relay's ring thread its
+            // ring and eventfd.
+            let kept = self.proxy.pooled_connections()
+                + pgtwig_proxy::peer::kept_descriptors()
+                + pgtwig_proxy::ring_kept_descriptors();
             if now <= baseline_fds + kept {
                 break;
             }
