@@ -196,37 +196,32 @@ impl Relay {
         };
         let client = std::mem::replace(&mut inner.client, ClientStream::Closed);
         let server = std::mem::replace(&mut inner.server, UpstreamStream::Closed);
-        let client = match client {
-            ClientStream::Plain(s) => s.into_std().and_then(blocking).map(|f| (Kind::Tcp, f)),
-            ClientStream::Unix(s) => blocking(s.into_std()).map(|f| (Kind::Unix, f)),
-            other => {
-                // Not lendable (the caller checks): put it back.
-                inner.client = other;
-                inner.server = server;
+        let (client, server) = match (client, server) {
+            (
+                c @ (ClientStream::Plain(_) | ClientStream::Unix(_)),
+                s @ (UpstreamStream::Tcp(_) | UpstreamStream::Unix(_)),
+            ) => (c, s),
+            (c, s) => {
+                // Not lendable (the caller checks): put them back.
+                inner.client = c;
+                inner.server = s;
                 self.local = Some(inner);
                 return false;
             }
         };
-        let server = match server {
-            UpstreamStream::Tcp(s) => s.into_std().and_then(blocking).map(|f| (Kind::Tcp, f)),
-            UpstreamStream::Unix(s) => blocking(s.into_std()).map(|f| (Kind::Unix, f)),
-            other => {
-                // Not lendable: the client stream is already given up, so end the session.
-                drop(other);
-                Err(io::Error::other("upstream stream not lendable"))
-            }
-        };
-        let ((client_kind, client), (server_kind, server)) = match (client, server) {
-            (Ok(c), Ok(s)) => (c, s),
-            (Err(e), _) => {
-                self.failed = Some(RelayEnd::ClientError(e));
-                return false;
-            }
-            (_, Err(e)) => {
-                self.failed = Some(RelayEnd::ServerError(e));
-                return false;
-            }
-        };
+        // A stream given up for its descriptor cannot be put back: a failure ends the session.
+        let ((client_kind, client), (server_kind, server)) =
+            match (client_descriptor(client), server_descriptor(server)) {
+                (Ok(c), Ok(s)) => (c, s),
+                (Err(e), _) => {
+                    self.failed = Some(RelayEnd::ClientError(e));
+                    return false;
+                }
+                (_, Err(e)) => {
+                    self.failed = Some(RelayEnd::ServerError(e));
+                    return false;
+                }
+            };
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (back_tx, back) = tokio::sync::oneshot::channel();
         let lent = Lent {
@@ -301,6 +296,28 @@ impl Relay {
         }
         self.local = Some(inner);
         Poll::Ready(end)
+    }
+}
+
+/// A plain client stream's descriptor, no longer registered here, blocking.
+#[cfg(target_os = "linux")]
+fn client_descriptor(stream: ClientStream) -> io::Result<(Kind, OwnedFd)> {
+    match stream {
+        ClientStream::Plain(s) => Ok((Kind::Tcp, blocking(s.into_std()?)?)),
+        ClientStream::Unix(s) => Ok((Kind::Unix, blocking(s.into_std())?)),
+        _ => Err(io::Error::other("only plain client streams go to the ring")),
+    }
+}
+
+/// A plain upstream stream's descriptor, as [`client_descriptor`].
+#[cfg(target_os = "linux")]
+fn server_descriptor(stream: UpstreamStream) -> io::Result<(Kind, OwnedFd)> {
+    match stream {
+        UpstreamStream::Tcp(s) => Ok((Kind::Tcp, blocking(s.into_std()?)?)),
+        UpstreamStream::Unix(s) => Ok((Kind::Unix, blocking(s.into_std())?)),
+        _ => Err(io::Error::other(
+            "only plain upstream streams go to the ring",
+        )),
     }
 }
 

@@ -109,8 +109,10 @@ pub(crate) fn kept_descriptors() -> usize {
 /// The way to the ring thread.
 pub(crate) struct RingHandle {
     queue: Arc<Mutex<Queue>>,
-    /// An eventfd the ring always has a read on: a write wakes the thread.
-    wake: OwnedFd,
+    /// An eventfd the ring always has a read on: a write wakes the thread. Shared with the
+    /// thread, not duplicated: the ring thread keeps two descriptors, as
+    /// [`kept_descriptors`] says.
+    wake: Arc<OwnedFd>,
 }
 
 impl RingHandle {
@@ -179,8 +181,8 @@ fn start() -> io::Result<RingHandle> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is ours, just made.
-    let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-    let thread_wake = wake.try_clone()?;
+    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    let thread_wake = wake.clone();
     let queue: Arc<Mutex<Queue>> = Arc::default();
     let thread_queue = queue.clone();
     let (made_tx, made_rx) = std::sync::mpsc::sync_channel(1);
@@ -215,6 +217,52 @@ fn start() -> io::Result<RingHandle> {
 struct InFlight {
     recv: bool,
     send: bool,
+}
+
+/// One direction of a session.
+#[derive(Clone, Copy)]
+enum Way {
+    ClientToServer,
+    ServerToClient,
+}
+
+impl Way {
+    fn recv_op(self) -> u64 {
+        match self {
+            Way::ClientToServer => C2S_RECV,
+            Way::ServerToClient => S2C_RECV,
+        }
+    }
+
+    fn send_op(self) -> u64 {
+        match self {
+            Way::ClientToServer => C2S_SEND,
+            Way::ServerToClient => S2C_SEND,
+        }
+    }
+
+    fn dir(self, inner: &mut Inner) -> &mut super::Dir {
+        match self {
+            Way::ClientToServer => &mut inner.c2s,
+            Way::ServerToClient => &mut inner.s2c,
+        }
+    }
+
+    /// How a failed receive from this way's source ends the session.
+    fn source_error(self, e: io::Error) -> RelayEnd {
+        match self {
+            Way::ClientToServer => RelayEnd::ClientError(e),
+            Way::ServerToClient => RelayEnd::ServerError(e),
+        }
+    }
+
+    /// How a failed send to this way's destination ends the session.
+    fn destination_error(self, e: io::Error) -> RelayEnd {
+        match self {
+            Way::ClientToServer => RelayEnd::ServerError(e),
+            Way::ServerToClient => RelayEnd::ClientError(e),
+        }
+    }
 }
 
 struct Slot {
@@ -253,66 +301,10 @@ impl Slot {
 
     fn complete(&mut self, id: u64, op: u64, res: i32, pending: &mut Pending) {
         match op {
-            C2S_RECV | S2C_RECV => {
-                let c2s = op == C2S_RECV;
-                let flight = if c2s { &mut self.c2s } else { &mut self.s2c };
-                flight.recv = false;
-                // A send that fails posts its completion before the receive linked behind it
-                // is cancelled; one that succeeds posts none. So a send still counted in
-                // flight when its receive completes (or is cancelled by a recall after it
-                // started) went out whole.
-                if flight.send {
-                    flight.send = false;
-                    let d = if c2s {
-                        &mut self.lent.inner.c2s
-                    } else {
-                        &mut self.lent.inner.s2c
-                    };
-                    d.written = d.ready;
-                }
-                let taken = if res == -libc::ECANCELED {
-                    Ok(())
-                } else if res < 0 {
-                    let e = io::Error::from_raw_os_error(-res);
-                    Err(if c2s {
-                        RelayEnd::ClientError(e)
-                    } else {
-                        RelayEnd::ServerError(e)
-                    })
-                } else if c2s {
-                    self.lent.inner.took_from_client(res as usize)
-                } else {
-                    self.lent.inner.took_from_server(res as usize)
-                };
-                if let Err(end) = taken {
-                    self.end.get_or_insert(end);
-                    self.leave(id, pending);
-                } else if !self.leaving {
-                    if c2s {
-                        self.next_c2s(id, pending);
-                    } else {
-                        self.next_s2c(id, pending);
-                    }
-                }
-            }
-            C2S_SEND | S2C_SEND => {
-                // Only a send that did not go out whole completes (sends are never
-                // cancelled: how much of a cancelled send went out is not reported).
-                let c2s = op == C2S_SEND;
-                let flight = if c2s { &mut self.c2s } else { &mut self.s2c };
-                flight.send = false;
-                let e = if res < 0 {
-                    io::Error::from_raw_os_error(-res)
-                } else {
-                    io::ErrorKind::WriteZero.into()
-                };
-                self.end.get_or_insert(if c2s {
-                    RelayEnd::ServerError(e)
-                } else {
-                    RelayEnd::ClientError(e)
-                });
-                self.leave(id, pending);
-            }
+            C2S_RECV => self.received(Way::ClientToServer, id, res, pending),
+            S2C_RECV => self.received(Way::ServerToClient, id, res, pending),
+            C2S_SEND => self.send_failed(Way::ClientToServer, id, res, pending),
+            S2C_SEND => self.send_failed(Way::ServerToClient, id, res, pending),
             _ => {
                 self.cancels = self.cancels.saturating_sub(1);
                 if self.leaving && self.cancels == 0 && !self.idle() {
@@ -330,31 +322,73 @@ impl Slot {
         }
     }
 
-    /// Starts the next step of client→server: the send of what is ready (if anything), then
-    /// a receive. Gives the session back when the client ended or the buffer is full.
-    fn next_c2s(&mut self, id: u64, pending: &mut Pending) {
-        let inner = &mut self.lent.inner;
-        if inner.c2s.eof || inner.fe.terminated {
-            return self.leave(id, pending);
-        }
-        let (from, to) = (self.lent.client.as_raw_fd(), self.lent.server.as_raw_fd());
-        let started = arm(&mut inner.c2s, from, to, id, C2S_RECV, C2S_SEND, pending);
-        match started {
-            Some(flight) => self.c2s = flight,
-            None => self.leave(id, pending),
+    fn flight(&mut self, way: Way) -> &mut InFlight {
+        match way {
+            Way::ClientToServer => &mut self.c2s,
+            Way::ServerToClient => &mut self.s2c,
         }
     }
 
-    /// Starts the next step of server→client, as [`next_c2s`](Self::next_c2s).
-    fn next_s2c(&mut self, id: u64, pending: &mut Pending) {
+    /// A receive of `way` completed with `res`.
+    fn received(&mut self, way: Way, id: u64, res: i32, pending: &mut Pending) {
+        let flight = self.flight(way);
+        flight.recv = false;
+        // A send that fails posts its completion before the receive linked behind it is
+        // cancelled; one that succeeds posts none. So a send still counted in flight when
+        // its receive completes (or is cancelled by a recall after it started) went out whole.
+        if std::mem::take(&mut flight.send) {
+            let d = way.dir(&mut self.lent.inner);
+            d.written = d.ready;
+        }
         let inner = &mut self.lent.inner;
-        if inner.s2c.eof || inner.st.stopped_msg.is_some() || inner.st.close_at_idle.is_some() {
+        let taken = match (res, way) {
+            (r, _) if r == -libc::ECANCELED => Ok(()),
+            (r, _) if r < 0 => Err(way.source_error(io::Error::from_raw_os_error(-r))),
+            (n, Way::ClientToServer) => inner.took_from_client(n as usize),
+            (n, Way::ServerToClient) => inner.took_from_server(n as usize),
+        };
+        if let Err(end) = taken {
+            self.end.get_or_insert(end);
+            self.leave(id, pending);
+        } else if !self.leaving {
+            self.next(way, id, pending);
+        }
+    }
+
+    /// A send of `way` completed: only one that did not go out whole does (sends are never
+    /// cancelled: how much of a cancelled send went out is not reported).
+    fn send_failed(&mut self, way: Way, id: u64, res: i32, pending: &mut Pending) {
+        self.flight(way).send = false;
+        let e = if res < 0 {
+            io::Error::from_raw_os_error(-res)
+        } else {
+            io::ErrorKind::WriteZero.into()
+        };
+        self.end.get_or_insert(way.destination_error(e));
+        self.leave(id, pending);
+    }
+
+    /// Starts the next step of `way`: the send of what is ready (if anything), then a
+    /// receive. Gives the session back when its source ended, a close is due, or the buffer
+    /// is full.
+    fn next(&mut self, way: Way, id: u64, pending: &mut Pending) {
+        let inner = &mut self.lent.inner;
+        let ended = match way {
+            Way::ClientToServer => inner.c2s.eof || inner.fe.terminated,
+            Way::ServerToClient => {
+                inner.s2c.eof || inner.st.stopped_msg.is_some() || inner.st.close_at_idle.is_some()
+            }
+        };
+        if ended {
             return self.leave(id, pending);
         }
-        let (from, to) = (self.lent.server.as_raw_fd(), self.lent.client.as_raw_fd());
-        let started = arm(&mut inner.s2c, from, to, id, S2C_RECV, S2C_SEND, pending);
-        match started {
-            Some(flight) => self.s2c = flight,
+        let (client, server) = (self.lent.client.as_raw_fd(), self.lent.server.as_raw_fd());
+        let (from, to) = match way {
+            Way::ClientToServer => (client, server),
+            Way::ServerToClient => (server, client),
+        };
+        match arm(way.dir(inner), from, to, id, way, pending) {
+            Some(flight) => *self.flight(way) = flight,
             None => self.leave(id, pending),
         }
     }
@@ -370,8 +404,9 @@ impl Slot {
     /// Cancels the receives in flight. A receive is cancelled whole or completes whole, so
     /// no byte is lost either way.
     fn cancel_receives(&mut self, id: u64, pending: &mut Pending) {
-        for (flight, op) in [(self.c2s, C2S_RECV), (self.s2c, S2C_RECV)] {
-            if flight.recv {
+        for way in [Way::ClientToServer, Way::ServerToClient] {
+            if self.flight(way).recv {
+                let op = way.recv_op();
                 pending.push(
                     opcode::AsyncCancel2::new(types::CancelBuilder::user_data(id << OP_BITS | op))
                         .build()
@@ -408,7 +443,7 @@ static CANCEL_RETRY: types::Timespec = types::Timespec::new().nsec(5_000_000);
 struct RingLoop {
     ring: IoUring,
     queue: Arc<Mutex<Queue>>,
-    wake: OwnedFd,
+    wake: Arc<OwnedFd>,
     wake_buf: Box<[u8; 8]>,
     sessions: HashMap<u64, Slot, BuildHasherDefault<IdHasher>>,
     pending: Pending,
@@ -416,7 +451,7 @@ struct RingLoop {
 }
 
 impl RingLoop {
-    fn new(ring: IoUring, wake: OwnedFd, queue: Arc<Mutex<Queue>>) -> Self {
+    fn new(ring: IoUring, wake: Arc<OwnedFd>, queue: Arc<Mutex<Queue>>) -> Self {
         RingLoop {
             ring,
             queue,
@@ -482,14 +517,10 @@ impl RingLoop {
         tracing::error!("io_uring_enter failed: {e}; relaying with epoll only from now on");
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.stopped = true;
-        let msgs = std::mem::take(&mut queue.msgs);
+        // Sessions lent but not yet taken have nothing in flight: dropped, they end as
+        // lost ones (their tasks see the ring gone).
+        drop(std::mem::take(&mut queue.msgs));
         drop(queue);
-        for msg in msgs {
-            if let Msg::Lend(lent) = msg {
-                // Nothing in flight yet: the session ends as a lost one.
-                drop(lent);
-            }
-        }
         for (_, slot) in self.sessions.drain() {
             let in_flight = !slot.idle();
             let Lent {
@@ -538,8 +569,8 @@ impl RingLoop {
                 Msg::Lend(lent) => {
                     let id = lent.id;
                     let mut slot = Slot::new(lent);
-                    slot.next_c2s(id, &mut self.pending);
-                    slot.next_s2c(id, &mut self.pending);
+                    slot.next(Way::ClientToServer, id, &mut self.pending);
+                    slot.next(Way::ServerToClient, id, &mut self.pending);
                     if slot.done() {
                         slot.give_back();
                     } else {
@@ -596,9 +627,8 @@ fn arm(
     from: RawFd,
     to: RawFd,
     id: u64,
-    recv_op: u64,
-    send_op: u64,
-    pending: &mut Vec<squeue::Entry>,
+    way: Way,
+    pending: &mut Pending,
 ) -> Option<InFlight> {
     d.compact();
     d.need_flush = false;
@@ -616,7 +646,7 @@ fn arm(
                 .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
                 .build()
                 .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
-                .user_data(id << OP_BITS | send_op),
+                .user_data(id << OP_BITS | way.send_op()),
         );
         flight.send = true;
     }
@@ -624,7 +654,7 @@ fn arm(
     pending.push(
         opcode::Recv::new(types::Fd(from), room.as_mut_ptr(), room.len() as u32)
             .build()
-            .user_data(id << OP_BITS | recv_op),
+            .user_data(id << OP_BITS | way.recv_op()),
     );
     Some(flight)
 }
