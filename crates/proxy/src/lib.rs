@@ -143,7 +143,7 @@ pub use auth::PeerIdentity;
 pub use auth::{ClientAuth, ClientPeer};
 pub use error::{sqlstate, PgError};
 pub use listen::{bind_tcp, bind_unix, Listener, LISTEN_BACKLOG};
-pub use relay::{ring_counts, ring_kept_descriptors};
+pub use relay::{ring_counts, ring_kept_descriptors, ring_loads};
 pub use router::{ClientInfo, Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 pub use scram::ScramSecret;
 pub use session::switch_message;

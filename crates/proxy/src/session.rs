@@ -312,7 +312,26 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             }
         }
         tokio::select! {
+            // Controls before data: a switch or drain that came before the client's next
+            // bytes is applied before they are relayed (a fresh session is then moved, not
+            // answered from the old branch).
             biased;
+            // The proxy keeps every branch's sender: this never ends with an error.
+            Ok(()) = drain.changed(), if !draining => drain_pending = true,
+            changed = active.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let now = active.borrow_and_update().clone();
+                if draining {
+                    // Closing for a drain whatever becomes active.
+                } else if now == route.branch {
+                    relay.cancel_close();
+                } else {
+                    relay.close_when_idle(switch_message(&route.branch, &now));
+                }
+            }
             end = &mut relay => {
                 if matches!(end, RelayEnd::Switched(_)) && !draining && relay.is_fresh() {
                     let since = proxy.drain_seq();
@@ -336,22 +355,6 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                     }
                 }
                 break end
-            }
-            // The proxy keeps every branch's sender: this never ends with an error.
-            Ok(()) = drain.changed(), if !draining => drain_pending = true,
-            changed = active.changed(), if watching => {
-                if changed.is_err() {
-                    watching = false;
-                    continue;
-                }
-                let now = active.borrow_and_update().clone();
-                if draining {
-                    // Closing for a drain whatever becomes active.
-                } else if now == route.branch {
-                    relay.cancel_close();
-                } else {
-                    relay.close_when_idle(switch_message(&route.branch, &now));
-                }
             }
         }
     };

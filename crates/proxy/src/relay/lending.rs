@@ -39,6 +39,8 @@ pub struct Relay {
 #[cfg(target_os = "linux")]
 struct Away {
     id: u64,
+    /// The ring thread the state is on.
+    ring: &'static RingHandle,
     back: tokio::sync::oneshot::Receiver<Returned>,
     client: Kind,
     server: Kind,
@@ -176,9 +178,7 @@ impl Relay {
         #[cfg(target_os = "linux")]
         if let Some(away) = &mut self.away {
             if !std::mem::replace(&mut away.recalled, true) {
-                if let Some(ring) = RingHandle::get() {
-                    ring.recall(away.id);
-                }
+                away.ring.recall(away.id);
             }
         }
     }
@@ -187,7 +187,7 @@ impl Relay {
     /// available.
     #[cfg(target_os = "linux")]
     fn lend(&mut self) -> bool {
-        let Some(ring) = RingHandle::get() else {
+        let Some(ring) = RingHandle::pick() else {
             self.ring = false;
             return false;
         };
@@ -250,6 +250,7 @@ impl Relay {
         }
         self.away = Some(Away {
             id,
+            ring,
             back,
             client: client_kind,
             server: server_kind,
@@ -401,9 +402,7 @@ impl Drop for Relay {
         // A dropped session (its task ended) must not keep relaying on the ring.
         #[cfg(target_os = "linux")]
         if let Some(away) = &self.away {
-            if let Some(ring) = RingHandle::get() {
-                ring.abandon(away.id);
-            }
+            away.ring.abandon(away.id);
         }
     }
 }

@@ -36,6 +36,15 @@ pub fn ring_kept_descriptors() -> usize {
     0
 }
 
+/// Sessions on each io_uring thread the process may start, in order (empty where io_uring
+/// is not used): one entry per ring, up to one per CPU.
+pub fn ring_loads() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    return ring::loads();
+    #[cfg(not(target_os = "linux"))]
+    Vec::new()
+}
+
 /// Sessions whose data path was lent to the ring thread so far in this process, and how many
 /// of them came back; `(0, 0)` where io_uring is not used.
 pub fn ring_counts() -> (u64, u64) {

@@ -19,15 +19,22 @@
 //! takes in what completed meanwhile, and sends the state and descriptors back over a
 //! oneshot channel. TLS sessions never come here (their bytes need rustls).
 //!
-//! One ring thread per process, started with the first session lent to it. Where
-//! `io_uring_setup` fails (an old kernel, a seccomp profile, `kernel.io_uring_disabled`),
-//! [`RingHandle::get`] is `None` and every session stays on epoll; the daemon logs which.
+//! Up to one ring thread per CPU ([`MAX_RING_THREADS`] at most; `PGTWIG_RING_THREADS=N`
+//! sets another number), each started when a session first needs it: a session goes to an
+//! idle ring, or a new one, before it shares a busy one, so one session costs one thread and
+//! concurrent sessions are relayed in parallel. Measured at `pgbench -S -c 8` on 2 vCPUs: one
+//! ring for every session made the fewest wake-ups (≈20 µs of relay CPU per transaction) but
+//! each wake-up of its single thread waited ≈70 µs for a CPU, and TPS fell to PgBouncer's;
+//! two rings reached the minimal relay's TPS (≈0.70 of direct TCP against 0.54) at ≈28 µs
+//! (`BENCH_NOTES.md`). Where `io_uring_setup` fails (an old kernel, a seccomp profile,
+//! `kernel.io_uring_disabled`), [`RingHandle::pick`] is `None` and every session stays on
+//! epoll; the daemon logs which.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -94,38 +101,109 @@ struct Queue {
     stopped: bool,
 }
 
-static RING: OnceLock<Option<RingHandle>> = OnceLock::new();
+/// At most this many ring threads, whatever the machine: past a few, sessions batch less per
+/// `io_uring_enter` and the threads only compete with the servers and clients for CPUs.
+const MAX_RING_THREADS: usize = 4;
 
-/// Descriptors the ring thread keeps for the life of the process once started (the ring
-/// and its wake-up eventfd), for leak checks.
-pub(crate) fn kept_descriptors() -> usize {
-    if RING.get().is_some_and(|r| r.is_some()) {
-        2
-    } else {
-        0
-    }
+/// The process's ring threads, each started when a session first needs it (see the module
+/// documentation for why several).
+struct Rings {
+    slots: Box<[OnceLock<Option<RingHandle>>]>,
 }
 
-/// The way to the ring thread.
+static RINGS: OnceLock<Rings> = OnceLock::new();
+
+fn rings() -> &'static Rings {
+    RINGS.get_or_init(|| {
+        let n = std::env::var("PGTWIG_RING_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .clamp(1, MAX_RING_THREADS);
+        Rings {
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    })
+}
+
+/// Descriptors the ring threads keep for the life of the process once started (each its
+/// ring and its wake-up eventfd), for leak checks.
+pub(crate) fn kept_descriptors() -> usize {
+    RINGS.get().map_or(0, |r| {
+        r.slots
+            .iter()
+            .filter(|s| s.get().is_some_and(|r| r.is_some()))
+            .count()
+            * 2
+    })
+}
+
+/// Sessions on each ring the process may start (0 for one not started), in order.
+pub(crate) fn loads() -> Vec<usize> {
+    rings()
+        .slots
+        .iter()
+        .map(|s| s.get().and_then(|r| r.as_ref()).map_or(0, |r| r.load()))
+        .collect()
+}
+
+/// The way to one ring thread.
 pub(crate) struct RingHandle {
     queue: Arc<Mutex<Queue>>,
     /// An eventfd the ring always has a read on: a write wakes the thread. Shared with the
-    /// thread, not duplicated: the ring thread keeps two descriptors, as
+    /// thread, not duplicated: each ring thread keeps two descriptors, as
     /// [`kept_descriptors`] says.
     wake: Arc<OwnedFd>,
+    /// Sessions on this ring now (the thread counts down as it gives them back).
+    load: Arc<AtomicUsize>,
 }
 
 impl RingHandle {
-    /// The process's ring thread, started on first use; `None` where io_uring cannot be set
-    /// up (said once, in the log).
-    pub fn get() -> Option<&'static RingHandle> {
-        RING.get_or_init(|| match start() {
+    /// The ring a session should be lent to: the least loaded one, a new one (up to one per
+    /// CPU, [`MAX_RING_THREADS`]) rather than a busy one, so that concurrent sessions are
+    /// relayed in parallel while one session costs one thread. `None` where io_uring cannot
+    /// be set up (said once, in the log).
+    pub fn pick() -> Option<&'static RingHandle> {
+        let mut best: Option<&'static RingHandle> = None;
+        for (index, slot) in rings().slots.iter().enumerate() {
+            let ring = match slot.get() {
+                Some(Some(ring)) => ring,
+                // The first ring could not be set up: io_uring is not available.
+                Some(None) if index == 0 => return None,
+                Some(None) => continue,
+                // Not started yet: an idle ring of its own rather than a share of a busy one.
+                None => return Self::start_in(index, slot).or(best),
+            };
+            let load = ring.load();
+            if load == 0 {
+                return Some(ring);
+            }
+            if best.is_none_or(|b| load < b.load()) {
+                best = Some(ring);
+            }
+        }
+        best
+    }
+
+    fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
+    fn start_in(
+        index: usize,
+        slot: &'static OnceLock<Option<RingHandle>>,
+    ) -> Option<&'static RingHandle> {
+        slot.get_or_init(|| match start() {
             Ok(handle) => {
-                tracing::debug!("relaying settled plain sessions on io_uring");
+                tracing::debug!("relaying settled plain sessions on io_uring (ring {index})");
                 Some(handle)
             }
-            Err(e) => {
+            Err(e) if index == 0 => {
                 tracing::info!("io_uring is not available ({e}); relaying with epoll only");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("could not start io_uring ring {index} ({e}); using the others");
                 None
             }
         })
@@ -134,12 +212,17 @@ impl RingHandle {
 
     /// Hands `lent` to the ring thread, or gives it back if the ring has stopped.
     pub fn lend(&self, lent: Lent) -> Result<(), Lent> {
+        // Counted before it is sent: the ring thread counts it down when it gives it back.
+        self.load.fetch_add(1, Ordering::Relaxed);
         match self.send(Msg::Lend(Box::new(lent))) {
             Ok(()) => {
                 LENT.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(Msg::Lend(lent)) => Err(*lent),
+            Err(Msg::Lend(lent)) => {
+                self.load.fetch_sub(1, Ordering::Relaxed);
+                Err(*lent)
+            }
             Err(_) => unreachable!("send returns the message it was given"),
         }
     }
@@ -185,6 +268,8 @@ fn start() -> io::Result<RingHandle> {
     let thread_wake = wake.clone();
     let queue: Arc<Mutex<Queue>> = Arc::default();
     let thread_queue = queue.clone();
+    let load = Arc::new(AtomicUsize::new(0));
+    let thread_load = load.clone();
     let (made_tx, made_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("pgtwig-ring".into())
@@ -199,7 +284,7 @@ fn start() -> io::Result<RingHandle> {
             match ring {
                 Ok(ring) => {
                     let _ = made_tx.send(Ok(()));
-                    RingLoop::new(ring, thread_wake, thread_queue).run()
+                    RingLoop::new(ring, thread_wake, thread_queue, thread_load).run()
                 }
                 Err(e) => {
                     let _ = made_tx.send(Err(e));
@@ -209,7 +294,7 @@ fn start() -> io::Result<RingHandle> {
     made_rx
         .recv()
         .map_err(|_| io::Error::other("the ring thread died while starting"))??;
-    Ok(RingHandle { queue, wake })
+    Ok(RingHandle { queue, wake, load })
 }
 
 /// Ops in flight for one direction.
@@ -418,7 +503,8 @@ impl Slot {
     }
 
     /// Gives the session back to its task (or, if the task is gone, closes it here).
-    fn give_back(self) {
+    fn give_back(self, load: &AtomicUsize) {
+        load.fetch_sub(1, Ordering::Relaxed);
         let Slot { lent, end, .. } = self;
         let Lent {
             inner,
@@ -444,6 +530,7 @@ struct RingLoop {
     ring: IoUring,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<OwnedFd>,
+    load: Arc<AtomicUsize>,
     wake_buf: Box<[u8; 8]>,
     sessions: HashMap<u64, Slot, BuildHasherDefault<IdHasher>>,
     pending: Pending,
@@ -451,11 +538,17 @@ struct RingLoop {
 }
 
 impl RingLoop {
-    fn new(ring: IoUring, wake: Arc<OwnedFd>, queue: Arc<Mutex<Queue>>) -> Self {
+    fn new(
+        ring: IoUring,
+        wake: Arc<OwnedFd>,
+        queue: Arc<Mutex<Queue>>,
+        load: Arc<AtomicUsize>,
+    ) -> Self {
         RingLoop {
             ring,
             queue,
             wake,
+            load,
             wake_buf: Box::new([0; 8]),
             sessions: HashMap::default(),
             pending: Vec::new(),
@@ -502,7 +595,7 @@ impl RingLoop {
                 slot.complete(id, data & ((1 << OP_BITS) - 1), res, &mut self.pending);
                 if slot.done() {
                     if let Some(slot) = self.sessions.remove(&id) {
-                        slot.give_back();
+                        slot.give_back(&self.load);
                     }
                 }
             }
@@ -514,7 +607,9 @@ impl RingLoop {
     /// on: buffers of sessions with operations in flight are leaked, their sockets shut
     /// down so those operations end.
     fn stop(mut self, e: io::Error) {
-        tracing::error!("io_uring_enter failed: {e}; relaying with epoll only from now on");
+        tracing::error!("io_uring_enter failed: {e}; this ring takes no more sessions");
+        // Never the least loaded again, so never picked while another ring runs.
+        self.load.store(usize::MAX / 2, Ordering::Relaxed);
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.stopped = true;
         // Sessions lent but not yet taken have nothing in flight: dropped, they end as
@@ -572,7 +667,7 @@ impl RingLoop {
                     slot.next(Way::ClientToServer, id, &mut self.pending);
                     slot.next(Way::ServerToClient, id, &mut self.pending);
                     if slot.done() {
-                        slot.give_back();
+                        slot.give_back(&self.load);
                     } else {
                         self.sessions.insert(id, slot);
                     }
@@ -592,7 +687,7 @@ impl RingLoop {
                     slot.leave(id, &mut self.pending);
                     if slot.done() {
                         if let Some(slot) = self.sessions.remove(&id) {
-                            slot.give_back();
+                            slot.give_back(&self.load);
                         }
                     }
                 }
