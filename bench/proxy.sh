@@ -2,8 +2,8 @@
 # Proxy overhead benchmark: pgbench side by side against one pgtwig branch:
 #   direct Unix socket, direct TCP, `pgtwig up` (the daemon, as users run it), pgtwig-proxy
 #   (crates/proxy/examples/fixed_route: TCP in, Unix socket to the server; current-thread
-#   runtime as configured by default (io_uring, up to a ring thread per CPU), with one ring
-#   thread (PGTWIG_RING_THREADS=1), and with io_uring off, epoll only), the minimal relay
+#   runtime as configured by default (one io_uring thread), with two io_uring threads, and
+#   with io_uring off, epoll only), the minimal relay
 #   (crates/proxy/examples/minimal_relay: the cheapest user-space relay, a reference), an
 #   io_uring relay (examples/uring_relay: one io_uring_enter per message, a reference) and
 #   PgBouncer (session pooling, same shape). Reports TPS, latency, the ratio to direct TCP and
@@ -81,8 +81,8 @@ PIDS+=($!)
 PROXY_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy.log" &
 PIDS+=($!)
-PROXY_ONE_RING_PORT=$(free_port)
-PGTWIG_RING_THREADS=1 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_ONE_RING_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current 2>"$WORK/proxy-one-ring.log" &
+PROXY_TWO_RINGS_PORT=$(free_port)
+"$PROXY_BIN" --listen "127.0.0.1:$PROXY_TWO_RINGS_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --io-uring-threads 2 2>"$WORK/proxy-two-rings.log" &
 PIDS+=($!)
 PROXY_EPOLL_PORT=$(free_port)
 "$PROXY_BIN" --listen "127.0.0.1:$PROXY_EPOLL_PORT" --upstream "$SOCK/.s.PGSQL.$PGPORT" --runtime current --io-uring off 2>"$WORK/proxy-epoll.log" &
@@ -116,13 +116,13 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 "${AS[@]}" pgbouncer -q "$WORK/pgbouncer.ini" &
 PIDS+=($!)
 sleep 0.5
-for port in $DAEMON_PORT $PROXY_PORT $PROXY_ONE_RING_PORT $PROXY_EPOLL_PORT $MINIMAL_PORT $URING_PORT $BOUNCER_PORT; do
+for port in $DAEMON_PORT $PROXY_PORT $PROXY_TWO_RINGS_PORT $PROXY_EPOLL_PORT $MINIMAL_PORT $URING_PORT $BOUNCER_PORT; do
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 done
 
 if [ -n "${HOLD:-}" ]; then
   # For profiling by hand: everything set up, nothing measured.
-  echo "HOLD: server $SOCK port $PGPORT (tcp too); pgtwig up $DAEMON_PORT; proxy $PROXY_PORT; one-ring proxy $PROXY_ONE_RING_PORT; epoll-only proxy $PROXY_EPOLL_PORT; minimal $MINIMAL_PORT; io_uring $URING_PORT; pgbouncer $BOUNCER_PORT; PGTWIG_HOME=$PGTWIG_HOME; Ctrl-C ends"
+  echo "HOLD: server $SOCK port $PGPORT (tcp too); pgtwig up $DAEMON_PORT; proxy $PROXY_PORT; two-ring proxy $PROXY_TWO_RINGS_PORT; epoll-only proxy $PROXY_EPOLL_PORT; minimal $MINIMAL_PORT; io_uring $URING_PORT; pgbouncer $BOUNCER_PORT; PGTWIG_HOME=$PGTWIG_HOME; Ctrl-C ends"
   sleep infinity
 fi
 
@@ -131,7 +131,7 @@ TARGETS=(
   "direct tcp|-h 127.0.0.1 -p $PGPORT"
   "pgtwig up (daemon)|-h 127.0.0.1 -p $DAEMON_PORT"
   "pgtwig-proxy (current-thread)|-h 127.0.0.1 -p $PROXY_PORT"
-  "pgtwig-proxy (one io_uring thread)|-h 127.0.0.1 -p $PROXY_ONE_RING_PORT"
+  "pgtwig-proxy (two io_uring threads)|-h 127.0.0.1 -p $PROXY_TWO_RINGS_PORT"
   "pgtwig-proxy (io_uring off: epoll only)|-h 127.0.0.1 -p $PROXY_EPOLL_PORT"
   "minimal relay (reference)|-h 127.0.0.1 -p $MINIMAL_PORT"
   "io_uring relay (reference)|-h 127.0.0.1 -p $URING_PORT"

@@ -104,13 +104,15 @@ impl WorktreeFinder {
     }
 
     /// The process of user `uid` holding the socket with `inode`. Linux only: elsewhere the
-    /// proxy learns no socket inode (see `pgtwig_proxy::peer`), and a Unix-socket client's pid
-    /// comes straight from the kernel.
+    /// proxy learns no socket inode (see `pgtwig_proxy::peer`): on macOS its lookup of a TCP
+    /// client finds the process itself, and a Unix-socket client's pid comes straight from
+    /// the kernel.
     #[cfg(not(target_os = "linux"))]
     pub fn pid_of_socket(&self, _uid: u32, _inode: u64) -> Result<u32, Unknown> {
         Err(
-            "finding the process of a TCP client is implemented on Linux only; connect through \
-             the proxy's Unix socket (`pgtwig status` shows it) to be routed by work tree"
+            "finding the process of a TCP client is implemented on Linux and macOS only; \
+             connect through the proxy's Unix socket (`pgtwig status` shows it) to be routed \
+             by work tree"
                 .into(),
         )
     }

@@ -186,6 +186,7 @@ pub fn run(
             .unwrap_or(Duration::MAX),
         busy_poll: Some(settings.busy_poll).filter(|t| !t.is_zero()),
         io_uring: settings.io_uring,
+        io_uring_threads: settings.io_uring_threads,
         ..ProxyConfig::default()
     };
     // One thread: on a laptop the proxy shares cores with Postgres and the

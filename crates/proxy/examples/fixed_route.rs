@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     let mut tls_dir = None;
     let mut spin_us: Option<u64> = None;
     let mut io_uring = ProxyConfig::default().io_uring;
+    let mut io_uring_threads = ProxyConfig::default().io_uring_threads;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -56,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                     other => anyhow::bail!("--io-uring must be on or off, not {other}"),
                 }
             }
+            "--io-uring-threads" => io_uring_threads = val()?.parse()?,
             _ => anyhow::bail!("unknown argument {a}"),
         }
     }
@@ -91,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                     Some(us) => Some(std::time::Duration::from_micros(us)),
                 },
                 io_uring,
+                io_uring_threads,
                 ..ProxyConfig::default()
             },
             Arc::new(Fixed(addr)),

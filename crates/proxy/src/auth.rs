@@ -102,8 +102,8 @@ pub fn identify(peer: &ClientPeer) -> PeerIdentity {
             match crate::peer::tcp_peer_owner(local, remote) {
                 Ok(Some(owner)) => PeerIdentity::User {
                     uid: owner.uid,
-                    socket_inode: Some(owner.inode),
-                    pid: None,
+                    socket_inode: Some(owner.inode).filter(|_| owner.pid.is_none()),
+                    pid: owner.pid,
                 },
                 Ok(None) => PeerIdentity::Unknown(format!(
                     "no socket of this machine is {remote} (another network namespace?)"

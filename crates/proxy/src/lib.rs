@@ -143,7 +143,7 @@ pub use auth::PeerIdentity;
 pub use auth::{ClientAuth, ClientPeer};
 pub use error::{sqlstate, PgError};
 pub use listen::{bind_tcp, bind_unix, Listener, LISTEN_BACKLOG};
-pub use relay::{ring_counts, ring_kept_descriptors, ring_loads};
+pub use relay::{ring_counts, ring_kept_descriptors, ring_loads, MAX_IO_URING_THREADS};
 pub use router::{ClientInfo, Route, RouteError, RouteFuture, Router, UpstreamAddr, UpstreamTls};
 pub use scram::ScramSecret;
 pub use session::switch_message;
@@ -192,6 +192,13 @@ pub struct ProxyConfig {
     /// `io_uring_setup` works): one system call per message instead of three. Sessions over
     /// TLS, and everything but relaying, stay on the runtime (see `relay/ring.rs`).
     pub io_uring: bool,
+    /// How many io_uring threads sessions may be spread over (default 1; at most
+    /// [`MAX_IO_URING_THREADS`]): each session goes to an idle ring before it shares a busy
+    /// one. More threads relay concurrent sessions in parallel, which can raise throughput
+    /// when the CPUs are contended, at more CPU per transaction (fewer messages per wake-up);
+    /// one is the cheapest (see `BENCH_NOTES.md`). The rings are the process's, shared by
+    /// every proxy in it.
+    pub io_uring_threads: usize,
     /// Client authentication: `Some` admits only the owner without a password and makes
     /// everyone else pass SCRAM-SHA-256 (see "Who gets in" in the crate docs); `None` relays
     /// the upstream's own authentication (upstreams that check passwords themselves, such as
@@ -210,6 +217,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Some(Duration::from_secs(30)),
             busy_poll: None,
             io_uring: true,
+            io_uring_threads: 1,
             client_auth: None,
         }
     }
@@ -226,6 +234,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("busy_poll", &self.busy_poll)
             .field("io_uring", &self.io_uring)
+            .field("io_uring_threads", &self.io_uring_threads)
             .field(
                 "client_auth",
                 &self.client_auth.as_ref().map(|a| a.owner_uid),

@@ -12,7 +12,7 @@
 //! a password are never reused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,9 @@ pub struct Pool {
     timeout: Option<Duration>,
     /// How many connections `idle` holds, for lock-free checks on the relay's path.
     parked: AtomicUsize,
+    /// Statements that may be about a database seen so far (see
+    /// [`Pool::release_before_database_ddl`]); changed only under the `idle` lock.
+    database_ddl: AtomicU64,
 }
 
 impl Pool {
@@ -106,7 +109,14 @@ impl Pool {
             idle: Mutex::new(HashMap::new()),
             timeout,
             parked: AtomicUsize::new(0),
+            database_ddl: AtomicU64::new(0),
         }
+    }
+
+    /// How many statements that may be about a database have been seen: a session takes
+    /// this when it starts and passes it to [`Pool::put`] when it ends.
+    pub fn database_ddl_seen(&self) -> u64 {
+        self.database_ddl.load(Ordering::SeqCst)
     }
 
     /// Whether reuse is on.
@@ -114,13 +124,24 @@ impl Pool {
         self.timeout.is_some()
     }
 
-    /// Parks `conn` (closes it when reuse is off).
-    pub fn put(&self, addr: UpstreamAddr, startup: Vec<u8>, conn: Parked) {
+    /// Parks `conn` (closes it when reuse is off). `ddl_seen` is [`Pool::database_ddl_seen`]
+    /// as its session started: if a statement about a database has come since, the
+    /// connection is closed instead. Such a statement releases what is parked, but a session
+    /// still ending then (its client gone, its server being reset) parks later, and the
+    /// statement (`DROP DATABASE` of the database it is connected to) would wait for it and
+    /// fail with 55006 — as Django's test runner did through the proxy.
+    pub fn put(&self, addr: UpstreamAddr, startup: Vec<u8>, conn: Parked, ddl_seen: u64) {
         if !self.enabled() {
             close(conn);
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.database_ddl.load(Ordering::SeqCst) != ddl_seen {
+            drop(idle);
+            tracing::debug!("not parking a connection to {addr}: a statement on a database came");
+            close(conn);
+            return;
+        }
         let list = idle.entry((addr, startup)).or_default();
         if list.len() < MAX_PER_KEY {
             list.push(conn);
@@ -170,7 +191,20 @@ impl Pool {
 
     /// Closes every parked connection to `addr`; returns how many.
     pub fn release(&self, addr: &UpstreamAddr) -> usize {
+        self.release_and(addr, false)
+    }
+
+    /// [`Pool::release`], counting a statement about a database under the same lock, so that
+    /// a [`Pool::put`] either comes before (and its connection is released here) or sees it.
+    fn release_counting_ddl(&self, addr: &UpstreamAddr) -> usize {
+        self.release_and(addr, true)
+    }
+
+    fn release_and(&self, addr: &UpstreamAddr, ddl: bool) -> usize {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if ddl {
+            self.database_ddl.fetch_add(1, Ordering::SeqCst);
+        }
         let mut n = 0;
         idle.retain(|(a, _), list| {
             if a == addr {
@@ -196,11 +230,11 @@ impl Pool {
     /// those while another session is connected to the database (55006), and waits up to 5 s
     /// for such sessions to exit: so a parked connection, which its client believes closed,
     /// must be gone by then, or e.g. Django's test runner cannot drop the test database it
-    /// has just used (it did, through the proxy). Mentions of the word elsewhere only cost
-    /// reuse. Nothing is scanned while nothing is parked.
+    /// has just used (it did, through the proxy). Sessions ending meanwhile do not park (see
+    /// [`Pool::put`]). Mentions of the word elsewhere only cost reuse.
     pub fn release_before_database_ddl(&self, addr: &UpstreamAddr, client_bytes: &[u8]) {
-        if self.len() > 0 && mentions_database(client_bytes) {
-            let n = self.release(addr);
+        if self.enabled() && mentions_database(client_bytes) {
+            let n = self.release_counting_ddl(addr);
             if n > 0 {
                 tracing::debug!(
                     "closed {n} parked connection(s) to {addr} before a statement on a database"

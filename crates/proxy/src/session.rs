@@ -203,6 +203,13 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             return;
         }
     }
+    // On macOS a TCP client's socket is searched for among the user's processes
+    // (`peer/libproc.rs`), which can take milliseconds: not on the relay's thread.
+    #[cfg(target_os = "macos")]
+    let identity = tokio::task::spawn_blocking(move || identify(&peer))
+        .await
+        .unwrap_or_else(|e| crate::auth::PeerIdentity::Unknown(format!("peer lookup: {e}")));
+    #[cfg(not(target_os = "macos"))]
     let identity = identify(&peer);
     if !admit(&proxy, &mut client, &peer, &identity, &startup).await {
         return;
@@ -224,6 +231,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
         }
     };
     let status = Arc::new(AtomicU8::new(0));
+    // Before anything this session's client sends: see `Pool::put`.
+    let ddl_seen = proxy.pool.database_ddl_seen();
     let reused = proxy.pool.take(&route.addr, &plan.upstream_packet);
     let mut relay = match reused {
         Some(parked) => Relay::resume(
@@ -286,7 +295,11 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     let registration = proxy.register_session(record);
     relay.set_activity(proxy.activity.clone());
     relay.set_pool(proxy.pool.clone());
-    relay.set_ring(proxy.config.io_uring);
+    relay.set_ring(if proxy.config.io_uring {
+        proxy.config.io_uring_threads
+    } else {
+        0
+    });
 
     let watch_switch = pinned.is_none() && matches!(proxy.config.on_switch, OnSwitch::CloseIdle);
     // The branch this session's scope (e.g. its work tree) routes to now.
@@ -335,7 +348,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             end = &mut relay => {
                 if matches!(end, RelayEnd::Switched(_)) && !draining && relay.is_fresh() {
                     let since = proxy.drain_seq();
-                    match move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet).await {
+                    match move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet, ddl_seen).await {
                         Moved::To(to) => {
                             tracing::debug!(
                                 "fresh session {peer} moved from {} to {}",
@@ -371,7 +384,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     if let Some(parked) = relay.finish(&end).await.filter(|_| !draining) {
         proxy
             .pool
-            .put(route.addr.clone(), plan.upstream_packet, parked);
+            .put(route.addr.clone(), plan.upstream_packet, parked, ddl_seen);
     }
     drop(route.lease);
 }
@@ -395,6 +408,7 @@ async fn move_fresh(
     from: &crate::Route,
     client: &ClientInfo,
     startup: &[u8],
+    ddl_seen: u64,
 ) -> Moved {
     let to = match proxy.router.route_client(None, client).await {
         Ok(r) if r.branch == from.branch => return Moved::Stayed,
@@ -420,7 +434,9 @@ async fn move_fresh(
         return Moved::Failed;
     };
     if let Some(old) = relay.move_to(conn, to.addr.clone()) {
-        proxy.pool.put(from.addr.clone(), startup.to_vec(), old);
+        proxy
+            .pool
+            .put(from.addr.clone(), startup.to_vec(), old, ddl_seen);
     }
     Moved::To(to)
 }

@@ -135,6 +135,7 @@ fn assert_found_by_this_process(listen: &str, connect_host: &str) -> SocketAddr 
     let want = PeerOwner {
         uid: euid(),
         inode: inode_of(&connection.client),
+        pid: None,
     };
     assert_found_everywhere(connection.accepted_local, connection.client_addr, want);
     connection.client_addr

@@ -12,7 +12,11 @@
 //! ([`tcp_peer_owner_netlink`], a few system calls, independent of how many sockets are open);
 //! when netlink is unavailable or answers an error it falls back to scanning `/proc/net/tcp`
 //! and `/proc/net/tcp6` ([`tcp_peer_owner_proc_net`], linear in the number of sockets). Both
-//! see only the caller's network namespace. Elsewhere [`tcp_peer_owner`] finds nothing.
+//! see only the caller's network namespace. On macOS, which keeps no owner for a TCP socket
+//! and has no table to query by address, the socket is searched for among the descriptors of
+//! the user's own processes through libproc (`libproc.rs`, as `lsof -i` does); found there, it
+//! is the user's, and the holding process is known at once. Elsewhere [`tcp_peer_owner`] finds
+//! nothing.
 //!
 //! Unix-domain sockets carry credentials: [`unix_peer`] reads them (`SO_PEERCRED`,
 //! `getpeereid`).
@@ -26,18 +30,26 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
+#[cfg(target_os = "macos")]
+mod libproc;
 #[cfg(target_os = "linux")]
 mod proc_net;
 #[cfg(target_os = "linux")]
 mod sock_diag;
+#[cfg(any(target_os = "macos", test))]
+mod socket_fdinfo;
 
 /// The owner of the client end of a TCP connection the proxy accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerOwner {
     /// The user that created the client's socket (in the caller's user namespace).
     pub uid: u32,
-    /// The client socket's inode number (`st_ino` of its descriptor).
+    /// The client socket's inode number (`st_ino` of its descriptor); 0 where the lookup
+    /// finds the process instead (macOS).
     pub inode: u64,
+    /// The process holding the client's socket, where the lookup finds it on the way (macOS);
+    /// on Linux the daemon finds it from the inode, and only when it needs it.
+    pub pid: Option<u32>,
 }
 
 /// Finds the owner of the client's end of an accepted TCP connection.
@@ -97,11 +109,30 @@ pub fn tcp_peer_owner(
     }
 }
 
+/// Finds the owner of the client's end of an accepted TCP connection (the addresses as on
+/// Linux): on macOS, a process of the user running this one that holds the socket;
+/// `Ok(None)` when none does (another user's client, or one in a VM).
+#[cfg(target_os = "macos")]
+pub fn tcp_peer_owner(
+    accepted_local: SocketAddr,
+    client: SocketAddr,
+) -> io::Result<Option<PeerOwner>> {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    Ok(
+        libproc::holder(uid, client, accepted_local)?.map(|pid| PeerOwner {
+            uid,
+            inode: 0,
+            pid: Some(pid),
+        }),
+    )
+}
+
 /// Finds the owner of the client's end of an accepted TCP connection.
 ///
-/// Not implemented on this system (macOS would need libproc, as `lsof` uses): always `Ok(None)`,
-/// so the proxy asks such clients for the password.
-#[cfg(not(target_os = "linux"))]
+/// Not implemented on this system: always `Ok(None)`, so the proxy asks such clients for the
+/// password.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 pub fn tcp_peer_owner(
     _accepted_local: SocketAddr,
     _client: SocketAddr,
@@ -200,7 +231,11 @@ impl Lookup {
         if inode == 0 {
             Lookup::NoOwner
         } else {
-            Lookup::Owner(PeerOwner { uid, inode })
+            Lookup::Owner(PeerOwner {
+                uid,
+                inode,
+                pid: None,
+            })
         }
     }
 

@@ -28,8 +28,9 @@ pub struct Relay {
     /// The state is on the ring thread.
     #[cfg(target_os = "linux")]
     away: Option<Away>,
-    /// Sessions may be lent to the ring (`ProxyConfig::io_uring`).
-    ring: bool,
+    /// Sessions may be lent to the first this many rings (`ProxyConfig::io_uring_threads`;
+    /// 0: never, `ProxyConfig::io_uring` off or the ring unavailable).
+    ring: usize,
     /// Controls that came while the state was away, in order.
     controls: Vec<Control>,
     /// How the session ended where no state was left to carry on with.
@@ -69,7 +70,7 @@ impl Relay {
             local: Some(Box::new(inner)),
             #[cfg(target_os = "linux")]
             away: None,
-            ring: false,
+            ring: 0,
             controls: Vec::new(),
             failed: None,
         }
@@ -127,8 +128,12 @@ impl Relay {
 
     /// Lets the session's data path move to the ring thread once it settles (where io_uring
     /// works; elsewhere this changes nothing).
-    pub fn set_ring(&mut self, on: bool) {
-        self.ring = on && cfg!(target_os = "linux");
+    pub fn set_ring(&mut self, threads: usize) {
+        self.ring = if cfg!(target_os = "linux") {
+            threads
+        } else {
+            0
+        };
     }
 
     /// See [`Inner::close_when_idle`]; while the state is on the ring it is recalled first.
@@ -187,8 +192,8 @@ impl Relay {
     /// available.
     #[cfg(target_os = "linux")]
     fn lend(&mut self) -> bool {
-        let Some(ring) = RingHandle::pick() else {
-            self.ring = false;
+        let Some(ring) = RingHandle::pick(self.ring) else {
+            self.ring = 0;
             return false;
         };
         let Some(mut inner) = self.local.take() else {
@@ -233,7 +238,7 @@ impl Relay {
         };
         if let Err(lent) = ring.lend(lent) {
             // The ring stopped: carry on here.
-            self.ring = false;
+            self.ring = 0;
             let mut inner = lent.inner;
             match restore(client_kind, lent.client, server_kind, lent.server) {
                 Ok((client, server)) => {
@@ -387,7 +392,7 @@ impl Future for Relay {
                 )));
             };
             #[cfg(target_os = "linux")]
-            if this.ring && inner.may_go_to_ring() && (this.lend() || this.failed.is_some()) {
+            if this.ring > 0 && inner.may_go_to_ring() && (this.lend() || this.failed.is_some()) {
                 continue;
             }
             if let Some(inner) = this.local.as_mut() {

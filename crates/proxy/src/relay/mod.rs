@@ -36,6 +36,11 @@ pub fn ring_kept_descriptors() -> usize {
     0
 }
 
+/// Most io_uring threads a process runs (`ProxyConfig::io_uring_threads`): past a few,
+/// sessions batch less per `io_uring_enter` and the threads only compete with the servers
+/// and clients for CPUs.
+pub const MAX_IO_URING_THREADS: usize = 4;
+
 /// Sessions on each io_uring thread the process may start, in order (empty where io_uring
 /// is not used): one entry per ring, up to one per CPU.
 pub fn ring_loads() -> Vec<usize> {

@@ -19,14 +19,13 @@
 //! takes in what completed meanwhile, and sends the state and descriptors back over a
 //! oneshot channel. TLS sessions never come here (their bytes need rustls).
 //!
-//! Up to one ring thread per CPU ([`MAX_RING_THREADS`] at most; `PGTWIG_RING_THREADS=N`
-//! sets another number), each started when a session first needs it: a session goes to an
-//! idle ring, or a new one, before it shares a busy one, so one session costs one thread and
-//! concurrent sessions are relayed in parallel. Measured at `pgbench -S -c 8` on 2 vCPUs: one
-//! ring for every session made the fewest wake-ups (≈20 µs of relay CPU per transaction) but
-//! each wake-up of its single thread waited ≈70 µs for a CPU, and TPS fell to PgBouncer's;
-//! two rings reached the minimal relay's TPS (≈0.70 of direct TCP against 0.54) at ≈28 µs
-//! (`BENCH_NOTES.md`). Where `io_uring_setup` fails (an old kernel, a seccomp profile,
+//! One ring thread by default; `ProxyConfig::io_uring_threads` allows more (up to
+//! [`MAX_IO_URING_THREADS`]), each started when a session first needs it: a session goes to
+//! an idle ring, or a new one, before it shares a busy one. Measured at `pgbench -S -c 8` on
+//! 2 vCPUs (`BENCH_NOTES.md`): one ring for every session makes the fewest wake-ups (15–20 µs
+//! of relay CPU per transaction, below PgBouncer's 19–25); two relay in parallel, which
+//! sometimes raised TPS (0.70 of direct TCP against 0.54) and sometimes not (0.62 both), at
+//! 22–29 µs, above PgBouncer's every time. Where `io_uring_setup` fails (an old kernel, a seccomp profile,
 //! `kernel.io_uring_disabled`), [`RingHandle::pick`] is `None` and every session stays on
 //! epoll; the daemon logs which.
 
@@ -40,7 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
-use super::{Inner, RelayEnd};
+use super::{Inner, RelayEnd, MAX_IO_URING_THREADS};
 
 /// Submission queue entries of the ring: a session has at most 2 linked pairs and 2 cancels
 /// in flight, and a full queue is submitted and retried.
@@ -101,10 +100,6 @@ struct Queue {
     stopped: bool,
 }
 
-/// At most this many ring threads, whatever the machine: past a few, sessions batch less per
-/// `io_uring_enter` and the threads only compete with the servers and clients for CPUs.
-const MAX_RING_THREADS: usize = 4;
-
 /// The process's ring threads, each started when a session first needs it (see the module
 /// documentation for why several).
 struct Rings {
@@ -114,15 +109,8 @@ struct Rings {
 static RINGS: OnceLock<Rings> = OnceLock::new();
 
 fn rings() -> &'static Rings {
-    RINGS.get_or_init(|| {
-        let n = std::env::var("PGTWIG_RING_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .clamp(1, MAX_RING_THREADS);
-        Rings {
-            slots: (0..n).map(|_| OnceLock::new()).collect(),
-        }
+    RINGS.get_or_init(|| Rings {
+        slots: (0..MAX_IO_URING_THREADS).map(|_| OnceLock::new()).collect(),
     })
 }
 
@@ -159,13 +147,13 @@ pub(crate) struct RingHandle {
 }
 
 impl RingHandle {
-    /// The ring a session should be lent to: the least loaded one, a new one (up to one per
-    /// CPU, [`MAX_RING_THREADS`]) rather than a busy one, so that concurrent sessions are
+    /// The ring a session should be lent to, among the first `threads`: an idle one, a new
+    /// one rather than a busy one, else the least loaded, so that concurrent sessions are
     /// relayed in parallel while one session costs one thread. `None` where io_uring cannot
     /// be set up (said once, in the log).
-    pub fn pick() -> Option<&'static RingHandle> {
+    pub fn pick(threads: usize) -> Option<&'static RingHandle> {
         let mut best: Option<&'static RingHandle> = None;
-        for (index, slot) in rings().slots.iter().enumerate() {
+        for (index, slot) in rings().slots.iter().enumerate().take(threads.max(1)) {
             let ring = match slot.get() {
                 Some(Some(ring)) => ring,
                 // The first ring could not be set up: io_uring is not available.
