@@ -22,9 +22,10 @@
 //!    unless the client sends them so.
 //! 4. **Relay.** Bytes flow as they come; server→client message headers are read to follow
 //!    `ReadyForQuery` status and to swap `BackendKeyData`'s secret for a proxy-made one.
-//!    A session without TLS that has answered a few queries is lent to the process's
-//!    io_uring thread ([`ProxyConfig::io_uring`], `relay/ring.rs`): the same scanners, one
-//!    system call per message. It comes back to its task for switches, drains and its end.
+//!    A session without TLS that has answered a few queries is lent to one of the process's
+//!    io_uring threads ([`ProxyConfig::io_uring`], [`ProxyConfig::io_uring_threads`],
+//!    `relay/ring.rs`): the same scanners, one system call per message. It comes back to its
+//!    task for switches, drains and its end.
 //!
 //! # TLS: `sslmode` and PostgreSQL 17's `sslnegotiation=direct`
 //! Both ways of starting TLS are served, with the same certificate, timeout and size limits:

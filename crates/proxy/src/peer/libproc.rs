@@ -100,7 +100,7 @@ fn holds(pid: u32, want: (SocketAddr, SocketAddr)) -> bool {
             )
         };
         n >= NEEDED as libc::c_int
-            && tcp_endpoints(&info.0[..n as usize])
+            && tcp_endpoints(&info.0[..(n as usize).min(BUFFER)])
                 .is_some_and(|(local, remote)| (canonical(local), canonical(remote)) == want)
     })
 }
