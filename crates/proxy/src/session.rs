@@ -324,6 +324,16 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                 relay.close_when_idle(latest.message);
             }
         }
+        // What this loop looks at, as it has just looked at it: the ring checks it before it passes
+        // on the client's next bytes.
+        let mut watches: Vec<Box<dyn crate::relay::ControlWatch>> = Vec::new();
+        if watching {
+            watches.push(Box::new(active.clone()));
+        }
+        if !draining {
+            watches.push(Box::new(drain.clone()));
+        }
+        relay.watch_controls(watches);
         tokio::select! {
             // Controls before data: a switch or drain that came before the client's next
             // bytes is applied before they are relayed (a fresh session is then moved, not

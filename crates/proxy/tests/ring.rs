@@ -153,6 +153,31 @@ async fn a_session_that_leaves_from_the_ring_parks_its_server_connection() {
     env.wait_drained().await;
 }
 
+/// A switch that comes before the next query of a session on the ring closes the session
+/// before that query reaches the old branch: the query gets 57P01, never an answer from
+/// "main". The ring relays apart from the session's task, so it looks at the task's control
+/// sources before it passes on client bytes (JDBC's `pgtwig use` check once got an answer
+/// from the old branch under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_right_after_a_switch_is_not_answered_by_the_old_branch() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::start(config()).await;
+    for round in 0..10 {
+        let (lent0, _) = ring_counts();
+        let (client, conn) = env.connect("postgres").await;
+        let conn = tokio::spawn(conn);
+        settle(&client, lent0).await;
+        env.active.send("feature".into()).unwrap();
+        match client.simple_query("select branch from marker").await {
+            Err(e) => assert_eq!(code(&e), "57P01", "round {round}: {e:?}"),
+            Ok(rows) => panic!("round {round}: answered after the switch: {rows:?}"),
+        }
+        let _ = conn.await;
+        env.active.send("main".into()).unwrap();
+        env.wait_drained().await;
+    }
+}
+
 /// With two io_uring threads allowed, two sessions on the ring at once are on two rings, each
 /// relaying its own results; a session that comes after them goes to a ring left idle, not
 /// to a new one.

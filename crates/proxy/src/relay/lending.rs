@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::{Inner, RelayEnd, SharedStatus};
+use super::{ControlWatch, Inner, RelayEnd, SharedStatus};
 use crate::cancel::CancelMap;
 use crate::pool::{Parked, Pool};
 use crate::router::UpstreamAddr;
@@ -35,6 +35,9 @@ pub struct Relay {
     controls: Vec<Control>,
     /// How the session ended where no state was left to carry on with.
     failed: Option<RelayEnd>,
+    /// Control watches that came while the state was away, for when it is back.
+    #[cfg(target_os = "linux")]
+    watches: Option<Vec<Box<dyn ControlWatch>>>,
 }
 
 #[cfg(target_os = "linux")]
@@ -73,6 +76,22 @@ impl Relay {
             ring: 0,
             controls: Vec::new(),
             failed: None,
+            #[cfg(target_os = "linux")]
+            watches: None,
+        }
+    }
+
+    /// The control sources the session's task watches, as it has just looked at them (its
+    /// scope's active branch while it follows switches, its branch's drains): a session on
+    /// the ring gives the client's next bytes back to the task when one of them changes, so
+    /// a switch is applied before a query that came after it (see [`ControlWatch`]).
+    pub(crate) fn watch_controls(&mut self, watches: Vec<Box<dyn ControlWatch>>) {
+        match &mut self.local {
+            Some(inner) => inner.set_watches(watches),
+            #[cfg(target_os = "linux")]
+            None => self.watches = Some(watches),
+            #[cfg(not(target_os = "linux"))]
+            None => {}
         }
     }
 
@@ -300,8 +319,12 @@ impl Relay {
                 Control::CancelClose => inner.cancel_close(),
             }
         }
+        if let Some(watches) = self.watches.take() {
+            inner.set_watches(watches);
+        }
+        let held = inner.take_held_client_bytes();
         self.local = Some(inner);
-        Poll::Ready(end)
+        Poll::Ready(end.or(held.err()))
     }
 }
 

@@ -291,6 +291,29 @@ pub(crate) struct Inner {
     /// Parked server connections, closed before a statement about a database reaches the
     /// server (see [`Pool::release_before_database_ddl`]).
     pool: Option<Arc<Pool>>,
+    /// Bytes the ring read from the client (at `c2s.buf[c2s.end..]`) after it was asked to
+    /// give the session back, not yet taken in: taken in once the controls that asked are
+    /// applied (see [`Inner::take_held_client_bytes`]). `Some(0)`: the client's end of stream.
+    held_from_client: Option<usize>,
+    /// What the session's task watches for controls, as it last looked at them: on the ring
+    /// a change there holds the client's next bytes back and gives the session back, so the
+    /// task applies the control first (see [`ControlWatch`]).
+    watches: Vec<Box<dyn ControlWatch>>,
+}
+
+/// A source of controls (the active branch of the session's scope, its branch's drains) as
+/// the session's task last saw it: `changed` says whether something came since. The ring
+/// thread runs apart from the task, so without this it could pass on a query the client sent
+/// after a switch before the task had even seen the switch; the epoll path looks at controls
+/// before data on the task itself.
+pub(crate) trait ControlWatch: Send + Sync {
+    fn changed(&self) -> bool;
+}
+
+impl<T: Send + Sync> ControlWatch for tokio::sync::watch::Receiver<T> {
+    fn changed(&self) -> bool {
+        self.has_changed().unwrap_or(false)
+    }
 }
 
 impl Inner {
@@ -340,6 +363,28 @@ impl Inner {
             },
             activity: None,
             pool: None,
+            held_from_client: None,
+            watches: Vec::new(),
+        }
+    }
+
+    /// Whether a control source changed since the task last looked (see [`ControlWatch`]).
+    pub(crate) fn controls_changed(&self) -> bool {
+        self.watches.iter().any(|w| w.changed())
+    }
+
+    pub(crate) fn set_watches(&mut self, watches: Vec<Box<dyn ControlWatch>>) {
+        self.watches = watches;
+    }
+
+    /// Takes in what the ring read from the client while giving the session back. Called
+    /// after the controls that recalled it: a switch asked for before the client's next
+    /// query finds the session idle and closes it, and the query never reaches the old
+    /// branch's server — as on the epoll path, where controls are looked at before data.
+    pub(crate) fn take_held_client_bytes(&mut self) -> Result<(), RelayEnd> {
+        match self.held_from_client.take() {
+            Some(n) => self.took_from_client(n),
+            None => Ok(()),
         }
     }
 

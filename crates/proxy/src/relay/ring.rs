@@ -417,6 +417,19 @@ impl Slot {
         let taken = match (res, way) {
             (r, _) if r == -libc::ECANCELED => Ok(()),
             (r, _) if r < 0 => Err(way.source_error(io::Error::from_raw_os_error(-r))),
+            // Read after a recall (a cancel that came too early for a receive linked behind
+            // a send, retried later), or after a control the task has not seen yet: the
+            // controls come first, on the task.
+            (n, Way::ClientToServer)
+                if inner.held_from_client.is_none()
+                    && (self.leaving || inner.controls_changed()) =>
+            {
+                inner.held_from_client = Some(n as usize);
+                if !self.leaving {
+                    self.leave(id, pending);
+                }
+                return;
+            }
             (n, Way::ClientToServer) => inner.took_from_client(n as usize),
             (n, Way::ServerToClient) => inner.took_from_server(n as usize),
         };
