@@ -39,7 +39,12 @@ pub(super) fn holder(uid: u32, client: SocketAddr, server: SocketAddr) -> io::Re
         .iter()
         .copied()
         .collect();
-    let found = match recent.iter().copied().find(|&pid| holds(pid, want)) {
+    // A recent pid may have been reused by another user's process since: checked.
+    let found = match recent
+        .iter()
+        .copied()
+        .find(|&pid| effective_uid(pid) == Some(uid) && holds(pid, want))
+    {
         Some(pid) => Some(pid),
         None => pids_of(uid)?
             .into_iter()
@@ -53,6 +58,25 @@ pub(super) fn holder(uid: u32, client: SocketAddr, server: SocketAddr) -> io::Re
         recent.truncate(RECENT_HOLDERS);
     }
     Ok(found)
+}
+
+/// The effective uid of `pid` (libproc `PROC_PIDTBSDINFO`), `None` if it is gone.
+fn effective_uid(pid: u32) -> Option<u32> {
+    let pid = libc::c_int::try_from(pid).ok()?;
+    // SAFETY: proc_bsdinfo is plain integers and bytes; all zeroes is a valid value.
+    let mut info: libc::proc_bsdinfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::proc_bsdinfo>() as libc::c_int;
+    // SAFETY: `info` is valid for `size` bytes of writes.
+    let n = unsafe {
+        libc::proc_pidinfo(
+            pid,
+            libc::PROC_PIDTBSDINFO,
+            0,
+            (&mut info as *mut libc::proc_bsdinfo).cast(),
+            size,
+        )
+    };
+    (n == size).then_some(info.pbi_uid)
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
