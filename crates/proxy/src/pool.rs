@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,10 +90,11 @@ fn close(p: Parked) {
 }
 
 type Key = (UpstreamAddr, Vec<u8>);
+type Idle = HashMap<Key, Vec<Parked>>;
 
 /// Parked connections by (upstream, startup packet).
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Parked>>>,
+    idle: Mutex<Idle>,
     timeout: Option<Duration>,
     /// How many connections `idle` holds, for lock-free checks on the relay's path.
     parked: AtomicUsize,
@@ -191,20 +192,11 @@ impl Pool {
 
     /// Closes every parked connection to `addr`; returns how many.
     pub fn release(&self, addr: &UpstreamAddr) -> usize {
-        self.release_and(addr, false)
-    }
-
-    /// [`Pool::release`], counting a statement about a database under the same lock, so that
-    /// a [`Pool::put`] either comes before (and its connection is released here) or sees it.
-    fn release_counting_ddl(&self, addr: &UpstreamAddr) -> usize {
-        self.release_and(addr, true)
-    }
-
-    fn release_and(&self, addr: &UpstreamAddr, ddl: bool) -> usize {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if ddl {
-            self.database_ddl.fetch_add(1, Ordering::SeqCst);
-        }
+        self.release_locked(&mut idle, addr)
+    }
+
+    fn release_locked(&self, idle: &mut MutexGuard<'_, Idle>, addr: &UpstreamAddr) -> usize {
         let mut n = 0;
         idle.retain(|(a, _), list| {
             if a == addr {
@@ -234,7 +226,12 @@ impl Pool {
     /// [`Pool::put`]). Mentions of the word elsewhere only cost reuse.
     pub fn release_before_database_ddl(&self, addr: &UpstreamAddr, client_bytes: &[u8]) {
         if self.enabled() && mentions_database(client_bytes) {
-            let n = self.release_counting_ddl(addr);
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // Counted under the lock that `put` checks it under: a `put` either comes before
+            // (and its connection is released here) or sees the count changed.
+            self.database_ddl.fetch_add(1, Ordering::SeqCst);
+            let n = self.release_locked(&mut idle, addr);
+            drop(idle);
             if n > 0 {
                 tracing::debug!(
                     "closed {n} parked connection(s) to {addr} before a statement on a database"

@@ -324,8 +324,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                 relay.close_when_idle(latest.message);
             }
         }
-        // What this loop looks at, as it has just looked at it: the ring checks it before it passes
-        // on the client's next bytes.
+        // What this loop looks at, as it has just looked at it: the ring checks it before it
+        // passes on the client's next bytes.
         let mut watches: Vec<Box<dyn crate::relay::ControlWatch>> = Vec::new();
         if watching {
             watches.push(Box::new(active.clone()));

@@ -104,31 +104,24 @@ mod tests {
     const _: () = assert!(NEEDED <= SOCKET_FDINFO_SIZE && INSI_LADDR == 312);
 
     #[test]
-    fn ipv4_connection() {
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let info = tcp_info(AF_INET, INI_IPV4, (lo, 54321), (lo, 5432));
-        assert_eq!(
-            tcp_endpoints(&info),
-            Some((SocketAddr::new(lo, 54321), SocketAddr::new(lo, 5432)))
-        );
-    }
-
-    #[test]
-    fn ipv6_and_mapped_connection() {
+    fn ipv4_ipv6_and_mapped_connections() {
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        let info = tcp_info(AF_INET6, INI_IPV6, (v6, 50000), (v6, 5432));
-        assert_eq!(
-            tcp_endpoints(&info),
-            Some((SocketAddr::new(v6, 50000), SocketAddr::new(v6, 5432)))
-        );
-        // A dual-stack socket talking IPv4: an AF_INET6 socket with IPv4-mapped addresses.
+        // A dual-stack socket talking IPv4: an AF_INET6 socket with IPv4-mapped addresses,
+        // read back as the IPv4 addresses they carry.
         let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
-        let info = tcp_info(AF_INET6, INI_IPV6, (mapped, 50001), (mapped, 5432));
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        assert_eq!(
-            tcp_endpoints(&info),
-            Some((SocketAddr::new(lo, 50001), SocketAddr::new(lo, 5432)))
-        );
+        for (family, vflag, sent, read) in [
+            (AF_INET, INI_IPV4, v4, v4),
+            (AF_INET6, INI_IPV6, v6, v6),
+            (AF_INET6, INI_IPV6, mapped, v4),
+        ] {
+            let info = tcp_info(family, vflag, (sent, 54321), (sent, 5432));
+            assert_eq!(
+                tcp_endpoints(&info),
+                Some((SocketAddr::new(read, 54321), SocketAddr::new(read, 5432))),
+                "{sent} (family {family}, vflag {vflag})"
+            );
+        }
     }
 
     #[test]

@@ -25,9 +25,9 @@
 //! 2 vCPUs (`BENCH_NOTES.md`): one ring for every session makes the fewest wake-ups (15–20 µs
 //! of relay CPU per transaction, below PgBouncer's 19–25); two relay in parallel, which
 //! sometimes raised TPS (0.70 of direct TCP against 0.54) and sometimes not (0.62 both), at
-//! 22–29 µs, above PgBouncer's every time. Where `io_uring_setup` fails (an old kernel, a seccomp profile,
-//! `kernel.io_uring_disabled`), [`RingHandle::pick`] is `None` and every session stays on
-//! epoll; the daemon logs which.
+//! 22–29 µs, above PgBouncer's every time. Where `io_uring_setup` fails (an old kernel, a
+//! seccomp profile, `kernel.io_uring_disabled`), [`RingHandle::pick`] is `None` and every
+//! session stays on epoll; the daemon logs which.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
