@@ -25,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::linked_worktrees::LinkedWorktrees;
 #[cfg(target_os = "linux")]
 use crate::process::{all_pids, fd_holding, holds, last_pid, owned_by};
 use crate::process::{cwd, start_time};
@@ -47,8 +48,8 @@ pub struct WorktreeFinder {
     outsiders: Mutex<VecDeque<u32>>,
     /// The descriptor each recent or outside process held its last client socket in.
     last_fd: Mutex<HashMap<u32, u32>>,
-    /// `worktrees` folder modification time → whether it had entries.
-    linked: Mutex<Option<(std::time::SystemTime, bool)>>,
+    /// Whether `<common dir>/worktrees` has entries.
+    linked: LinkedWorktrees,
     /// The kernel's last allocated pid when processes were last searched: pids above it are
     /// processes (or threads) started since.
     searched_up_to: Mutex<Option<u32>>,
@@ -60,13 +61,14 @@ pub type Unknown = String;
 impl WorktreeFinder {
     /// For the repository whose git common dir is `common_dir`.
     pub fn new(common_dir: &Path) -> WorktreeFinder {
+        let common_dir = pgtwig_core::fsutil::canonical(common_dir);
         WorktreeFinder {
-            common_dir: pgtwig_core::fsutil::canonical(common_dir),
+            linked: LinkedWorktrees::new(&common_dir),
+            common_dir,
             cache: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
             outsiders: Mutex::new(VecDeque::new()),
             last_fd: Mutex::new(HashMap::new()),
-            linked: Mutex::new(None),
             searched_up_to: Mutex::new(None),
         }
     }
@@ -214,21 +216,10 @@ impl WorktreeFinder {
 
     /// Whether the repository has linked work trees (`<common dir>/worktrees/*`, which git
     /// keeps one folder each for). Without any, every client goes to the main work tree's
-    /// branch whichever process it is, so nothing needs looking up. One `stat` per call: the
-    /// answer is kept until the folder's modification time changes.
+    /// branch whichever process it is, so nothing needs looking up. See `linked_worktrees.rs`
+    /// for how this costs no path walk per call.
     pub fn has_linked_worktrees(&self) -> bool {
-        let dir = self.common_dir.join("worktrees");
-        let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
-        let mut known = self.linked.lock().unwrap_or_else(|e| e.into_inner());
-        match (*known, modified) {
-            (_, None) => false,
-            (Some((at, linked)), Some(now)) if at == now => linked,
-            (_, Some(now)) => {
-                let linked = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
-                *known = Some((now, linked));
-                linked
-            }
-        }
+        self.linked.any()
     }
 
     /// The top folders of the repository's work trees: the main one (the common dir's parent,

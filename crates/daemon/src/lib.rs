@@ -15,6 +15,7 @@ pub mod client_worktree;
 pub mod control;
 pub mod fd_limit;
 pub mod head_watch;
+mod linked_worktrees;
 pub mod neon_router;
 pub mod port;
 mod process;

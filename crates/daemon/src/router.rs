@@ -52,6 +52,18 @@ impl<T: Clone> Recent<T> {
     }
 }
 
+impl<T: PartialEq> Recent<T> {
+    /// Forgets `branch` if what is remembered for it is `value`; true if it was.
+    pub(crate) fn forget_if(&self, branch: &str, value: &T) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let held = map.get(branch).is_some_and(|(v, _)| v == value);
+        if held {
+            map.remove(branch);
+        }
+        held
+    }
+}
+
 /// Sessions and last use per branch, shared by the router (which counts)
 /// and the suspender (which stops what nobody uses).
 pub struct Activity {
@@ -121,10 +133,11 @@ impl Activity {
         self.ready.forget(branch);
     }
 
+    /// Not even a `stat` of the socket (it was two path walks per connection at
+    /// `pgbench -C`): a server stopped behind the daemon's back (`pgtwig branch stop`)
+    /// fails the connect instead, and [`LocalRouter`]'s `unreachable` forgets it.
     fn cached_ready(&self, branch: &str) -> Option<PathBuf> {
-        // One stat, not postmaster.pid: a server stopped behind the daemon's
-        // back (`pgtwig branch stop`) has removed its socket.
-        self.ready.get(branch).filter(|socket| socket.exists())
+        self.ready.get(branch)
     }
 
     pub fn snapshot(&self) -> Vec<(String, BranchActivity)> {
@@ -305,6 +318,13 @@ impl Router for LocalRouter {
         route_by_worktree(&self.worktrees, &self.active, pinned, client, |b| {
             Box::pin(self.route_to(b))
         })
+    }
+
+    fn unreachable(&self, route: &Route) -> bool {
+        match &route.addr {
+            UpstreamAddr::Unix(socket) => self.activity.ready.forget_if(&route.branch, socket),
+            _ => false,
+        }
     }
 }
 

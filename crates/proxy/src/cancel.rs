@@ -42,10 +42,22 @@ pub struct ProxyKey {
     pub secret: u32,
 }
 
+/// Random bytes fetched from the OS at once: a secret per session drawn with one
+/// `getrandom` each was one system call in ~25 for a connect-per-query client. They are the
+/// OS generator's bytes all the same, each handed out once.
+const RANDOM_BATCH: usize = 256;
+
 /// Map of live keys.
 pub struct CancelMap {
     keys: Mutex<HashMap<ProxyKey, CancelTarget>>,
     rng: SystemRandom,
+    /// OS random bytes not handed out yet: `batch[used..]`.
+    random: Mutex<RandomBatch>,
+}
+
+struct RandomBatch {
+    batch: [u8; RANDOM_BATCH],
+    used: usize,
 }
 
 impl Default for CancelMap {
@@ -60,15 +72,28 @@ impl CancelMap {
         CancelMap {
             keys: Mutex::new(HashMap::new()),
             rng: SystemRandom::new(),
+            random: Mutex::new(RandomBatch {
+                batch: [0; RANDOM_BATCH],
+                used: RANDOM_BATCH,
+            }),
         }
     }
 
     fn random_u32(&self) -> u32 {
-        let mut b = [0u8; 4];
-        // SystemRandom only fails if the OS RNG is unavailable; the uniqueness loop in
-        // `register` still keeps keys apart then.
-        let _ = self.rng.fill(&mut b);
-        u32::from_be_bytes(b)
+        let mut r = self.random.lock().unwrap_or_else(|e| e.into_inner());
+        if r.used + 4 > RANDOM_BATCH {
+            // SystemRandom only fails if the OS RNG is unavailable; the uniqueness loop in
+            // `register` still keeps keys apart then.
+            let _ = self.rng.fill(&mut r.batch);
+            r.used = 0;
+        }
+        let at = r.used;
+        r.used += 4;
+        let b = &mut r.batch[at..at + 4];
+        let value = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        // Handed out: not kept in memory any longer than needed.
+        b.fill(0);
+        value
     }
 
     /// Makes a new key for `target`: its real pid with a fresh secret.
@@ -162,6 +187,20 @@ mod tests {
             pid,
             secret: vec![1, 2, 3, 4],
         }
+    }
+
+    #[test]
+    fn secrets_stay_random_across_batches() {
+        let map = CancelMap::new();
+        // Several batches' worth: a refill that handed out stale or zeroed bytes would repeat.
+        let drawn: std::collections::HashSet<u32> = (0..3 * RANDOM_BATCH / 4)
+            .map(|_| map.random_u32())
+            .collect();
+        assert!(
+            drawn.len() >= 3 * RANDOM_BATCH / 4 - 1,
+            "{} distinct",
+            drawn.len()
+        );
     }
 
     #[test]

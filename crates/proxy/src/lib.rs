@@ -118,6 +118,7 @@
 mod auth;
 mod cancel;
 mod error;
+mod inbox;
 mod listen;
 pub mod peer;
 mod pool;

@@ -197,11 +197,20 @@ pub(crate) async fn accept_loop(
     budget: Arc<SessionBudget>,
 ) -> io::Result<()> {
     let reserve = Arc::new(Reserve::take());
+    // A listener bound to one address accepts every connection on it: no `getsockname` per
+    // connection then (one system call of the ~25 a connect-per-query client costs).
+    let bound = match &listener {
+        Listener::Tcp(l) => l.local_addr().ok().filter(|a| !a.ip().is_unspecified()),
+        Listener::Unix(_) => None,
+    };
     loop {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.and_then(|(tcp, remote)| {
                 let _ = tcp.set_nodelay(true);
-                let local = tcp.local_addr()?;
+                let local = match bound {
+                    Some(local) => local,
+                    None => tcp.local_addr()?,
+                };
                 Ok((ClientStream::Plain(tcp), ClientPeer::Tcp { local, remote }))
             }),
             Listener::Unix(l) => l.accept().await.and_then(|(unix, _)| {

@@ -200,6 +200,15 @@ pub trait Router: Send + Sync + 'static {
         let _ = client;
         self.route(pinned)
     }
+
+    /// The server `route` named could not be reached (its socket is gone or refuses
+    /// connections). True when the router had the address from what it remembered and has
+    /// now forgotten it, so that routing again looks afresh (and may start the server);
+    /// the proxy then routes the session once more. The default remembers nothing.
+    fn unreachable(&self, route: &Route) -> bool {
+        let _ = route;
+        false
+    }
 }
 
 #[cfg(test)]

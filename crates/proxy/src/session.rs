@@ -6,12 +6,13 @@ use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::auth::{authenticate, identify, AuthFailure, ClientPeer, PeerIdentity};
 use crate::cancel::forward_cancel;
 use crate::error::{sqlstate, PgError};
+use crate::inbox::{Inbox, WithEarly, READ_AHEAD};
 use crate::relay::{Relay, RelayEnd};
 use crate::router::ClientInfo;
 use crate::startup::{
@@ -22,8 +23,13 @@ use crate::{tls, OnSwitch, Proxy, SessionRecord};
 
 /// What the startup handshake produced.
 enum Handshake {
-    Startup(Startup),
-    Cancel { pid: u32, secret: Vec<u8> },
+    /// The startup packet, and what the client sent after it without waiting (usually
+    /// nothing).
+    Startup(Startup, Vec<u8>),
+    Cancel {
+        pid: u32,
+        secret: Vec<u8>,
+    },
 }
 
 /// Reads first packets until a StartupMessage or CancelRequest, answering SSLRequest and
@@ -39,17 +45,23 @@ async fn handshake(
     let mut ssl_done = false;
     let mut gss_done = false;
     let mut first = true;
+    // What was read past the packet in hand: see `inbox.rs`.
+    let mut inbox = Inbox::new();
     loop {
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await?;
-        if std::mem::take(&mut first) && len[0] == TLS_HANDSHAKE_RECORD {
-            direct_tls(proxy, stream, peer, len).await?;
+        inbox.fill_to(stream, 4, READ_AHEAD).await?;
+        if std::mem::take(&mut first) && inbox.bytes()[0] == TLS_HANDSHAKE_RECORD {
+            let prefix = inbox.take_all();
+            direct_tls(proxy, stream, peer, &prefix).await?;
             continue;
         }
-        let body_len = check_length(len, proxy.config.max_startup_packet)?;
-        let mut body = vec![0u8; body_len];
-        stream.read_exact(&mut body).await?;
-        match parse_first_packet(&body)? {
+        let b = inbox.bytes();
+        let len = 4 + check_length([b[0], b[1], b[2], b[3]], proxy.config.max_startup_packet)?;
+        inbox.fill_to(stream, len, READ_AHEAD).await?;
+        let packet = parse_first_packet(&inbox.bytes()[4..len])?;
+        inbox.consume(len);
+        // Bytes behind an encryption request, sent before its answer (see below).
+        let sent_ahead = !inbox.bytes().is_empty();
+        match packet {
             FirstPacket::SslRequest if !ssl_done => {
                 ssl_done = true;
                 match &proxy.config.tls {
@@ -68,10 +80,16 @@ async fn handshake(
                     // No TLS configured, or TLS already up (direct).
                     _ => stream.write_all(b"N").await?,
                 }
+                if sent_ahead {
+                    return Err(sent_before_answer("SSL request"));
+                }
             }
             FirstPacket::GssEncRequest if !gss_done => {
                 gss_done = true;
                 stream.write_all(b"N").await?;
+                if sent_ahead {
+                    return Err(sent_before_answer("GSSAPI encryption request"));
+                }
             }
             FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
                 return Err(PgError::fatal(
@@ -81,12 +99,27 @@ async fn handshake(
                 .into())
             }
             FirstPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
-            FirstPacket::Startup(s) => return Ok(Handshake::Startup(s)),
+            FirstPacket::Startup(s) => return Ok(Handshake::Startup(s, inbox.take_all())),
         }
     }
 }
 
-/// The client opened with a TLS record (`prefix`: its first 4 bytes, already read). With TLS
+/// Bytes that came behind an encryption request, before its answer: sent unencrypted before
+/// the encryption they asked for, they may be a man in the middle's. Refused as PostgreSQL
+/// (since 14.1) refuses them: once the request is answered (and TLS set up after `S`).
+fn sent_before_answer(request: &str) -> HandshakeError {
+    PgError::fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("received unencrypted data after {request}"),
+    )
+    .detail(
+        "This could be either a client-software bug or evidence of an attempted \
+         man-in-the-middle attack.",
+    )
+    .into()
+}
+
+/// The client opened with a TLS record (`prefix`: its first bytes, already read). With TLS
 /// configured, runs the handshake (ALPN `postgresql` required) and leaves `stream` as TLS;
 /// the startup packet follows inside it, under the same timeout and size limit.
 ///
@@ -98,7 +131,7 @@ async fn direct_tls(
     proxy: &Proxy,
     stream: &mut ClientStream,
     peer: &ClientPeer,
-    prefix: [u8; 4],
+    prefix: &[u8],
 ) -> Result<(), HandshakeError> {
     let Some(cfg) = &proxy.config.tls else {
         tracing::debug!("closing {peer}: direct TLS connection, but TLS is not configured");
@@ -107,7 +140,7 @@ async fn direct_tls(
     let ClientStream::Plain(tcp) = std::mem::replace(stream, ClientStream::Closed) else {
         return Err(HandshakeError::Closed);
     };
-    match tls::accept_direct(cfg.clone(), tcp, &prefix).await {
+    match tls::accept_direct(cfg.clone(), tcp, prefix).await {
         Ok(tls::Direct::Accepted(tls)) => {
             *stream = ClientStream::Tls(tls);
             Ok(())
@@ -162,8 +195,8 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
         handshake(&proxy, &mut client, &peer),
     )
     .await;
-    let startup = match hs {
-        Ok(Ok(Handshake::Startup(s))) => s,
+    let (startup, mut early) = match hs {
+        Ok(Ok(Handshake::Startup(s, early))) => (s, early),
         Ok(Ok(Handshake::Cancel { pid, secret })) => {
             match proxy.cancel.lookup(pid, &secret) {
                 Some(target) => {
@@ -211,7 +244,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
         .unwrap_or_else(|e| crate::auth::PeerIdentity::Unknown(format!("peer lookup: {e}")));
     #[cfg(not(target_os = "macos"))]
     let identity = identify(&peer);
-    if !admit(&proxy, &mut client, &peer, &identity, &startup).await {
+    if !admit(&proxy, &mut client, &mut early, &peer, &identity, &startup).await {
         return;
     }
     let client_info = ClientInfo { peer, identity };
@@ -244,24 +277,50 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
         ),
         None => {
             let limit = proxy.config.upstream_connect_timeout;
-            let mut server = match connect_upstream(&route.addr, limit).await {
-                Ok(s) => s,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+            let mut rerouted = false;
+            let mut server = loop {
+                let e = match connect_upstream(&route.addr, limit).await {
+                    Ok(s) => break s,
+                    Err(e) => e,
+                };
+                if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
                     send_error(&mut client, &crate::listen::too_many_connections()).await;
                     return;
                 }
-                Err(e) => {
-                    let err = PgError::fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        format!(
-                            "could not connect to the server of database branch \"{}\"",
-                            route.branch
-                        ),
-                    )
-                    .detail(format!("connecting to {}: {e}", route.addr));
-                    send_error(&mut client, &err).await;
-                    return;
+                let gone = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                );
+                if gone
+                    && !std::mem::replace(&mut rerouted, true)
+                    && proxy.router.unreachable(&route)
+                {
+                    // A server stopped behind the router's back: route afresh (see
+                    // `Router::unreachable`), once.
+                    tracing::debug!("{} is gone; routing {peer} again", route.addr);
+                    route = match proxy
+                        .router
+                        .route_client(pinned.as_deref(), &client_info)
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            send_error(&mut client, &PgError::from(&e)).await;
+                            return;
+                        }
+                    };
+                    continue;
                 }
+                let err = PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!(
+                        "could not connect to the server of database branch \"{}\"",
+                        route.branch
+                    ),
+                )
+                .detail(format!("connecting to {}: {e}", route.addr));
+                send_error(&mut client, &err).await;
+                return;
             };
             if server.write_all(&plan.upstream_packet).await.is_err() {
                 let err = PgError::fatal(
@@ -281,6 +340,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             )
         }
     };
+    if !early.is_empty() {
+        relay.hold_early_client_bytes(&early);
+    }
     let record = SessionRecord {
         branch: route.branch.clone(),
         client_addr: client_info.peer,
@@ -456,6 +518,7 @@ async fn move_fresh(
 async fn admit(
     proxy: &Proxy,
     client: &mut ClientStream,
+    early: &mut Vec<u8>,
     peer: &ClientPeer,
     identity: &PeerIdentity,
     startup: &Startup,
@@ -471,7 +534,14 @@ async fn admit(
     let user = startup.get_str("user").unwrap_or_default();
     let outcome = tokio::time::timeout(
         proxy.config.startup_timeout,
-        authenticate(client, auth, &user),
+        authenticate(
+            &mut WithEarly {
+                early,
+                stream: client,
+            },
+            auth,
+            &user,
+        ),
     )
     .await;
     match outcome {

@@ -77,10 +77,27 @@ pub(crate) async fn accept_direct(
     prefix: &[u8],
 ) -> io::Result<Direct> {
     let mut acceptor = rustls::server::Acceptor::default();
-    // The bytes already read go to rustls first; a record header alone is 5 bytes, so the
-    // ClientHello is never complete before the acceptor reads more from the socket.
-    acceptor.read_tls(&mut &prefix[..])?;
-    let start = tokio_rustls::LazyConfigAcceptor::new(acceptor, tcp).await?;
+    // The bytes already read go to rustls first. They may hold the whole ClientHello (the
+    // startup read takes what has come, see `inbox.rs`): then the handshake goes on from
+    // it, else the acceptor reads the rest from the socket.
+    let mut rest = prefix;
+    while !rest.is_empty() {
+        if acceptor.read_tls(&mut rest)? == 0 {
+            break;
+        }
+    }
+    let start = match acceptor.accept() {
+        Ok(Some(accepted)) => tokio_rustls::StartHandshake::from_parts(accepted, tcp),
+        Ok(None) => tokio_rustls::LazyConfigAcceptor::new(acceptor, tcp).await?,
+        Err((e, mut alert)) => {
+            let mut tcp = tcp;
+            let mut bytes = Vec::new();
+            let _ = alert.write_all(&mut bytes);
+            // Best effort, as above: the client is told why, if it still listens.
+            let _ = tcp.write_all(&bytes).await;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    };
     let offered: Option<Vec<&[u8]>> = start.client_hello().alpn().map(|a| a.collect());
     if !offered
         .as_ref()

@@ -60,14 +60,14 @@ async fn direct_tls_with_alpn_like_libpq_17() {
     let mut p = connect_direct(env.port, cfg.clone()).await.unwrap();
     let mut buf = bytes::BytesMut::new();
     postgres_protocol::message::frontend::ssl_request(&mut buf);
-    p.write_all(&buf).await.unwrap();
-    p.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
-        .await
-        .unwrap();
-    p.flush().await.unwrap();
-    let mut answers = [0u8; 2];
-    p.read_exact(&mut answers).await.unwrap();
-    assert_eq!(&answers, b"NN");
+    const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+    for request in [&buf[..], &GSSENC_REQUEST] {
+        p.write_all(request).await.unwrap();
+        p.flush().await.unwrap();
+        let mut answer = [0u8; 1];
+        p.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+    }
     startup(&mut p, "postgres@feature").await;
     let msgs = simple_query(&mut p, "select branch from marker").await;
     assert_eq!(data_rows(&msgs), vec![vec![Some("feature".to_string())]]);

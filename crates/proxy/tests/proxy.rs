@@ -534,3 +534,100 @@ async fn server_going_away_gives_the_client_an_error() {
     assert_eq!(err.as_db_error().unwrap().code().code(), "57P01");
     env.wait_drained().await;
 }
+
+/// A client may send its first messages right behind the startup packet without waiting for
+/// the greeting, as PostgreSQL's own receive buffer allows: the proxy reads them with the
+/// startup packet and relays them after it, to a new server connection and to a parked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_with_the_startup_packet_are_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start(config()).await;
+    for round in ["new server connection", "parked server connection"] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+            .await
+            .unwrap();
+        let mut together = pgtls::startup_packet("postgres");
+        together.extend(pgtls::query_packet("select branch from marker"));
+        together.extend(pgtls::query_packet("select 40 + 2"));
+        s.write_all(&together).await.unwrap();
+        // The greeting and both answers: three ReadyForQuery.
+        let mut got = Vec::new();
+        let answers = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let msgs = split_messages(&got);
+                if msgs.iter().filter(|(t, _)| *t == b'Z').count() == 3 {
+                    return msgs;
+                }
+                let mut chunk = [0u8; 8192];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "{round}: closed after {msgs:?}");
+                got.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("the greeting and two answers within 10 s");
+        assert_eq!(
+            answers.first().map(|m| m.0),
+            Some(b'R'),
+            "{round}: {answers:?}"
+        );
+        assert_eq!(
+            pgtls::data_rows(&answers),
+            [[Some("main".to_string())], [Some("42".to_string())]],
+            "{round}"
+        );
+        s.write_all(&pgtls::terminate_packet()).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        env.wait_drained().await;
+        env.wait_pooled(1).await;
+    }
+}
+
+/// A router that handed out the socket of a server stopped since (a cache) hears so from
+/// `Router::unreachable` and routes the session once more: the client never sees the stale
+/// address, whether its socket file is gone or left behind refusing connections. A router
+/// that knows nothing better leaves the client with 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_route_is_routed_again_once() {
+    let env = Env::start(config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let refusing = dir.path().join(".s.PGSQL.1");
+    drop(std::os::unix::net::UnixListener::bind(&refusing).unwrap());
+    let gone = dir.path().join("gone/.s.PGSQL.1");
+    for stale in [&gone, &refusing] {
+        env.router
+            .stale
+            .lock()
+            .unwrap()
+            .insert("main".to_string(), UpstreamAddr::Unix(stale.to_path_buf()));
+        let calls = env.router.calls.load(Ordering::SeqCst);
+        let (client, _conn) = env.connect("postgres").await;
+        assert_eq!(
+            simple_value(&client, "select branch from marker").await,
+            "main"
+        );
+        assert_eq!(
+            env.router.calls.load(Ordering::SeqCst),
+            calls + 2,
+            "{stale:?}"
+        );
+        assert!(env.router.stale.lock().unwrap().is_empty());
+    }
+    // Not forgotten (the real address is unreachable too): one error, no loop.
+    env.router
+        .branches
+        .lock()
+        .unwrap()
+        .insert("main".to_string(), Ok(UpstreamAddr::Unix(gone.clone())));
+    let calls = env.router.calls.load(Ordering::SeqCst);
+    let err = tokio_postgres::connect(&env.conninfo("postgres"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("no server there");
+    assert_eq!(code(&err), "08006", "{err}");
+    assert_eq!(env.router.calls.load(Ordering::SeqCst), calls + 1);
+}

@@ -108,6 +108,21 @@ async fn bad_clients_get_errors_and_leak_nothing() {
     assert_eq!(error_fields(&msgs[0].1)[&b'C'], "08P01");
     drop(s);
 
+    // Plaintext sent behind an SSLRequest, before its answer: refused once the request is
+    // answered, as PostgreSQL does (it came before the encryption it asked for).
+    let mut s = TcpStream::connect(("127.0.0.1", env.port)).await.unwrap();
+    let mut behind = ssl.to_vec();
+    behind.extend(startup(3 << 16, &[("user", "postgres")]));
+    s.write_all(&behind).await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"N", "the request is answered first");
+    let msgs = read_messages(&mut s).await;
+    let f = error_fields(&msgs.last().expect("an ErrorResponse").1);
+    assert_eq!(f[&b'C'], "08P01", "{msgs:?}");
+    assert_eq!(f[&b'M'], "received unencrypted data after SSL request");
+    drop(s);
+
     // A client that sends nothing times out with an error.
     let started = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", env.port)).await.unwrap();

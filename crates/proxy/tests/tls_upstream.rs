@@ -68,6 +68,7 @@ async fn tls_upstream_verifies_the_server_name() {
         ])),
         calls: AtomicUsize::new(0),
         leases: Arc::new(AtomicUsize::new(0)),
+        stale: Mutex::default(),
     });
     let proxy = Arc::new(Proxy::new(ProxyConfig::default(), router, rx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -131,6 +131,13 @@ impl Relay {
         ))
     }
 
+    /// See [`Inner::hold_early_client_bytes`]; for a new relay (its state is here).
+    pub fn hold_early_client_bytes(&mut self, early: &[u8]) {
+        if let Some(inner) = &mut self.local {
+            inner.hold_early_client_bytes(early);
+        }
+    }
+
     /// The pool whose parked connections this session's statements may need gone.
     pub fn set_pool(&mut self, pool: Arc<Pool>) {
         if let Some(inner) = &mut self.local {

@@ -67,6 +67,8 @@ use crate::stream::{ClientStream, UpstreamStream};
 
 const S2C_BUF: usize = 32 * 1024;
 const C2S_BUF: usize = 16 * 1024;
+// The early bytes of a session (`Inner::hold_early_client_bytes`) fit the client buffer.
+const _: () = assert!(crate::inbox::READ_AHEAD <= C2S_BUF);
 /// Relay buffers kept per thread for the next sessions, of each size (16 × 48 KiB at most).
 const MAX_SPARE_BUFFERS: usize = 16;
 /// ReadyForQuery messages a session must have seen before its data path moves to the ring
@@ -377,6 +379,15 @@ impl Inner {
         self.watches = watches;
     }
 
+    /// Bytes the client sent right after its startup packet, without waiting (read with
+    /// it, see `inbox.rs`): relayed as if just read, before anything read later.
+    pub(crate) fn hold_early_client_bytes(&mut self, early: &[u8]) {
+        debug_assert!(self.held_from_client.is_none() && self.c2s.end == 0);
+        let d = &mut self.c2s;
+        d.buf[d.end..d.end + early.len()].copy_from_slice(early);
+        self.held_from_client = Some(early.len());
+    }
+
     /// Takes in what the ring read from the client while giving the session back. Called
     /// after the controls that recalled it: a switch asked for before the client's next
     /// query finds the session idle and closes it, and the query never reaches the old
@@ -626,6 +637,11 @@ impl Inner {
     fn poll_local(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         if let Some(a) = &self.activity {
             a.touch();
+        }
+        // Early bytes (`hold_early_client_bytes`); those the ring held are taken when it
+        // gives the session back.
+        if let Err(end) = self.take_held_client_bytes() {
+            return Poll::Ready(end);
         }
         if let Poll::Ready(end) = self.poll_s2c(cx) {
             return Poll::Ready(end);

@@ -230,6 +230,9 @@ pub struct TestRouter {
     pub branches: Mutex<HashMap<String, Result<UpstreamAddr, RouteError>>>,
     pub calls: AtomicUsize,
     pub leases: Arc<AtomicUsize>,
+    /// Addresses handed out before the real ones, as a cache of a server since stopped
+    /// would: `unreachable` forgets them.
+    pub stale: Mutex<HashMap<String, UpstreamAddr>>,
 }
 
 pub struct Lease(Arc<AtomicUsize>);
@@ -247,7 +250,10 @@ impl Router for TestRouter {
             .unwrap_or_else(|| self.active.borrow().clone());
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let entry = self.branches.lock().unwrap().get(&branch).cloned();
+            let stale = self.stale.lock().unwrap().get(&branch).cloned();
+            let entry = stale
+                .map(Ok)
+                .or_else(|| self.branches.lock().unwrap().get(&branch).cloned());
             match entry {
                 None => Err(RouteError::BranchMissing { branch }),
                 Some(Err(e)) => Err(e),
@@ -263,6 +269,15 @@ impl Router for TestRouter {
                 }
             }
         })
+    }
+
+    fn unreachable(&self, route: &Route) -> bool {
+        let mut stale = self.stale.lock().unwrap();
+        let held = stale.get(&route.branch) == Some(&route.addr);
+        if held {
+            stale.remove(&route.branch);
+        }
+        held
     }
 }
 
@@ -298,6 +313,7 @@ impl Env {
             branches: Mutex::new(branches),
             calls: AtomicUsize::new(0),
             leases: Arc::new(AtomicUsize::new(0)),
+            stale: Mutex::default(),
         });
         let proxy = Arc::new(Proxy::new(config, router.clone(), rx));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
