@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Most bytes read past the end of the packet being read; so also the most the client can
 /// have sent ahead that the relay takes over (within its client buffer, `relay::C2S_BUF`).
-pub(crate) const READ_AHEAD: usize = 1024;
+/// A startup packet is a few hundred bytes; below 1 KiB the buffer is a small allocation for
+/// glibc's malloc, which consolidates its free lists before every larger one.
+pub(crate) const READ_AHEAD: usize = 512;
 
 /// Bytes read from the client and not used yet: `buf[..filled]`.
 pub(crate) struct Inbox {

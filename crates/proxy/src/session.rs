@@ -51,7 +51,8 @@ async fn handshake(
         inbox.fill_to(stream, 4, READ_AHEAD).await?;
         if std::mem::take(&mut first) && inbox.bytes()[0] == TLS_HANDSHAKE_RECORD {
             let prefix = inbox.take_all();
-            direct_tls(proxy, stream, peer, &prefix).await?;
+            // Boxed, as the TLS accept below: rare, and most of the session future's size.
+            Box::pin(direct_tls(proxy, stream, peer, &prefix)).await?;
             continue;
         }
         let b = inbox.bytes();
@@ -74,7 +75,7 @@ async fn handshake(
                             return Err(HandshakeError::Closed);
                         };
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
-                        let tls = acceptor.accept(tcp).await?;
+                        let tls = Box::pin(acceptor.accept(tcp)).await?;
                         *stream = ClientStream::Tls(Box::new(tls));
                     }
                     // No TLS configured, or TLS already up (direct).
@@ -420,7 +421,9 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             end = &mut relay => {
                 if matches!(end, RelayEnd::Switched(_)) && !draining && relay.is_fresh() {
                     let since = proxy.drain_seq();
-                    match move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet, ddl_seen).await {
+                    // Boxed: only after a switch, and larger than the rest of the session.
+                    let moved = Box::pin(move_fresh(&proxy, &mut relay, &route, &client_info, &plan.upstream_packet, ddl_seen)).await;
+                    match moved {
                         Moved::To(to) => {
                             tracing::debug!(
                                 "fresh session {peer} moved from {} to {}",
@@ -532,16 +535,17 @@ async fn admit(
         PeerIdentity::Unknown(reason) => reason.clone(),
     };
     let user = startup.get_str("user").unwrap_or_default();
+    // Boxed: the owner (the common case) never runs it.
     let outcome = tokio::time::timeout(
         proxy.config.startup_timeout,
-        authenticate(
+        Box::pin(authenticate(
             &mut WithEarly {
                 early,
                 stream: client,
             },
             auth,
             &user,
-        ),
+        )),
     )
     .await;
     match outcome {

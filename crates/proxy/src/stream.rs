@@ -53,40 +53,49 @@ pub async fn connect_upstream(addr: &UpstreamAddr, limit: Duration) -> io::Resul
             s.set_nodelay(true)?;
             Ok(UpstreamStream::Tcp(s))
         }
+        // Boxed: the TLS handshake's state is most of this future's size, and every session
+        // future holds room for it (a larger task to allocate and move for every connection).
         UpstreamAddr::Tls {
             host,
             port,
             server_name,
             tls,
-        } => {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let connect = TcpStream::connect((host.as_str(), *port));
-            let mut s = within(limit, "the TCP connect", connect).await?;
-            s.set_nodelay(true)?;
-            let handshake = async {
-                let mut request = bytes::BytesMut::new();
-                postgres_protocol::message::frontend::ssl_request(&mut request);
-                s.write_all(&request).await?;
-                let mut answer = [0u8; 1];
-                s.read_exact(&mut answer).await?;
-                if answer[0] != b'S' {
-                    return Err(io::Error::other(format!(
-                        "{host}:{port} does not accept TLS"
-                    )));
-                }
-                let name =
-                    rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| {
-                        io::Error::other(format!("invalid server name {server_name:?}: {e}"))
-                    })?;
-                let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
-                    .connect(name, s)
-                    .await
-                    .map_err(|e| io::Error::other(format!("TLS with {server_name}: {e}")))?;
-                Ok(UpstreamStream::Tls(Box::new(tls)))
-            };
-            within(limit, "the TLS handshake", handshake).await
-        }
+        } => Box::pin(connect_tls(host, *port, server_name, tls, limit)).await,
     }
+}
+
+/// TCP, an SSLRequest, then TLS verified for `server_name` (see [`connect_upstream`]).
+async fn connect_tls(
+    host: &str,
+    port: u16,
+    server_name: &str,
+    tls: &crate::router::UpstreamTls,
+    limit: Duration,
+) -> io::Result<UpstreamStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = TcpStream::connect((host, port));
+    let mut s = within(limit, "the TCP connect", connect).await?;
+    s.set_nodelay(true)?;
+    let handshake = async {
+        let mut request = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut request);
+        s.write_all(&request).await?;
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await?;
+        if answer[0] != b'S' {
+            return Err(io::Error::other(format!(
+                "{host}:{port} does not accept TLS"
+            )));
+        }
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| io::Error::other(format!("invalid server name {server_name:?}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
+            .connect(name, s)
+            .await
+            .map_err(|e| io::Error::other(format!("TLS with {server_name}: {e}")))?;
+        Ok(UpstreamStream::Tls(Box::new(tls)))
+    };
+    within(limit, "the TLS handshake", handshake).await
 }
 
 /// `step` bounded by `limit`: past it, a `TimedOut` error naming the step and the limit.
