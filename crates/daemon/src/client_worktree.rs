@@ -285,23 +285,12 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
-    fn git(dir: &Path, args: &[&str]) {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-    }
+    use crate::test_repo::{git, repo_with_a_commit};
 
     #[test]
     fn main_and_linked_work_trees_are_found_and_others_are_not() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        let repo = repo_with_a_commit(tmp.path());
         let only_main = WorktreeFinder::new(&repo.join(".git"));
         assert!(!only_main.has_linked_worktrees());
         git(&repo, &["worktree", "add", "-q", "../wt2", "-b", "feature"]);

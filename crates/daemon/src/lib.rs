@@ -21,6 +21,8 @@ pub mod port;
 mod process;
 pub mod router;
 pub mod suspend;
+#[cfg(test)]
+mod test_repo;
 pub mod unix_socket;
 pub mod worktree_routes;
 

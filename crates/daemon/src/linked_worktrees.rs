@@ -190,23 +190,12 @@ mod watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn git(dir: &Path, args: &[&str]) {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-    }
+    use crate::test_repo::{git, repo_with_a_commit};
 
     #[test]
     fn follows_work_trees_added_and_removed() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        let repo = repo_with_a_commit(tmp.path());
         let linked = LinkedWorktrees::new(&repo.join(".git"));
         assert!(!linked.any());
         assert!(!linked.any(), "asked again, nothing changed");
@@ -227,10 +216,7 @@ mod tests {
     #[test]
     fn without_watch_the_time_decides() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+        let repo = repo_with_a_commit(tmp.path());
         let linked = LinkedWorktrees::new(&repo.join(".git"));
         let mut state = linked.state.lock().unwrap();
         assert!(!linked.by_mtime(&mut state));
