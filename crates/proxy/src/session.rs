@@ -253,16 +253,10 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
     // Read before routing: a drain of the branch this session lands on, made after this,
     // concerns it even when it comes between routing and the relay loop.
     let mut drains_since = proxy.drain_seq();
-    let mut route = match proxy
-        .router
-        .route_client(pinned.as_deref(), &client_info)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            send_error(&mut client, &PgError::from(&e)).await;
-            return;
-        }
+    let Some(mut route) =
+        route_or_refuse(&proxy, &mut client, pinned.as_deref(), &client_info).await
+    else {
+        return;
     };
     let status = Arc::new(AtomicU8::new(0));
     // Before anything this session's client sends: see `Pool::put`.
@@ -299,17 +293,12 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
                     // A server stopped behind the router's back: route afresh (see
                     // `Router::unreachable`), once.
                     tracing::debug!("{} is gone; routing {peer} again", route.addr);
-                    route = match proxy
-                        .router
-                        .route_client(pinned.as_deref(), &client_info)
+                    match route_or_refuse(&proxy, &mut client, pinned.as_deref(), &client_info)
                         .await
                     {
-                        Ok(r) => r,
-                        Err(e) => {
-                            send_error(&mut client, &PgError::from(&e)).await;
-                            return;
-                        }
-                    };
+                        Some(r) => route = r,
+                        None => return,
+                    }
                     continue;
                 }
                 let err = PgError::fatal(
@@ -462,6 +451,22 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut client: ClientStream, peer: Clien
             .put(route.addr.clone(), plan.upstream_packet, parked, ddl_seen);
     }
     drop(route.lease);
+}
+
+/// Where the router sends this client; `None` once the client has been told why nowhere.
+async fn route_or_refuse(
+    proxy: &Proxy,
+    client: &mut ClientStream,
+    pinned: Option<&str>,
+    client_info: &ClientInfo,
+) -> Option<crate::Route> {
+    match proxy.router.route_client(pinned, client_info).await {
+        Ok(route) => Some(route),
+        Err(e) => {
+            send_error(client, &PgError::from(&e)).await;
+            None
+        }
+    }
 }
 
 enum Moved {
